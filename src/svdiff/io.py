@@ -1,0 +1,457 @@
+"""Shift files: one safetensors file of spectral shifts δ, plus metadata naming the base model they fit.
+
+Keys are `<component>.<parameter name>` (`unet.down_blocks.0.resnets.0.conv1.weight`), values 1-D δ. Shift
+files are shared between people, so reading checks the whole header itself (sizes, offsets, dtypes, metadata)
+before safetensors sees a byte, and every problem ends in one `ShiftFileError` line that names the file.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import reprlib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from svdiff.errors import SvdiffError
+
+WEIGHTS_NAME = "svdiff_weights.safetensors"
+FORMAT, FORMAT_VERSION = "svdiff", 1
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+REQUIRED_KEYS = ("format", "format_version", "base_model", "fingerprint", "preset")
+# Metadata kept as plain text; every other key is JSON (callers' extras are written as JSON).
+TEXT_KEYS = frozenset({"format", "base_model", "preset", "svdiff_version", "dtype"})
+RESERVED_KEYS = TEXT_KEYS | {"format_version", "fingerprint"}
+
+# An SDXL shift file with every target is a few MB. These bounds are far above any real file and keep a
+# hostile one from costing more than its header in memory and time.
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_FILE_BYTES = 4 * 2**30
+_ITEM_SIZES = {"F16": 2, "BF16": 2, "F32": 4}
+# Loose enough that the same base loaded in fp16 or bf16 matches its fp32 fingerprint; another base does not.
+PROBE_RTOL, PROBE_ATOL = 2e-2, 1e-4
+
+
+# Bounded depth and length: a deeply nested JSON value from a file must not overflow the stack in a message.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 80
+
+
+class ShiftFileError(SvdiffError):
+    """A shift file that cannot be written, read or applied; the message names the file and its problem."""
+
+
+class _Invalid(Exception):
+    """A problem inside a file or an argument; the public functions add which file it concerns."""
+
+
+@dataclass
+class ShiftFile:
+    """δ per `<component>.<parameter>` key, in the stored dtype, and the decoded metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    path: Path | None = None
+
+    def components(self) -> dict[str, dict[str, torch.Tensor]]:
+        """δ grouped by component: `{"unet": {"down_blocks.0.resnets.0.conv1.weight": δ, ...}, ...}`."""
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, delta in self.tensors.items():
+            component, _, param = key.partition(".")
+            grouped.setdefault(component, {})[param] = delta
+        return grouped
+
+
+# --- writing ---
+
+
+def save_shift_file(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    *,
+    base_model: str,
+    fingerprint: dict,
+    preset: str,
+    dtype: str = "fp16",
+    extra: dict | None = None,
+) -> Path:
+    """Write δ and metadata so that readers see either the old file or the new one, never a partial one.
+
+    `path` is a `.safetensors` file, or a folder (created if needed) that receives `WEIGHTS_NAME`. Values of
+    `extra` may be anything JSON holds; `read_shift_file` gives them back as given. Returns the file written.
+    """
+    path = Path(path)
+    file = path / WEIGHTS_NAME if path.is_dir() or path.suffix != ".safetensors" else path
+    try:
+        prepared = _prepare(tensors, dtype)
+        metadata = _encode_metadata(base_model, fingerprint, preset, dtype, extra or {})
+        _check_coverage(prepared, fingerprint)
+        _write_atomic(file, safetensors.torch.save(prepared, metadata))
+    except _Invalid as e:
+        raise ShiftFileError(f"error writing {file}: {e}") from None
+    except OSError as e:
+        raise ShiftFileError(f"error writing {file}: {e.strerror or e}") from None
+    return file
+
+
+def _prepare(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    if dtype not in DTYPES:
+        raise _Invalid(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    prepared = {}
+    for key, value in tensors.items():
+        _split_key(key)
+        if not isinstance(value, torch.Tensor):
+            raise _Invalid(f"{key}: a shift is a tensor, got {type(value).__name__}")
+        if not (value.is_floating_point() and value.dim() == 1 and value.numel()):
+            got = f"{list(value.shape)} {value.dtype}"
+            raise _Invalid(f"{key}: a shift is a non-empty 1-D float tensor, got {got}")
+        # A copy per key: safetensors refuses tensors that share memory, and the caller keeps its own.
+        delta = value.detach().to(device="cpu", dtype=DTYPES[dtype], copy=True)
+        if not torch.isfinite(delta).all():
+            raise _Invalid(f"{key} has non-finite values (NaN or inf) once stored as {dtype}")
+        prepared[key] = delta
+    return prepared
+
+
+def _encode_metadata(base_model: str, fingerprint: dict, preset: str, dtype: str, extra: dict) -> dict:
+    if not (isinstance(base_model, str) and isinstance(preset, str)):
+        raise _Invalid("base_model and preset must be text")
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "base_model": base_model,
+        "fingerprint": json.dumps(_check_fingerprint(fingerprint), sort_keys=True),
+        "preset": preset,
+        "svdiff_version": importlib.metadata.version("svdiff"),
+        "dtype": dtype,
+    }
+    for key, value in extra.items():
+        if not isinstance(key, str) or key in RESERVED_KEYS or key == "":
+            raise _Invalid(f"extra metadata key {key!r} is reserved or not text")
+        try:
+            metadata[key] = json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise _Invalid(f"extra metadata {key!r} is not JSON-serializable ({e})") from None
+    return metadata
+
+
+def _write_atomic(file: Path, payload: bytes) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    # A temp file in the same folder makes os.replace a rename within one filesystem, hence atomic.
+    temp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(temp, "xb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, file)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+# --- reading ---
+
+
+def read_shift_file(path: str | os.PathLike) -> ShiftFile:
+    """Read and check a shift file, or a folder holding `WEIGHTS_NAME`; any defect raises `ShiftFileError`."""
+    file = Path(path)
+    try:
+        if file.is_dir():
+            if not (file / WEIGHTS_NAME).exists():
+                raise _Invalid(f"no {WEIGHTS_NAME} in this folder")
+            file = file / WEIGHTS_NAME
+        metadata, data = _read_checked(file)
+        tensors = _load(data)
+    except _Invalid as e:
+        raise ShiftFileError(f"error reading {file}: {e}") from None
+    except OSError as e:
+        raise ShiftFileError(f"error reading {file}: {e.strerror or e}") from None
+    return ShiftFile(tensors, metadata, file)
+
+
+def _read_checked(file: Path) -> tuple[dict[str, Any], bytes]:
+    """Metadata and bytes of the file; the header is checked before the data is read, so junk costs little."""
+    if not file.is_file():
+        raise _Invalid("not a regular file" if file.exists() else "no such file")
+    size = file.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise _Invalid(f"{size} bytes is far too big for a shift file")
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _Invalid("too short to be a safetensors file")
+        header_len = int.from_bytes(head, "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise _Invalid(f"declared header length {header_len} is impossible for a file of {size} bytes")
+        header_bytes = f.read(header_len)
+        header = _parse_header(header_bytes)
+        metadata = _decode_metadata(header.pop("__metadata__", None))
+        data_len = size - 8 - header_len
+        _check_entries(header, data_len)
+        _check_coverage(header, metadata["fingerprint"])
+        body = f.read(data_len + 1)
+    if len(header_bytes) != header_len or len(body) != data_len:
+        raise _Invalid("the file changed while it was being read")
+    return metadata, head + header_bytes + body
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:
+        raise _Invalid(f"header is not valid JSON ({_clip(str(e))})") from None
+    if not isinstance(header, dict):
+        raise _Invalid("header is not a JSON object")
+    return header
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python keeps the last of duplicate keys, safetensors may not: refuse rather than guess which one counts.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("a key appears twice")
+    return obj
+
+
+def _decode_metadata(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        raise _Invalid("not an svdiff shift file (it has no metadata)")
+    if not isinstance(raw, dict) or not all(isinstance(value, str) for value in raw.values()):
+        raise _Invalid("header metadata is not a map of text to text")
+    if "format" not in raw:
+        raise _Invalid("not an svdiff shift file (its metadata has no 'format')")
+    if raw["format"] != FORMAT:
+        raise _Invalid(f"not an svdiff shift file (format={_clip(repr(raw['format']))})")
+    for key in REQUIRED_KEYS:
+        if key not in raw:
+            raise _Invalid(f"metadata lacks the required key {key!r}")
+    metadata: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "format_version":
+            metadata[key] = _decode_version(value)
+        elif key == "fingerprint":
+            metadata[key] = _decode_fingerprint(value)
+        elif key in TEXT_KEYS:
+            metadata[key] = value
+        else:
+            metadata[key] = _json_or_text(value)
+    return metadata
+
+
+def _decode_version(text: str) -> int:
+    if not re.fullmatch(r"[1-9][0-9]{0,8}", text):
+        raise _Invalid(f"format_version {_clip(repr(text))} is not a positive integer")
+    version = int(text)
+    if version > FORMAT_VERSION:
+        raise _Invalid(f"format_version {version} is newer than this svdiff understands ({FORMAT_VERSION})")
+    return version
+
+
+def _decode_fingerprint(text: str) -> dict[str, dict[str, Any]]:
+    try:
+        fingerprint = json.loads(text)
+    except (ValueError, RecursionError):
+        raise _Invalid("fingerprint metadata is not valid JSON") from None
+    return _check_fingerprint(fingerprint)
+
+
+def _json_or_text(text: str) -> Any:
+    # Extras written by svdiff are JSON; other tools may have added plain text, which is kept as it is.
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+def _check_fingerprint(fingerprint: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(fingerprint, dict):
+        raise _Invalid("fingerprint is not a map of components")
+    for component, entry in fingerprint.items():
+        probe = entry.get("probe") if isinstance(entry, dict) else None
+        if not (
+            isinstance(component, str)
+            and isinstance(entry, dict)
+            and isinstance(entry.get("shapes"), str)
+            and isinstance(probe, list)
+            and all(_is_finite_number(x) for x in probe)
+        ):
+            raise _Invalid(f"fingerprint of {_clip(component)} needs 'shapes' text and a 'probe' of numbers")
+    return fingerprint
+
+
+def _check_entries(entries: dict[str, Any], data_len: int) -> None:
+    """safetensors' rules plus ours (non-empty 1-D float δ): past this, loading allocates only the data."""
+    spans = []
+    for name, entry in entries.items():
+        _split_key(name)
+        label = _clip(name)
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _Invalid(f"tensor {label} has a malformed header entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not (isinstance(dtype, str) and dtype in _ITEM_SIZES):
+            raise _Invalid(f"tensor {label} has dtype {_clip(dtype)}; shifts are stored as F16, BF16 or F32")
+        if not (isinstance(shape, list) and len(shape) == 1 and _is_count(shape[0]) and shape[0] > 0):
+            raise _Invalid(f"tensor {label} has shape {_clip(shape)}; a shift is 1-D and not empty")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_count(x) for x in offsets)
+            and offsets[1] - offsets[0] == shape[0] * _ITEM_SIZES[dtype]
+        ):
+            raise _Invalid(f"tensor {label} has data offsets {_clip(offsets)} that disagree with its shape")
+        spans.append((offsets[0], offsets[1], label))
+    end = 0
+    for begin, stop, label in sorted(spans):
+        if begin != end:
+            raise _Invalid(f"tensor {label} overlaps another tensor or leaves a gap in the data")
+        end = stop
+    if end != data_len:
+        raise _Invalid(f"the tensors span {end} bytes but the data section holds {data_len}")
+
+
+def _check_coverage(keys: Any, fingerprint: dict) -> None:
+    # Every component with shifts must be fingerprinted, or a wrong base could go unnoticed.
+    for key in keys:
+        component = key.partition(".")[0]
+        if component not in fingerprint:
+            raise _Invalid(f"the fingerprint lacks component {_clip(component)} of {_clip(key)}")
+
+
+def _load(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # The header passed our checks; anything safetensors still refuses is bad too.
+        raise _Invalid(f"safetensors refused it ({_clip(str(e))})") from None
+    for key, delta in tensors.items():
+        if not torch.isfinite(delta).all():
+            raise _Invalid(f"{_clip(key)} has non-finite values (NaN or inf)")
+    return tensors
+
+
+def _split_key(key: Any) -> tuple[str, str]:
+    component, _, param = key.partition(".") if isinstance(key, str) else ("", "", "")
+    if not (component and param):
+        raise _Invalid(f"key {_clip(key)} is not of the form '<component>.<parameter>'")
+    return component, param
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_finite_number(x: Any) -> bool:
+    # The bound also refuses JSON integers too big to become floats, which would overflow in comparisons.
+    return isinstance(x, int | float) and not isinstance(x, bool) and abs(x) < 1e300
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    """A value from a file, shown in a message: one line of bounded length, whatever the file holds."""
+    text = value if isinstance(value, str) and value.isprintable() else _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- applying ---
+
+
+def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
+    """The first component of `expected` that `actual` does not match, in one line; None if all match."""
+    for component, want in expected.items():
+        have = actual.get(component)
+        if have is None:
+            return f"{component}: component missing from the base"
+        if have["shapes"] != want["shapes"]:
+            return f"{component}: architecture differs (layer shapes)"
+        if not _probes_close(want["probe"], have["probe"]):
+            return f"{component}: weights differ from the base this file was trained on"
+    return None
+
+
+def _probes_close(want: list[float], have: list[float]) -> bool:
+    return len(want) == len(have) and all(
+        abs(a - b) <= PROBE_ATOL + PROBE_RTOL * abs(a) for a, b in zip(want, have, strict=True)
+    )
+
+
+def check_against(shift_file: ShiftFile, targets: dict[str, dict[str, int]], fingerprint: dict) -> None:
+    """Refuse a file that does not fit the model: another base, a layer it lacks, or a δ of the wrong length.
+
+    `targets` maps component -> parameter -> δ length for the model; a file may cover any subset of it.
+    """
+    where = f"error loading {shift_file.path or 'shift file'}"
+    components = shift_file.components()
+    # Only components the file shifts must match: a UNet-only file fits a pipeline with any text encoder.
+    expected = {name: fp for name, fp in shift_file.metadata["fingerprint"].items() if name in components}
+    mismatch = fingerprint_mismatch(expected, fingerprint)
+    if mismatch:
+        base = _clip(repr(shift_file.metadata.get("base_model")))
+        raise ShiftFileError(f"{where}: it was trained on {base}, not on this model ({mismatch})")
+    for key, delta in shift_file.tensors.items():
+        component, _, param = key.partition(".")
+        length = targets.get(component, {}).get(param)
+        if length is None:
+            raise ShiftFileError(f"{where}: unknown layer {key}")
+        if delta.numel() != length:
+            raise ShiftFileError(f"{where}: {key} has {delta.numel()} values, the model expects {length}")
+
+
+# --- inspecting ---
+
+
+def summarize(shift_file: ShiftFile, top: int = 10) -> dict:
+    """A JSON-able account of a file: metadata, size, counts per component, the `top` layers δ moved most."""
+    layers = []
+    for key, delta in shift_file.tensors.items():
+        values = delta.double()
+        layers.append(
+            {
+                "key": key,
+                "rms": values.square().mean().sqrt().item(),
+                "max_abs": values.abs().max().item(),
+                "n": delta.numel(),
+            }
+        )
+    layers.sort(key=lambda layer: layer["rms"], reverse=True)
+    components = {
+        name: {"tensors": len(deltas), "values": sum(d.numel() for d in deltas.values())}
+        for name, deltas in shift_file.components().items()
+    }
+    return {
+        "file": str(shift_file.path) if shift_file.path else None,
+        "size_bytes": shift_file.path.stat().st_size if shift_file.path else None,
+        "metadata": shift_file.metadata,
+        "components": components,
+        "total_values": sum(c["values"] for c in components.values()),
+        "top_layers": layers[:top],
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The text `svdiff inspect FILE` prints."""
+    meta = summary["metadata"]
+    size = f"{summary['size_bytes']:,} bytes, " if summary["size_bytes"] is not None else ""
+    written_by = _clip(meta.get("svdiff_version", "?"))
+    rows = [
+        ("base model", _clip(meta["base_model"], 100)),
+        ("preset", _clip(meta["preset"], 100)),
+        ("format", f"{meta['format']} v{meta['format_version']} (written by svdiff {written_by})"),
+    ]
+    components = summary["components"].items()
+    rows += [(name, f"{c['tensors']} layers, {c['values']:,} values") for name, c in components]
+    rows.append(("total", f"{summary['total_values']:,} values"))
+    rows += [(key, _clip(json.dumps(value), 100)) for key, value in meta.items() if key not in RESERVED_KEYS]
+    lines = [f"{summary['file'] or 'shift file'}  ({size}{_clip(meta.get('dtype', '?'))})"]
+    lines += [f"  {_clip(label, 40):<16} {value}" for label, value in rows]
+    lines.append(f"largest shifts (RMS of δ, top {len(summary['top_layers'])}):")
+    lines += [
+        f"  {layer['rms']:.3e}  max {layer['max_abs']:.3e}  n={layer['n']:<6} {_clip(layer['key'], 200)}"
+        for layer in summary["top_layers"]
+    ]
+    return "\n".join(lines)
