@@ -21,6 +21,7 @@ import safetensors.torch
 import torch
 
 from svdiff.errors import SvdiffError
+from svdiff.spectral import add_shifts, find_targets, fingerprint, get_deltas, set_deltas
 
 WEIGHTS_NAME = "svdiff_weights.safetensors"
 FORMAT, FORMAT_VERSION = "svdiff", 1
@@ -95,9 +96,9 @@ def save_shift_file(
         _check_coverage(prepared, fingerprint)
         _write_atomic(file, safetensors.torch.save(prepared, metadata))
     except _Invalid as e:
-        raise ShiftFileError(f"error writing {file}: {e}") from None
+        raise ShiftFileError(f"cannot write {file}: {e}") from None
     except OSError as e:
-        raise ShiftFileError(f"error writing {file}: {e.strerror or e}") from None
+        raise ShiftFileError(f"cannot write {file}: {e.strerror or e}") from None
     return file
 
 
@@ -171,9 +172,9 @@ def read_shift_file(path: str | os.PathLike) -> ShiftFile:
         metadata, data = _read_checked(file)
         tensors = _load(data)
     except _Invalid as e:
-        raise ShiftFileError(f"error reading {file}: {e}") from None
+        raise ShiftFileError(f"cannot read {file}: {e}") from None
     except OSError as e:
-        raise ShiftFileError(f"error reading {file}: {e.strerror or e}") from None
+        raise ShiftFileError(f"cannot read {file}: {e.strerror or e}") from None
     return ShiftFile(tensors, metadata, file)
 
 
@@ -385,7 +386,7 @@ def check_against(shift_file: ShiftFile, targets: dict[str, dict[str, int]], fin
 
     `targets` maps component -> parameter -> δ length for the model; a file may cover any subset of it.
     """
-    where = f"error loading {shift_file.path or 'shift file'}"
+    where = f"cannot load {shift_file.path or 'shift file'}"
     components = shift_file.components()
     # Only components the file shifts must match: a UNet-only file fits a pipeline with any text encoder.
     expected = {name: fp for name, fp in shift_file.metadata["fingerprint"].items() if name in components}
@@ -455,3 +456,61 @@ def format_summary(summary: dict) -> str:
         for layer in summary["top_layers"]
     ]
     return "\n".join(lines)
+
+
+# --- models ---
+
+
+def save_shifts(
+    path: str | os.PathLike,
+    components: dict[str, torch.nn.Module],
+    *,
+    base_model: str,
+    preset: str,
+    name: str = "default",
+    dtype: str = "fp16",
+    extra: dict | None = None,
+) -> Path:
+    """Write shift set `name` of each component (e.g. {"unet": unet, "text_encoder": te}) to one shift file."""
+    tensors, prints = {}, {}
+    for component, model in components.items():
+        deltas = get_deltas(model, name)
+        if deltas:
+            tensors.update({f"{component}.{k}": v for k, v in deltas.items()})
+            prints[component] = fingerprint(model)
+    if not tensors:
+        raise ShiftFileError(f"cannot write {path}: the model has no shift set {name!r}")
+    return save_shift_file(
+        path, tensors, base_model=base_model, fingerprint=prints, preset=preset, dtype=dtype, extra=extra
+    )
+
+
+def load_shifts(
+    components: dict[str, torch.nn.Module],
+    path: str | os.PathLike,
+    *,
+    name: str = "default",
+    scale: float = 1.0,
+    factor_dtype: torch.dtype | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> ShiftFile:
+    """Attach the shifts of a file to the components it was made for, as shift set `name` at `scale`, after
+    checking that they are the base it was trained on."""
+    shift_file = read_shift_file(path)
+    targets = {c: {t.name: t.length for t in find_targets(m)} for c, m in components.items()}
+    check_against(shift_file, targets, {c: fingerprint(m) for c, m in components.items()})
+    for component, deltas in shift_file.components().items():
+        model = components[component]
+        only = ["^(?:" + "|".join(re.escape(k) for k in deltas) + ")$"]
+        add_shifts(
+            model,
+            include=only,
+            name=name,
+            scale=scale,
+            factor_dtype=factor_dtype,
+            cache=cache,
+            progress=progress,
+        )
+        set_deltas(model, deltas, name)
+    return shift_file

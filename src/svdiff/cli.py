@@ -1,0 +1,170 @@
+"""`svdiff` command line: parse flags, call one library function, print. Errors a user can cause end in one
+`error: …` line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+from .errors import SvdiffError
+
+
+def _add_target_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="all", help="parameter subset (see `svdiff targets --list`)")
+    p.add_argument(
+        "--include",
+        action="append",
+        default=None,
+        metavar="REGEX",
+        help="keep only weights whose name matches (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="REGEX",
+        help="drop weights whose name matches (repeatable)",
+    )
+
+
+def _base_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base",
+        "--pretrained_model_name_or_path",
+        "--pretrained-model-name-or-path",
+        dest="base",
+        default=None,
+        help="sd15, sd21, sdxl (built-in architectures), a diffusers folder or a hub id; "
+        "default: the embedded tiny pipeline",
+    )
+
+
+def cmd_targets(args) -> int:
+    import torch
+
+    from .io import save_shift_file
+    from .models import base_name, load_components
+    from .spectral import PRESETS, find_targets
+
+    if args.list:
+        for name, (_, text) in PRESETS.items():
+            print(f"{name:12s} {text}")
+        return 0
+    components = load_components(args.base, meta=True)
+    report = {"base": base_name(args.base), "preset": args.preset, "components": {}}
+    tensors = {}
+    for component, model in components.items():
+        targets = find_targets(model, args.preset, args.include, args.exclude)
+        report["components"][component] = {"tensors": len(targets), "values": sum(t.length for t in targets)}
+        tensors.update({f"{component}.{t.name}": torch.zeros(t.length) for t in targets})
+    report["values"] = sum(c["values"] for c in report["components"].values())
+    with tempfile.TemporaryDirectory() as tmp:  # real file sizes: write the (zero) shifts with real metadata
+        for dtype in ("fp16", "fp32"):
+            size = 0
+            if tensors:
+                prints = {c: {"shapes": "0" * 16, "probe": [0.0] * 64} for c in components}
+                path = save_shift_file(
+                    f"{tmp}/{dtype}.safetensors",
+                    tensors,
+                    base_model=report["base"],
+                    fingerprint=prints,
+                    preset=args.preset,
+                    dtype=dtype,
+                )
+                size = path.stat().st_size
+            report[f"file_bytes_{dtype}"] = size
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"base {report['base']}, preset {args.preset}")
+    for component, c in report["components"].items():
+        print(f"  {component:15s} {c['tensors']:5d} tensors {c['values']:>12,d} shifts")
+    print(
+        f"  {'total':15s} {'':>13s} {report['values']:>12,d} shifts   "
+        f"file {report['file_bytes_fp16'] / 1e6:.2f} MB (fp16), {report['file_bytes_fp32'] / 1e6:.2f} MB (fp32)"
+    )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .io import format_summary, read_shift_file, summarize
+
+    summary = summarize(read_shift_file(args.file), top=args.top)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .spectral import SVDCache
+
+    cache = SVDCache()
+    if args.action == "list":
+        entries = cache.entries()
+        size = sum(p.stat().st_size for p in entries)
+        print(f"{cache.root}: {len(entries)} entries, {size / 1e6:.1f} MB")
+    elif args.action == "clear":
+        print(f"removed {cache.clear()} entries from {cache.root}")
+    else:
+        from .models import load_components
+        from .spectral import find_targets
+        from .spectral.shifts import compute_bases
+
+        for component, model in load_components(args.base).items():
+            targets = [t for t in find_targets(model, args.preset, args.include, args.exclude) if not t.kind.is_vector]
+            print(f"{component}: {len(targets)} matrices")
+            compute_bases([t.kind.to_matrix(t.module.weight) for t in targets], cache=cache)
+        print(f"cache at {cache.root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svdiff", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"svdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("targets", help="count the spectral shifts a preset selects (no SVD is computed)")
+    _base_flag(p)
+    _add_target_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("inspect", help="metadata, counts, size and the most-moved layers of a shift file")
+    p.add_argument("file")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("cache", help="the on-disk cache of SVD factors ($SVDIFF_CACHE)")
+    p.add_argument("action", choices=["list", "clear", "build"])
+    _base_flag(p)
+    _add_target_flags(p)
+    p.set_defaults(func=cmd_cache)
+
+    try:
+        from .world.commands import add_parser as add_world
+    except ImportError:  # the world package is optional while it is being built
+        add_world = None
+    if add_world is not None:
+        add_world(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except SvdiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Wiring spectral shifts into any `nn.Module`: attach, read and write δ, scale, fuse, remove.
+
+A shifted module keeps its class, its attributes and its `weight`; it gains a child `spectral_shift` (the factors
+as non-persistent buffers and the δ sets as parameters) and an instance `forward` that routes through it. Removing
+the shifts deletes both, so the module is the original object with the original weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .basis import SpectralBasis, decompose
+from .cache import SVDCache, content_key
+from .layer import SpectralShift
+from .targets import find_targets
+
+ATTR = "spectral_shift"
+
+
+def _shifted_forward(module: nn.Module, x, *args, **kwargs):
+    return getattr(module, ATTR)(module, x, *args, **kwargs)
+
+
+def shifted_modules(model: nn.Module) -> dict[str, tuple[nn.Module, SpectralShift]]:
+    """{parameter name of the shifted weight: (module, its SpectralShift)} in module order."""
+    out = {}
+    for name, module in model.named_modules():
+        shift = getattr(module, ATTR, None)
+        if isinstance(shift, SpectralShift):
+            out[f"{name}.weight" if name else "weight"] = (module, shift)
+    return out
+
+
+def add_shifts(
+    model: nn.Module,
+    preset: str = "all",
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    name: str = "default",
+    scale: float = 1.0,
+    factor_dtype: torch.dtype | None = None,
+    cache: SVDCache | bool = True,
+    progress: bool = True,
+) -> dict[str, nn.Parameter]:
+    """Attach a zero-initialised shift set `name` to the targets of `model` chosen by `preset`/`include`/`exclude`.
+
+    Returns δ parameters keyed by the model's own weight names (e.g. "down_blocks.0.resnets.0.conv1.weight").
+    Calling it again with another `name` adds a second set on the same factors (no new SVD). `factor_dtype`
+    (e.g. torch.bfloat16) sets how U and V are held; `cache` reads and writes factors on disk (True: the default
+    cache folder, False: never)."""
+    targets = find_targets(model, preset, include, exclude)
+    fresh = [t for t in targets if not isinstance(getattr(t.module, ATTR, None), SpectralShift)]
+    matrices = [t.kind.to_matrix(t.module.weight) for t in fresh if not t.kind.is_vector]
+    bases = iter(compute_bases(matrices, cache=cache, progress=progress))
+    for t in fresh:
+        basis = None if t.kind.is_vector else next(bases)
+        shift = SpectralShift(t.kind, basis, t.length, factor_dtype)
+        t.module.add_module(ATTR, shift.to(t.module.weight.device))
+        t.module.forward = types.MethodType(_shifted_forward, t.module)
+    params = {}
+    for t in targets:
+        shift = getattr(t.module, ATTR)
+        if name in shift.deltas:
+            raise ValueError(f"shift set {name!r} already exists on {t.name}")
+        params[t.name] = shift.add_set(name, t.module.weight.device, scale=scale)
+    return params
+
+
+def compute_bases(
+    matrices: list[torch.Tensor], cache: SVDCache | bool = True, progress: bool = True
+) -> list[SpectralBasis]:
+    """Factors of each matrix, from the cache where present, else from the SVD engine (then stored)."""
+    store = SVDCache() if cache is True else (cache or None)
+    if store is None or not matrices or matrices[0].is_meta:
+        keys = [None] * len(matrices)
+        found: list[SpectralBasis | None] = [None] * len(matrices)
+    else:
+        keys = [content_key(m) for m in matrices]
+        found = [store.get(k, tuple(m.shape)) for k, m in zip(keys, matrices, strict=True)]
+    missing = [i for i, b in enumerate(found) if b is None]
+    computed = []
+    if missing:
+        with tqdm(total=len(missing), desc="SVD", unit="layer", disable=not progress) as bar:
+            computed = decompose([matrices[i] for i in missing], progress=bar.update)
+    for i, basis in zip(missing, computed, strict=True):
+        found[i] = basis
+        if store is not None and keys[i] is not None:
+            store.put(keys[i], basis)
+    return [
+        SpectralBasis(b.U.to(m.device), b.S.to(m.device), b.Vh.to(m.device))
+        for b, m in zip(found, matrices, strict=True)
+    ]
+
+
+def remove_shifts(model: nn.Module) -> None:
+    """Undo `add_shifts`: unfuse, drop every shift and restore each module's own forward."""
+    for module, shift in shifted_modules(model).values():
+        _unfuse_one(module, shift)
+        del module._modules[ATTR]
+        module.__dict__.pop("forward", None)
+
+
+def set_scales(model: nn.Module, scales: dict[str, float]) -> None:
+    """Set the scale of named shift sets (no refactorization); a fused model is re-fused with the new scales."""
+    for module, shift in shifted_modules(model).values():
+        fused = shift.original is not None
+        _unfuse_one(module, shift)
+        for name, s in scales.items():
+            if name in shift.scales:
+                shift.scales[name] = float(s)
+        if fused:
+            _fuse_one(module, shift)
+
+
+@torch.no_grad()
+def fuse(model: nn.Module) -> None:
+    """Bake the current shifts into the weights, so sampling costs exactly what the base does. The base
+    weights are kept on the CPU so `unfuse` restores them bit for bit."""
+    for module, shift in shifted_modules(model).values():
+        _unfuse_one(module, shift)
+        _fuse_one(module, shift)
+
+
+@torch.no_grad()
+def unfuse(model: nn.Module) -> None:
+    for module, shift in shifted_modules(model).values():
+        _unfuse_one(module, shift)
+
+
+@torch.no_grad()
+def _fuse_one(module: nn.Module, shift: SpectralShift) -> None:
+    d = shift.d()
+    if d is None:
+        return
+    w = module.weight
+    shift.original = w.detach().to("cpu", copy=True)
+    w.copy_(w + shift.delta_weight(d, w))
+
+
+@torch.no_grad()
+def _unfuse_one(module: nn.Module, shift: SpectralShift) -> None:
+    if shift.original is not None:
+        module.weight.copy_(shift.original)
+        shift.original = None
+
+
+def get_deltas(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """{weight name: δ} of shift set `name`."""
+    return {k: s.deltas[name].detach() for k, (_, s) in shifted_modules(model).items() if name in s.deltas}
+
+
+@torch.no_grad()
+def set_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], name: str = "default") -> None:
+    """Copy δ values into an existing shift set (creating the set where a shifted layer lacks it)."""
+    shifted = shifted_modules(model)
+    for key, value in deltas.items():
+        module, shift = shifted[key]
+        if name not in shift.deltas:
+            shift.add_set(name, module.weight.device)
+        shift.deltas[name].copy_(value.to(shift.deltas[name].device, torch.float32))
+
+
+def fingerprint(model: nn.Module, probes: int = 16) -> dict:
+    """An identity card of a base model: a hash of every target's name and shape (the architecture) and a few
+    weight values from layers spread across it (which base), compared with a tolerance so fp16/bf16 copies match."""
+    targets = find_targets(model)
+    shapes = hashlib.sha256("".join(f"{t.name}:{tuple(t.module.weight.shape)};" for t in targets).encode())
+    matrices = [t for t in targets if t.module.weight.ndim >= 2]
+    probe: list[float] = []
+    if matrices and not matrices[0].module.weight.is_meta:
+        step = max(1, len(matrices) // probes)
+        for t in matrices[::step][:probes]:
+            shift = getattr(t.module, ATTR, None)
+            fused = isinstance(shift, SpectralShift) and shift.original is not None
+            flat = (shift.original if fused else t.module.weight).detach().reshape(-1)
+            n = flat.numel()
+            probe += [float(flat[i]) for i in (0, n // 3, 2 * n // 3, n - 1)]
+    return {"shapes": shapes.hexdigest()[:16], "probe": probe}

@@ -1,0 +1,82 @@
+"""Which weights get spectral shifts: every supported `weight`, narrowed by a preset and include/exclude regexes.
+
+The presets are the parameter subsets of the SVDiff paper's Table 1, written for diffusers' UNet naming
+(`down_blocks.*`, `mid_block.*`, `up_blocks.*`, cross-attention = the `attn2` module: to_q, to_k, to_v, to_out).
+A preset that names UNet parts selects nothing in a text encoder; `all` selects every target of any model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import SvdiffError
+from .kinds import Kind, kind_of
+
+_CA = re.compile(r"(^|\.)attn2\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+_CA_KV = re.compile(r"(^|\.)attn2\.(to_k|to_v)\.weight$")
+
+
+def _block(prefix: str, ca: bool = False) -> Callable[[str, int], bool]:
+    return lambda name, ndim: name.startswith(prefix) and (not ca or bool(_CA.search(name)))
+
+
+PRESETS: dict[str, tuple[Callable[[str, int], bool], str]] = {
+    "all": (lambda name, ndim: True, "every weight: linear, conv, embedding, norm scales"),
+    "unet-ca": (lambda name, ndim: bool(_CA.search(name)), "cross-attention q, k, v, out (attn2)"),
+    "unet-ca-kv": (lambda name, ndim: bool(_CA_KV.search(name)), "cross-attention k and v"),
+    "unet-1d": (lambda name, ndim: ndim == 1, "1-D weights (norm scales)"),
+    "unet-2d": (lambda name, ndim: ndim == 2, "2-D weights (linear layers)"),
+    "unet-4d": (lambda name, ndim: ndim == 4, "4-D weights (conv kernels)"),
+    "up": (_block("up_blocks."), "the up blocks"),
+    "down": (_block("down_blocks."), "the down blocks"),
+    "mid": (_block("mid_block."), "the mid block"),
+    "up-ca": (_block("up_blocks.", ca=True), "cross-attention of the up blocks"),
+    "down-ca": (_block("down_blocks.", ca=True), "cross-attention of the down blocks"),
+    "mid-ca": (_block("mid_block.", ca=True), "cross-attention of the mid block"),
+}
+
+
+@dataclass
+class Target:
+    name: str  # the model's parameter name, e.g. "down_blocks.0.resnets.0.conv1.weight"
+    module: nn.Module
+    kind: Kind
+
+    @property
+    def length(self) -> int:
+        """Number of δ values: one per singular value, or one per element of a 1-D weight."""
+        w = self.module.weight
+        return w.shape[0] if self.kind.is_vector else min(self.kind.to_matrix(w).shape)
+
+
+def find_targets(
+    model: nn.Module, preset: str = "all", include: list[str] | None = None, exclude: list[str] | None = None
+) -> list[Target]:
+    """The shift targets of `model` in module order. `include` keeps only names matching one of its regexes,
+    `exclude` drops names matching any of its regexes (both `re.search` on the parameter name)."""
+    if preset not in PRESETS:
+        raise SvdiffError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    keep = PRESETS[preset][0]
+    try:
+        inc = [re.compile(p) for p in include or []]
+        exc = [re.compile(p) for p in exclude or []]
+    except re.error as e:
+        raise SvdiffError(f"bad include/exclude pattern {e.pattern!r}: {e}") from None
+    targets = []
+    for module_name, module in model.named_modules():
+        kind = kind_of(module)
+        if kind is None:
+            continue
+        name = f"{module_name}.weight" if module_name else "weight"
+        if not keep(name, module.weight.ndim):
+            continue
+        if inc and not any(p.search(name) for p in inc):
+            continue
+        if any(p.search(name) for p in exc):
+            continue
+        targets.append(Target(name, module, kind))
+    return targets
