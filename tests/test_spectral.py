@@ -11,7 +11,8 @@ from torch import nn
 import svdiff
 from svdiff.spectral import SpectralShift, decompose, find_targets, shifted_modules
 from svdiff.spectral import kinds as kinds_mod
-from svdiff.spectral.layer import _Rebuilt
+from svdiff.spectral.kinds import Plan
+from svdiff.spectral.layer import _Shifted
 
 
 def _layers():
@@ -103,31 +104,23 @@ def test_random_shapes_match_eq2(m, n, k, seed):
         torch.testing.assert_close(layer(x).double(), ref(x.double()), rtol=1e-4, atol=1e-4)
 
 
-def _force(monkeypatch, rebuild: bool, rebuild_gx: bool = True, weight_gd: bool = True):
-    monkeypatch.setattr(kinds_mod.Kind, "prefers_rebuild", lambda self, *a: rebuild or not self.can_factor)
-    real = kinds_mod.Kind.costs
+PLANS = [
+    Plan(f, gx, gd) for f in ("rebuild", "factored") for gx in ("rebuild", "factored") for gd in ("weight", "factored")
+]
 
-    def costs(self, *a):
-        c = real(self, *a)
-        c.update(
-            rebuild_gx=0 if rebuild_gx else 1,
-            factored_gx=1 if rebuild_gx else 0,
-            weight_gd=0 if weight_gd else 1,
-            factored_gd=1 if weight_gd else 0,
-        )
-        return c
 
-    monkeypatch.setattr(kinds_mod.Kind, "costs", costs)
+def _force(monkeypatch, plan: Plan):
+    monkeypatch.setattr(
+        kinds_mod.Kind, "plan", lambda self, *a: plan if self.can_factor else Plan("rebuild", "rebuild", "weight")
+    )
 
 
 MATRIX_LAYERS = ["linear-wide", "linear-tall", "conv1d", "conv2d-k1", "conv2d-k3", "conv2d-same-reflect"]
 
 
 @pytest.mark.parametrize("name", MATRIX_LAYERS)
-@pytest.mark.parametrize("rebuild_gx", [True, False])
-@pytest.mark.parametrize("weight_gd", [True, False])
-def test_gradcheck_rebuild_path(monkeypatch, name, rebuild_gx, weight_gd):
-    _force(monkeypatch, rebuild=True, rebuild_gx=rebuild_gx, weight_gd=weight_gd)
+@pytest.mark.parametrize("plan", PLANS, ids=str)
+def test_gradcheck_every_plan(name, plan):
     layer, make_x = _layers()[name]
     layer = layer.double()
     svdiff.add_shifts(layer, cache=False, progress=False)
@@ -135,7 +128,8 @@ def test_gradcheck_rebuild_path(monkeypatch, name, rebuild_gx, weight_gd):
     x = make_x().double().requires_grad_(True)
     x = shift.kind.prepare(layer, x)
     d = (torch.randn(shift.length, dtype=torch.float64) * 0.3).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, d: _Rebuilt.apply(x, d, layer.weight, layer.bias, shift, layer), (x, d))
+    f = lambda x, d: _Shifted.apply(x, d, layer.weight, layer.bias, shift, layer, plan)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, d))
 
 
 @pytest.mark.parametrize("name", MATRIX_LAYERS + ["embedding", "layernorm", "groupnorm", "conv-transpose2d"])
@@ -165,30 +159,42 @@ def test_gradcheck_delta_through_module(name):
     torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", MATRIX_LAYERS)
-def test_both_paths_agree(monkeypatch, name):
+@pytest.mark.parametrize("name", MATRIX_LAYERS + ["conv-transpose2d"])
+def test_every_plan_agrees(monkeypatch, name):
     results = []
-    for rebuild in (True, False):
-        _force(monkeypatch, rebuild=rebuild)
+    for plan in PLANS:
+        _force(monkeypatch, plan)
         base, layer, params, make_x = _shifted(name)
         _randomize(params)
         x = make_x().requires_grad_(True)
         y = layer(x)
         y.pow(2).sum().backward()
         results.append((y.detach(), x.grad, next(iter(params.values())).grad))
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_rebuild_backward_keeps_no_weight_sized_tensor(monkeypatch):
-    _force(monkeypatch, rebuild=True)
+@pytest.mark.parametrize("plan", PLANS, ids=str)
+def test_backward_keeps_no_weight_sized_tensor(monkeypatch, plan):
+    _force(monkeypatch, plan)
     layer = nn.Linear(64, 48)
     svdiff.add_shifts(layer, cache=False, progress=False)
     x = torch.randn(4, 64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         layer(x).sum().backward()
-    assert torch.Size([48, 64]) not in saved  # only x and d are kept; W' is rebuilt in backward
+    assert torch.Size([48, 64]) not in saved  # x, d and x·V only; W + ΔW is rebuilt in backward
+
+
+def test_plan_follows_flops():
+    wide = nn.Conv2d(64, 64, 3, padding=1)
+    svdiff.add_shifts(wide, cache=False, progress=False)
+    shift = wide.spectral_shift
+    many = torch.randn(2, 64, 64, 64, device="meta", requires_grad=True)
+    few = torch.randn(1, 64, 2, 2, device="meta", requires_grad=True)
+    assert shift.kind.plan(wide, shift, many, True).forward == "rebuild"  # many tokens share one weight
+    assert shift.kind.plan(wide, shift, few, True).forward == "factored"  # a big matrix for four tokens
 
 
 def test_sum_and_interpolation_identities():

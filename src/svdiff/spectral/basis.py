@@ -1,11 +1,16 @@
 """The SVD engine: reduced SVDs of many weight matrices, fast and checked.
 
-Per matrix A (m × n, short side s = min(m, n)) we take the Gram matrix of the short side in float64,
-`G = A·Aᵀ` (s × s), its eigendecomposition `G = P·diag(λ)·Pᵀ`, and recover the long-side vectors as
-`Q = Aᵀ·P·diag(1/σ)`, with σ = √λ. Matrices of one shape are stacked and done in one batched call, on whatever
-device the weights live on. Squaring the matrix squares its condition number, which float64 absorbs down to
-σᵢ/σ₁ ≈ 1e-5; below that (rank-deficient or nearly so) the recovered vectors lose orthogonality, so every
-result is checked and a matrix that misses the tolerance is redone with a full float64 SVD.
+Per matrix A (m × n, short side s = min(m, n)) we take the Gram matrix of the short side, `G = A·Aᵀ` (s × s), its
+eigendecomposition `G = P·diag(λ)·Pᵀ`, and recover the long-side vectors as `Q = Aᵀ·P·diag(1/σ)`, σ = √λ: two
+matrix products and a small symmetric eigenproblem instead of a bidiagonalization. Matrices of one shape are
+stacked and done in one batched call, on whatever device the weights live on.
+
+Squaring A squares its condition number κ = σ₁/σᵢ, so the recovered vectors lose orthogonality as ε·κ². Hence
+three tiers, each result checked before it is accepted: float32 (enough for well-conditioned matrices), then
+float64 for the matrices float32 could not do (good down to σᵢ/σ₁ ≈ 1e-5), then a full float64 SVD for the rest
+(rank-deficient or nearly so). Near-square matrices gain nothing from the Gram route and go straight to a float32
+SVD. A Gram result is accepted when its relative reconstruction error and the orthogonality
+error of its vectors are both below TOLERANCE.
 
 Singular values come out sorted descending and each pair of singular vectors gets a deterministic sign
 (largest-magnitude entry of u positive), so a shift file means the same thing on every machine.
@@ -18,8 +23,11 @@ from dataclasses import dataclass
 import torch
 
 TOLERANCE = 1e-5  # relative reconstruction / orthogonality error a Gram result must meet
+GRAM_ASPECT = 2  # long side / short side from which the Gram route beats a direct SVD
 PROBES = 8  # random vectors used to estimate the errors (E‖R·x‖² = ‖R‖²_F for Gaussian x)
-BATCH_BYTES = 1 << 30  # float64 working set per batched call
+# Matrix elements per batched call. A CPU gains nothing from batching big matrices (and loses cache locality);
+# a GPU gains from filling the device.
+BATCH_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
 @dataclass
@@ -43,8 +51,8 @@ def decompose(matrices: list[torch.Tensor], progress=None) -> list[SpectralBasis
     for i, a in enumerate(matrices):
         groups.setdefault((tuple(a.shape), a.device), []).append(i)
     out: list[SpectralBasis | None] = [None] * len(matrices)
-    for (shape, _), idx in groups.items():
-        per_batch = max(1, BATCH_BYTES // (8 * (shape[0] * shape[1] + 2 * min(shape) ** 2)))
+    for (shape, device), idx in groups.items():
+        per_batch = max(1, BATCH_ELEMENTS.get(device.type, BATCH_ELEMENTS["cpu"]) // (shape[0] * shape[1]))
         for start in range(0, len(idx), per_batch):
             chunk = idx[start : start + per_batch]
             for i, basis in zip(chunk, _decompose_batch([matrices[i] for i in chunk]), strict=True):
@@ -55,29 +63,42 @@ def decompose(matrices: list[torch.Tensor], progress=None) -> list[SpectralBasis
 
 
 def _decompose_batch(mats: list[torch.Tensor]) -> list[SpectralBasis]:
-    a = torch.stack([m.detach() for m in mats]).to(torch.float64)
+    a = torch.stack([m.detach() for m in mats]).to(torch.float32)
     if a.is_meta:  # shapes only: no numbers to compute
         return [_empty_basis(m) for m in mats]
+    if max(a.shape[1:]) < GRAM_ASPECT * min(a.shape[1:]):  # near-square: the Gram route saves nothing
+        u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
+        u, vh = _fix_signs(u, vh)
+        return [SpectralBasis(u[k].contiguous(), sigma[k], vh[k].contiguous()) for k in range(len(mats))]
+    u, sigma, vh = _gram_svd(a)
+    bad = (_errors(a, u, sigma, vh) > TOLERANCE).nonzero().flatten()
+    if len(bad):
+        a64 = a[bad].double()
+        u64, sigma64, vh64 = _gram_svd(a64)
+        worse = (_errors(a64, u64, sigma64, vh64) > TOLERANCE).nonzero().flatten().tolist()
+        for j in worse:
+            u64[j], sigma64[j], vh64[j] = torch.linalg.svd(a64[j], full_matrices=False)
+        u[bad], sigma[bad], vh[bad] = u64.float(), sigma64.float(), vh64.float()
+    u, vh = _fix_signs(u, vh)
+    return [SpectralBasis(u[k].contiguous(), sigma[k], vh[k].contiguous()) for k in range(len(mats))]
+
+
+def _gram_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, σ, Vᵀ of each matrix in the batch `a` through the Gram matrix of its short side, in a's dtype."""
     wide = a.shape[1] <= a.shape[2]
     short = a if wide else a.transpose(1, 2)  # b × s × l
     lam, p = torch.linalg.eigh(short @ short.transpose(1, 2))
     lam, p = lam.flip(-1), p.flip(-1)  # descending
     sigma = lam.clamp_min(0).sqrt()
-    q = (short.transpose(1, 2) @ p) / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
-    u, vh = (p, q.transpose(1, 2)) if wide else (q, p.transpose(1, 2))
-    bad = _errors(a, u, sigma, vh) > TOLERANCE
-    for k in bad.nonzero().flatten().tolist():
-        u[k], sigma[k], vh[k] = torch.linalg.svd(a[k], full_matrices=False)
-    u, vh = _fix_signs(u, vh)
-    return [
-        SpectralBasis(u[k].float().contiguous(), sigma[k].float(), vh[k].float().contiguous()) for k in range(len(mats))
-    ]
+    q = (short.transpose(1, 2) @ p) / sigma.clamp_min(torch.finfo(a.dtype).tiny).unsqueeze(1)
+    return (p, sigma, q.transpose(1, 2)) if wide else (q, sigma, p.transpose(1, 2))
 
 
 def _errors(a, u, sigma, vh) -> torch.Tensor:
     """Per matrix, the larger of the relative reconstruction error ‖A − UΣVᵀ‖/‖A‖ and the orthogonality error
     ‖VᵀV − I‖ of the vectors that came from a division by σ, both estimated with Gaussian probes
     (E‖M·x‖² = ‖M‖²_F), which costs a few matrix-vector products instead of another m × n product."""
+    a, u, sigma, vh = (t.double() for t in (a, u, sigma, vh))  # the check itself must be far below TOLERANCE
     gen = torch.Generator(device=a.device).manual_seed(0)
     x = torch.randn(a.shape[0], a.shape[2], PROBES, dtype=a.dtype, device=a.device, generator=gen)
     ax = a @ x

@@ -1,14 +1,28 @@
 """What each kind of target layer needs: its weight as a c_out × rest matrix, its op with a given weight, that op's
-backward, the factored update on activations, and the FLOPs that decide between rebuilding and factoring."""
+backward, the factored update on activations, and the FLOPs that decide how each call applies the update."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call applies W' = W + U·diag(d)·Vᵀ, every choice exact:
+    forward      "rebuild": the layer's op with W + ΔW, ΔW = (U·d)·Vᵀ;  "factored": op(x, W) + ((x·V)·d)·Uᵀ
+    grad_x       "rebuild": g through W + ΔW (rebuilt again);  "factored": g through W, plus ((g·U)·d)·Vᵀ
+    grad_delta   "weight": diag(Uᵀ·G·V) from the weight gradient G;  "factored": Σ (g·U) ⊙ (x·V)
+    """
+
+    forward: str
+    grad_x: str
+    grad_delta: str
 
 
 class Kind:
@@ -24,32 +38,30 @@ class Kind:
     def prepare(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def costs(self, module, shift, x: torch.Tensor, train: bool) -> dict[str, int]:
-        """FLOPs each way of applying the update adds to this call on top of the frozen layer: forward, and when
-        training the backward too. The rebuild path's backward has its own two choices, taken the same way:
-        x's gradient from the rebuilt W' ("rebuild_gx") or from W plus a factored correction, and δ's gradient
-        as diag(Uᵀ·G·V) from the weight gradient G ("weight_gd") or from the factored activations."""
+    def plan(self, module, shift, x: torch.Tensor, train: bool) -> Plan:
+        """The cheapest exact way to apply the update in this call (see `Plan`), by FLOPs added to the frozen layer.
+
+        With m × n the matrix, r its rank and t the tokens: rebuilding ΔW costs R = 2mnr, a product of
+        activations with U costs A = 2tmr and with V costs B = 2trn, the weight gradient G = 2tmn."""
         m, n, r = shift.U.shape[0], shift.Vh.shape[1], shift.length
         t = self.tokens(module, x)
         need_x = x.requires_grad and torch.is_grad_enabled()
-        act = 2 * t * r * (m + n)  # x·V and h·Uᵀ (or g·U and gh·V in backward)
-        c = {
-            "rebuild_gx": 2 * m * n * r,
-            "factored_gx": act,
-            "weight_gd": 2 * t * m * n + 2 * m * n * r,
-            "factored_gd": act,
-        }
-        c["rebuild"] = 2 * m * n * r + need_x * min(c["rebuild_gx"], c["factored_gx"])
-        c["rebuild"] += train * min(c["weight_gd"], c["factored_gd"])
-        c["factored"] = act + need_x * act + (train and not need_x) * 2 * t * m * r
-        return c
+        R, A, B, G = 2 * m * n * r, 2 * t * m * r, 2 * t * r * n, 2 * t * m * n
 
-    def prefers_rebuild(self, module, shift, x: torch.Tensor, train: bool) -> bool:
-        """Rebuild ΔW = (U·d)·Vᵀ, or apply ((x·V)·d)·Uᵀ on activations: whichever adds fewer FLOPs."""
-        if not self.can_factor:
-            return True
-        c = self.costs(module, shift, x, train)
-        return c["rebuild"] < c["factored"]
+        def cost(p: Plan) -> int:
+            total = R if p.forward == "rebuild" else A + B
+            if need_x:
+                total += R if p.grad_x == "rebuild" else A + B  # g·U (kept for δ) then (g·U·d)·Vᵀ
+            if train and p.grad_delta == "weight":
+                total += G + R  # diag(Uᵀ·G·V)
+            elif train:  # Σ (g·U) ⊙ (x·V): reuse g·U from grad_x and x·V from a factored forward
+                total += (0 if need_x and p.grad_x == "factored" else A) + (0 if p.forward == "factored" else B)
+            return total
+
+        choices = ("rebuild", "factored") if self.can_factor else ("rebuild",)
+        grads = ("weight", "factored") if self.can_factor else ("weight",)
+        plans = [Plan(f, gx, gd) for f in choices for gx in choices for gd in grads]
+        return min(plans, key=cost)
 
     def factored(self, module, shift, x, d):
         return self.up(module, shift, self.scale(self.down(module, shift, x), d))
@@ -207,9 +219,6 @@ class Conv(Kind):
 
 class Embedding(Kind):
     """Rows of the table are looked up, so the update is looked up too: W'[i] = W[i] + (U[i]·d)·Vᵀ."""
-
-    def prefers_rebuild(self, module, shift, x, train):
-        return False
 
     def factored(self, module, shift, x, d):
         rows = F.embedding(x, shift.U).to(module.weight.dtype)

@@ -7,11 +7,12 @@ For a matrix weight W = U·diag(σ)·Vᵀ (reshaped c_out × rest) and shift set
 d = 0 exactly when every δ or every scale is 0, so the base weight is reproduced bit for bit and the factors may be
 held in low precision (their error only touches the small update). 1-D norm weights get `w' = w + Σ_k s_k·δ_k`.
 
-The update is applied one of two ways, whichever costs fewer FLOPs for this call:
-- rebuild: ΔW = (U·d)·Vᵀ, then the layer's own op with W + ΔW (cheap when many tokens share one weight);
-- factored: y = base(x) + ((x·V)·d)·Uᵀ on activations (cheap for big matrices applied to few tokens).
-The rebuild path is a custom autograd function that keeps only x and d for backward (ΔW is rebuilt there), so
-training holds no out × in tensor beyond the base weight; δ's gradient is diag(Uᵀ·G·V) with G the weight gradient.
+The update is applied the way that costs fewest FLOPs for this call (`kinds.Plan`): rebuild ΔW = (U·d)·Vᵀ and run
+the layer's op with W + ΔW (cheap when many tokens share one weight), or work on activations,
+y = op(x, W) + ((x·V)·d)·Uᵀ (cheap for big matrices applied to few tokens); the backward makes the same kind of
+choice for x's gradient and for δ's, diag(Uᵀ·G·V) from the weight gradient G or Σ (g·U) ⊙ (x·V). One autograd
+function does all of it and keeps only x, d and x·V for backward, so training holds no out × in tensor beyond the
+base weight.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import SpectralBasis
-from .kinds import Kind
+from .kinds import Embedding, Kind, Plan
 
 
 class SpectralShift(nn.Module):
@@ -79,42 +80,51 @@ class SpectralShift(nn.Module):
             return type(module).forward(module, x, *args, **kwargs)
         if self.kind.is_vector:
             return self.kind.forward(module, x, module.weight + d.to(module.weight.dtype))
-        padded = self.kind.prepare(module, x)
-        if self.kind.prefers_rebuild(module, self, padded, d.requires_grad and torch.is_grad_enabled()):
-            return _Rebuilt.apply(padded, d, module.weight, module.bias, self, module)
-        return type(module).forward(module, x, *args, **kwargs) + self.kind.factored(module, self, padded, d)
+        if isinstance(self.kind, Embedding):  # a lookup: the update is looked up too
+            return type(module).forward(module, x, *args, **kwargs) + self.kind.factored(module, self, x, d)
+        x = self.kind.prepare(module, x)
+        plan = self.kind.plan(module, self, x, d.requires_grad and torch.is_grad_enabled())
+        return _Shifted.apply(x, d, module.weight, module.bias, self, module, plan)
 
 
-class _Rebuilt(torch.autograd.Function):
-    """y = op(x, W + ΔW(d)) without keeping W + ΔW alive for backward."""
+class _Shifted(torch.autograd.Function):
+    """y = op(x, W + U·diag(d)·Vᵀ) computed and differentiated as `plan` says. Only x, d and (for a factored
+    forward) x·V are kept for backward: never an out × in tensor beyond the base weight."""
 
     @staticmethod
-    def forward(ctx, x, d, weight, bias, shift: SpectralShift, module: nn.Module):
-        w = weight + shift.delta_weight(d, weight)
-        ctx.save_for_backward(x, d)
-        ctx.shift, ctx.module = shift, module
-        return shift.kind.forward(module, x, w)
+    def forward(ctx, x, d, weight, bias, shift: SpectralShift, module: nn.Module, plan: Plan):
+        kind = shift.kind
+        h = None
+        if plan.forward == "rebuild":
+            y = kind.forward(module, x, weight + shift.delta_weight(d, weight))
+        else:
+            h = kind.down(module, shift, x)
+            y = kind.forward(module, x, weight) + kind.up(module, shift, kind.scale(h, d))
+        ctx.save_for_backward(x, d, h)
+        ctx.shift, ctx.module, ctx.plan = shift, module, plan
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, d = ctx.saved_tensors
-        shift, module = ctx.shift, ctx.module
+        x, d, h = ctx.saved_tensors
+        shift, module, plan = ctx.shift, ctx.module, ctx.plan
         kind = shift.kind
         need_x, need_d, need_w, need_b = ctx.needs_input_grad[:4]
-        c = kind.costs(module, shift, x, need_d) if kind.can_factor else {}
-        rebuild_gx = not kind.can_factor or c["rebuild_gx"] <= c["factored_gx"]
-        weight_gd = not kind.can_factor or c["weight_gd"] <= c["factored_gd"]
+        weight_gd = need_d and plan.grad_delta == "weight"
         w = module.weight
-        if need_x and rebuild_gx:
+        if need_x and plan.grad_x == "rebuild":
             w = w + shift.delta_weight(d, w)
-        gx, gw, gb = kind.backward(module, grad, x, w, need_x, need_w or (need_d and weight_gd), need_b)
+        gx, gw, gb = kind.backward(module, grad, x, w, need_x, need_w or weight_gd, need_b)
+        gu = None
+        if need_x and plan.grad_x == "factored":
+            gu = kind.up_transpose(module, shift, grad)
+            gx = gx + kind.down_transpose(module, shift, kind.scale(gu, d), x)
         gd = None
-        if need_x and not rebuild_gx:  # W' = W + U·diag(d)·Vᵀ: add the update's share of x's gradient
-            gx = gx + kind.down_transpose(module, shift, kind.scale(kind.up_transpose(module, shift, grad), d), x)
-        if need_d and weight_gd:
+        if weight_gd:
             g = kind.to_matrix(gw).float()
             gd = ((shift.U.float().T @ g) * shift.Vh.float()).sum(1)  # diag(Uᵀ·G·V)
         elif need_d:
-            gu = kind.up_transpose(module, shift, grad)
-            gd = kind.channel_sum((gu * kind.down(module, shift, x.to(gu.dtype))).float())
-        return gx, gd, gw if need_w else None, gb, None, None
+            gu = kind.up_transpose(module, shift, grad) if gu is None else gu
+            h = kind.down(module, shift, x.to(gu.dtype)) if h is None else h
+            gd = kind.channel_sum((gu * h).float())
+        return gx, gd, gw if need_w else None, gb, None, None, None
