@@ -43,8 +43,9 @@ class NaiveRebuild(nn.Module):
         s = self.shift
         delta = s.deltas["default"]
         if s.kind.is_vector:
-            return w + delta
-        return s.kind.from_matrix((s.U * torch.relu(s.S + delta)) @ s.Vh, w.shape)
+            return w + delta.to(w.dtype)
+        dt = w.dtype
+        return s.kind.from_matrix((s.U.to(dt) * torch.relu(s.S + delta).to(dt)) @ s.Vh.to(dt), w.shape)
 
 
 def main():

@@ -7,7 +7,6 @@ before safetensors sees a byte, and every problem ends in one `ShiftFileError` l
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+import svdiff
 from svdiff.errors import SvdiffError
 from svdiff.spectral import add_shifts, find_targets, fingerprint, get_deltas, set_deltas
 
@@ -130,7 +130,7 @@ def _encode_metadata(base_model: str, fingerprint: dict, preset: str, dtype: str
         "base_model": base_model,
         "fingerprint": json.dumps(_check_fingerprint(fingerprint), sort_keys=True),
         "preset": preset,
-        "svdiff_version": importlib.metadata.version("svdiff"),
+        "svdiff_version": svdiff.__version__,
         "dtype": dtype,
     }
     for key, value in extra.items():
