@@ -121,8 +121,9 @@ class _Shifted(torch.autograd.Function):
             gx = gx + kind.down_transpose(module, shift, kind.scale(gu, d), x)
         gd = None
         if weight_gd:
-            g = kind.to_matrix(gw).float()
-            gd = ((shift.U.float().T @ g) * shift.Vh.float()).sum(1)  # diag(Uᵀ·G·V)
+            # diag(Uᵀ·G·V) in the gradient's dtype (tensor cores under bf16/fp16), summed in float32
+            g = kind.to_matrix(gw)
+            gd = ((shift.U.to(g.dtype).T @ g).float() * shift.Vh.float()).sum(1)
         elif need_d:
             gu = kind.up_transpose(module, shift, grad) if gu is None else gu
             h = kind.down(module, shift, x.to(gu.dtype)) if h is None else h
