@@ -1,0 +1,153 @@
+"""`svdiff world …`: render scenes and subjects, judge images against a prompt, print the world's quality report."""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from ..errors import SvdiffError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def add_parser(subparsers) -> None:
+    world = subparsers.add_parser("world", help="the embedded shapes world: render, subjects, judge, report")
+    sub = world.add_subparsers(dest="world_command", required=True)
+
+    p = sub.add_parser("render", help="render random scenes with their captions and ground truth")
+    p.add_argument("--out", type=Path, required=True, help="folder for NNNN.png and scenes.jsonl")
+    p.add_argument("-n", "--num", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objects", type=int, choices=(1, 2), default=None, help="objects per scene (default: mixed)")
+    p.set_defaults(func=run_render)
+
+    p = sub.add_parser("subjects", help="write subject folders (views + subject.json) for fine-tuning")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("-n", "--num", type=int, default=1, help="how many subjects")
+    p.add_argument("--views", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", default=None, help="class of every subject (default: random)")
+    p.add_argument("--identifier", default="sks")
+    p.add_argument("--examples", action="store_true", help="write the shipped example set instead")
+    p.set_defaults(func=run_subjects)
+
+    p = sub.add_parser("judge", help="which of the prompt's words each image shows, as JSON")
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--reference", type=Path, default=None, help="folder of subject images to compare with")
+    p.set_defaults(func=run_judge)
+
+    p = sub.add_parser("report", help="measure judge and base-model quality (prints JSON)")
+    p.add_argument("--quick", action="store_true", help="fewer samples: a rough figure in a minute")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_report)
+
+
+def image_files(paths) -> list[Path]:
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SvdiffError(f"no such image or folder: {path}")
+    if not files:
+        raise SvdiffError(f"no images found in {', '.join(map(str, paths))}")
+    return files
+
+
+def open_images(files) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for f in files:
+        try:
+            images.append(Image.open(f).convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise SvdiffError(f"cannot read image {f}: {e}") from None
+    return images
+
+
+def run_render(args) -> int:
+    from dataclasses import asdict
+
+    from .render import caption, random_scene, render
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    with open(args.out / "scenes.jsonl", "w") as f:
+        for i in range(args.num):
+            scene = random_scene(rng, n_objects=args.objects)
+            image, truth = render(scene)
+            image.save(args.out / f"{i:04d}.png")
+            f.write(json.dumps({"image": f"{i:04d}.png", "caption": caption(scene), **asdict(truth)}) + "\n")
+    print(f"wrote {args.num} scenes to {args.out}")
+    return 0
+
+
+def run_subjects(args) -> int:
+    from .render import SHAPES
+    from .subjects import random_subject, write_examples, write_subject_folder
+
+    if args.examples:
+        for folder in write_examples(args.out, args.views):
+            print(folder)
+        return 0
+    if args.shape is not None and args.shape not in SHAPES:
+        raise SvdiffError(f"unknown shape {args.shape!r}; choose one of {', '.join(SHAPES)}")
+    rng = random.Random(args.seed)
+    for i in range(args.num):
+        subject = random_subject(rng, shape=args.shape)
+        folder = args.out / f"{subject.shape}_{args.seed}_{i}" if args.num > 1 else args.out
+        write_subject_folder(folder, subject, args.identifier, args.views, seed=args.seed * 1000 + i)
+        print(folder)
+    return 0
+
+
+def run_judge(args) -> int:
+    from . import default_judge
+    from .evaluate import parse_prompt, score, similarity
+    from .judge import load
+
+    if not parse_prompt(args.prompt):
+        raise SvdiffError(f"the prompt names no shape of the world: {args.prompt!r}")
+    files = image_files(args.images)
+    model = load(default_judge())
+    results = score(model, open_images(files), args.prompt)
+    refs = None
+    if args.reference is not None:
+        ref_scores = score(model, open_images(image_files([args.reference])), args.prompt)
+        import torch
+
+        refs = torch.stack([r["embedding"] for r in ref_scores])
+    report = {"prompt": args.prompt, "images": []}
+    for f, r in zip(files, results, strict=True):
+        entry = {
+            "image": str(f),
+            "all_correct": r["all_correct"],
+            "objects": [{"wanted": m["wanted"], "found": m["found"], "correct": m["correct"]} for m in r["objects"]],
+        }
+        if refs is not None:
+            entry["similarity"] = round(float(similarity(r["embedding"][None], refs)[0]), 4)
+        report["images"].append(entry)
+    report["fraction_correct"] = round(sum(r["all_correct"] for r in results) / len(results), 4)
+    if refs is not None:
+        report["mean_similarity"] = round(sum(e["similarity"] for e in report["images"]) / len(results), 4)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run_report(args) -> int:
+    from .quality import measure
+
+    print(json.dumps(measure(quick=args.quick, seed=args.seed), indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Runs `world` on its own (python -m svdiff.world.commands …), for use before the main CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="svdiff")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,73 @@
+"""Scoring images against prompts with the judge: which of the prompt's words does the picture show?"""
+
+import torch
+
+from .judge import SLOTS, read
+from .render import COLORS, PATTERNS, POSITION_PHRASES, SHAPES
+
+PHRASE_TO_SLOT = {phrase: slot for slot, phrase in POSITION_PHRASES.items()}
+
+
+def parse_prompt(prompt: str) -> list[dict]:
+    """The objects a world prompt asks for, in order: each with the shape and whatever color, pattern and
+    position it names. "a photo of sks heart on the left and a blue circle on the right" → two objects."""
+    objects = []
+    for part in prompt.lower().split(" and "):
+        words = part.replace(",", " ").split()
+        obj = {}
+        for w in words:
+            if w in SHAPES:
+                obj["shape"] = w
+            elif w in COLORS:
+                obj["color"] = w
+            elif w in PATTERNS:
+                obj["pattern"] = w
+        for phrase, slot in PHRASE_TO_SLOT.items():
+            if phrase in part:
+                obj["position"] = slot
+        if "shape" in obj:
+            objects.append(obj)
+    return objects
+
+
+def match(reading: dict, wanted: list[dict]) -> list[dict]:
+    """For each wanted object, the judged object that answers it and which of its attributes agree.
+
+    An object with a position is looked for at that place; one without takes the most confident place not
+    already taken. A wanted object nobody answers scores false on everything."""
+    slots = reading["slots"]
+    taken, results = set(), []
+    for obj in wanted:
+        if "position" in obj:
+            slot = obj["position"]
+        else:
+            free = [s for s in SLOTS if s not in taken and slots[s] is not None]
+            slot = max(free, key=lambda s: slots[s]["confidence"]) if free else None
+        found = slots.get(slot) if slot else None
+        taken.add(slot)
+        checks = {k: found is not None and found[k] == v for k, v in obj.items() if k != "position"}
+        if "position" in obj:
+            checks["position"] = found is not None
+        results.append({"wanted": obj, "found": found, "slot": slot, "correct": checks})
+    return results
+
+
+def similarity(embeddings: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity of each image to the reference images (embeddings are unit vectors)."""
+    return (embeddings @ references.T).mean(dim=1)
+
+
+def score(model, images, prompt: str) -> list[dict]:
+    """Per image: every attribute of the prompt with true/false, and whether all of them hold."""
+    wanted = parse_prompt(prompt)
+    out = []
+    for reading in read(model, images):
+        matches = match(reading, wanted)
+        out.append(
+            {
+                "objects": matches,
+                "all_correct": all(all(m["correct"].values()) for m in matches),
+                "embedding": reading["embedding"],
+            }
+        )
+    return out

@@ -1,0 +1,380 @@
+"""Pretrains the embedded base: a tiny Stable Diffusion pipeline that draws the shapes world from its captions.
+
+    python -m svdiff.world.pretrain --out src/svdiff/world/base --work_dir runs/pretrain
+
+Two phases, as Stable Diffusion was built: an AutoencoderKL (64×64 RGB ↔ 16×16×4 latents), then the UNet and the
+CLIP text encoder together on the latents of a fixed set of rendered scenes (ε-prediction, SD's scaled-linear
+betas, 10% empty captions for classifier-free guidance). Every random choice is a function of (seed, step), so the
+run is deterministic and resumes from its last checkpoint in `--work_dir` with the same command.
+"""
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .pictures import grid
+from .render import BACKGROUNDS, caption, random_scene, render
+from .tokenizer import build_tokenizer
+
+NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+# Sampled at every checkpoint into work_dir/preview_<step>.png: four held-out triples, two pairs, no prompt.
+PREVIEW_PROMPTS = (
+    "a photo of a pink striped star",
+    "a photo of a blue dotted heart on the left",
+    "a photo of a yellow dotted square at the top on a dark background",
+    "a photo of a green checkered ring",
+    "a photo of a pink ring on the left and a cyan cross on the right",
+    "a photo of a purple triangle at the top and an orange diamond at the bottom",
+    "",
+)
+
+
+def make_vae() -> AutoencoderKL:
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        # Few, wide groups: a group of one or two channels normalizes away the absolute colour of a flat region.
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    # Start the posterior narrow (σ ≈ 0.02): with σ ≈ 1 at init, the sampled latents are mostly noise and the
+    # decoder learns little until the encoder has shrunk them, which costs most of a short schedule.
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels :].fill_(-8.0)
+    return vae
+
+
+def make_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        cross_attention_dim=128,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        # The attention-pooled caption is added to the time embedding too (as in DeepFloyd IF), so what the
+        # caption says about the whole picture reaches every layer, not only the attention ones.
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
+    )
+
+
+def make_text_encoder(tokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images → a float batch in [-1, 1], as Stable Diffusion's VAE expects."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Model and Adam state in safetensors (no pickle), plus the step, written atomically."""
+    tensors = {f"{name}.{k}": v.contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    for i, group in enumerate(optimizer.param_groups):
+        for j, p in enumerate(group["params"]):
+            for k, v in optimizer.state.get(p, {}).items():
+                tensors[f"optim.{i}.{j}.{k}"] = torch.as_tensor(v).reshape(-1).contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer) -> int:
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    for name, m in modules.items():
+        prefix = name + "."
+        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    for i, group in enumerate(optimizer.param_groups):
+        for j, p in enumerate(group["params"]):
+            state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.{j}.")}
+            if state:
+                state["step"] = state["step"].reshape(())
+                state["exp_avg"] = state["exp_avg"].view_as(p)
+                state["exp_avg_sq"] = state["exp_avg_sq"].view_as(p)
+                optimizer.state[p] = state
+    with safe_open(str(path), "pt") as f:
+        return int(f.metadata()["step"])
+
+
+def object_weights(x: torch.Tensor, backgrounds: list[str]) -> torch.Tensor:
+    """Per-pixel loss weights, 10 on objects and 1 on background: objects cover a small part of the frame but
+    carry everything a caption says, so the autoencoder should spend its effort there."""
+    bg = to_tensor([Image.new("RGB", (1, 1), BACKGROUNDS[b]) for b in backgrounds]).to(x.device)
+    return 1.0 + 9.0 * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+
+
+def train_vae(vae, args, work: Path) -> None:
+    """Object-weighted reconstruction (L1 + MSE) with a tiny KL term, on freshly rendered scenes."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    ckpt = work / "vae.safetensors"
+    start = load_checkpoint(ckpt, {"vae": vae}, opt) if ckpt.exists() else 0
+    vae.train()
+    bar = tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps)
+    for step in bar:
+        rng = random.Random(f"{args.seed}-vae-{step}")
+        scenes = [random_scene(rng) for _ in range(args.vae_batch_size)]
+        x = to_tensor([render(s)[0] for s in scenes]).to(args.device)
+        w = object_weights(x, [s.background for s in scenes])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=50)
+        posterior = vae.encode(x).latent_dist
+        torch.manual_seed(args.seed * 1_000_003 + step)
+        recon = vae.decode(posterior.sample()).sample
+        err = recon - x
+        loss = (w * (err.abs() + err.square())).mean() / w.mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.vae_steps:
+            save_checkpoint(ckpt, {"vae": vae}, opt, step + 1)
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_scenes(vae, scenes, batch_size: int, device) -> torch.Tensor:
+    """Latent means of every training scene; the denoiser trains on these instead of re-encoding each step."""
+    chunks = []
+    for i in tqdm(range(0, len(scenes), batch_size), desc="encode"):
+        x = to_tensor([render(s)[0] for s in scenes[i : i + batch_size]]).to(device)
+        chunks.append(vae.encode(x).latent_dist.mean.cpu())
+    return torch.cat(chunks)
+
+
+def training_scenes(seed: int, n: int) -> list:
+    """The denoiser's data set. Held-out (shape, color, pattern) triples are left out (see `render.held_out`)."""
+    rng = random.Random(f"{seed}-scenes")
+    return [random_scene(rng, allow_held_out=False) for _ in range(n)]
+
+
+class EMA:
+    """Exponential moving average of weights; the shipped pipeline holds the averaged weights."""
+
+    def __init__(self, module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def make_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+@torch.no_grad()
+def preview(vae, unet, text_encoder, tokenizer, shadows: dict, path: Path, device) -> None:
+    """Samples the preview prompts with the averaged weights, without disturbing the weights being trained."""
+    import copy
+
+    unet_avg, text_avg = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    unet_avg.load_state_dict(shadows["unet"])
+    text_avg.load_state_dict(shadows["text_encoder"])
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_avg,
+        tokenizer=tokenizer,
+        unet=unet_avg,
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt in PREVIEW_PROMPTS:
+        gen = torch.Generator(device).manual_seed(0)
+        images += pipe(
+            [prompt] * 6, num_inference_steps=25, guidance_scale=4.0, generator=gen, height=64, width=64
+        ).images
+    grid(images, cols=6, labels=[p or "(empty prompt)" for p in PREVIEW_PROMPTS]).save(path)
+
+
+def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, vae, args, work: Path):
+    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_text = EMA(unet, args.ema_decay), EMA(text_encoder, args.ema_decay)
+    ckpt = work / "denoiser.safetensors"
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    start = 0
+    if ckpt.exists():
+        start = load_checkpoint(ckpt, modules, opt)
+        shadows = load_file(str(work / "ema.safetensors"))
+        ema_unet.shadow = {k[5:]: v for k, v in shadows.items() if k.startswith("unet.")}
+        ema_text.shadow = {k[13:]: v for k, v in shadows.items() if k.startswith("text_encoder.")}
+    alphas = noise_scheduler.alphas_cumprod.to(args.device)
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(start, args.steps), desc="unet+text", initial=start, total=args.steps)
+    for step in bar:
+        rng = random.Random(f"{args.seed}-denoise-{step}")
+        idx = [rng.randrange(len(scenes)) for _ in range(args.batch_size)]
+        prompts = ["" if rng.random() < args.caption_dropout else caption(scenes[i], rng) for i in idx]
+        ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        z0 = latents[idx] * args.scaling_factor
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        z0, noise, t, ids = z0.to(args.device), noise.to(args.device), t.to(args.device), ids.to(args.device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr)
+        pred = unet(zt, t, text_encoder(ids).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.update(unet, step)
+        ema_text.update(text_encoder, step)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+            save_checkpoint(ckpt, modules, opt, step + 1)
+            shadows = {f"unet.{k}": v for k, v in ema_unet.shadow.items()}
+            shadows.update({f"text_encoder.{k}": v for k, v in ema_text.shadow.items()})
+            save_file({k: v.contiguous() for k, v in shadows.items()}, str(work / "ema.safetensors"))
+            if (step + 1) % args.preview_every == 0 or step + 1 == args.steps:
+                preview(
+                    vae,
+                    unet,
+                    text_encoder,
+                    tokenizer,
+                    {"unet": ema_unet.shadow, "text_encoder": ema_text.shadow},
+                    work / f"preview_{step + 1:06d}.png",
+                    args.device,
+                )
+                unet.train()
+                text_encoder.train()
+    unet.load_state_dict(ema_unet.shadow)
+    text_encoder.load_state_dict(ema_text.shadow)
+    unet.eval()
+    text_encoder.eval()
+
+
+def assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir: Path, out: Path) -> StableDiffusionPipeline:
+    """A stock Stable Diffusion folder; the tokenizer keeps CLIP's vocab.json/merges.txt beside tokenizer.json."""
+    pipe = StableDiffusionPipeline(
+        vae=vae.cpu(),
+        text_encoder=text_encoder.cpu(),
+        tokenizer=tokenizer,
+        unet=unet.cpu(),
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        (out / "tokenizer" / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return pipe
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="where to write the pipeline folder")
+    p.add_argument("--work_dir", type=Path, default=Path("runs/pretrain"), help="checkpoints, to resume from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--vae_steps", type=int, default=3000)
+    p.add_argument("--vae_batch_size", type=int, default=8)
+    p.add_argument("--vae_lr", type=float, default=3e-3)
+    p.add_argument("--num_scenes", type=int, default=20000)
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--caption_dropout", type=float, default=0.1)
+    p.add_argument("--checkpoint_every", type=int, default=250)
+    p.add_argument("--preview_every", type=int, default=1000, help="a multiple of --checkpoint_every")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+
+    tokenizer_dir = args.work_dir / "tokenizer"
+    tokenizer = build_tokenizer(tokenizer_dir)
+    vae, unet, text_encoder = make_vae(), make_unet(), make_text_encoder(tokenizer)
+    vae.to(args.device)
+    train_vae(vae, args, args.work_dir)
+
+    scenes = training_scenes(args.seed, args.num_scenes)
+    latents = encode_scenes(vae, scenes, 256, args.device)
+    args.scaling_factor = round(1.0 / latents.std().item(), 5)
+    vae.register_to_config(scaling_factor=args.scaling_factor)
+
+    unet.to(args.device)
+    text_encoder.to(args.device)
+    train_denoiser(unet, text_encoder, tokenizer, latents, scenes, vae, args, args.work_dir)
+    assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir, args.out)
+    minutes = (time.time() - began) / 60
+    record = {
+        "minutes": round(minutes, 1),
+        "threads": args.threads,
+        "device": args.device,
+        **{k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "device", "threads")},
+    }
+    (args.work_dir / "run.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out} in {minutes:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The world's quality figures: how well the judge reads fresh renders, and how well the base model draws prompts
+it never saw. `svdiff world report` and `benchmarks/world_quality.py` print them."""
+
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .evaluate import match, parse_prompt, score
+from .judge import nearest_slot, read
+from .render import COLORS, PATTERNS, POSITION_PHRASES, SHAPES, random_scene, render
+from .subjects import random_subject, views
+
+
+def judge_accuracy(model, n_scenes: int, seed: int) -> dict:
+    """Per-attribute accuracy over every object of `n_scenes` fresh scenes (a seed the judge never trained on)."""
+    rng = random.Random(f"eval-{seed}")
+    scenes = [random_scene(rng) for _ in range(n_scenes)]
+    rendered = [render(s) for s in scenes]
+    readings = read(model, [im for im, _ in rendered])
+    hits = {"shape": 0, "color": 0, "pattern": 0, "position": 0}
+    total = 0
+    for (_, truth), reading in zip(rendered, readings, strict=True):
+        for obj in truth.objects:
+            found = reading["slots"][list(reading["slots"])[nearest_slot(obj["box"])]]
+            total += 1
+            hits["position"] += found is not None
+            for k in ("shape", "color", "pattern"):
+                hits[k] += found is not None and found[k] == obj[k]
+    return {k: round(v / total, 4) for k, v in hits.items()} | {"objects": total}
+
+
+def subject_similarity(model, n_subjects: int, seed: int) -> dict:
+    """Cosine similarity of two views of one subject against views of different subjects, and how often a view's
+    nearest neighbour among the others' second views is its own subject."""
+    rng = random.Random(f"eval-subjects-{seed}")
+    firsts, seconds = [], []
+    for _ in range(n_subjects):
+        a, b = views(random_subject(rng), 2, rng)
+        firsts.append(render(a)[0])
+        seconds.append(render(b)[0])
+    za = torch.stack([r["embedding"] for r in read(model, firsts)])
+    zb = torch.stack([r["embedding"] for r in read(model, seconds)])
+    sim = za @ zb.T
+    same = sim.diag()
+    other = sim[~torch.eye(len(sim), dtype=torch.bool)]
+    return {
+        "same_subject": round(float(same.mean()), 4),
+        "different_subject": round(float(other.mean()), 4),
+        "retrieval_top1": round(float((sim.argmax(dim=1) == torch.arange(len(sim))).float().mean()), 4),
+    }
+
+
+def unseen_single_prompts(n: int, seed: int) -> list[str]:
+    """Prompts naming a (shape, color, pattern) triple held out of pretraining, half of them with a place."""
+    from .render import held_out
+
+    triples = [(s, c, p) for s in SHAPES for c in COLORS for p in PATTERNS if held_out(s, c, p)]
+    rng = random.Random(f"unseen-{seed}")
+    prompts = []
+    for i in range(n):
+        shape, color, pattern = triples[i % len(triples)]
+        text = f"a photo of a {color} {pattern} {shape}"
+        if rng.random() < 0.5:
+            text += " " + POSITION_PHRASES[rng.choice(tuple(POSITION_PHRASES))]
+        prompts.append(text)
+    return prompts
+
+
+def pair_prompts(n: int, seed: int) -> list[str]:
+    """Left/right prompts: two different shapes, each with its color."""
+    rng = random.Random(f"pairs-{seed}")
+    prompts = []
+    for _ in range(n):
+        a, b = rng.sample(SHAPES, 2)
+        ca, cb = rng.sample(list(COLORS), 2)
+        prompts.append(f"a photo of a {ca} {a} on the left and a {cb} {b} on the right")
+    return prompts
+
+
+def generate(pipe, prompts, guidance_scale: float, steps: int, seed: int, batch_size: int = 20) -> list:
+    images = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="sampling"):
+        gen = torch.Generator().manual_seed(seed * 100_003 + i)
+        images += pipe(
+            prompts[i : i + batch_size],
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=gen,
+            height=64,
+            width=64,
+        ).images
+    return images
+
+
+def prompt_accuracy(model, images, prompts) -> dict:
+    """Fraction of images whose judged objects have each attribute the prompt asked for."""
+    counts, totals = {}, {}
+    all_correct = 0
+    for image, prompt in zip(images, prompts, strict=True):
+        result = score(model, [image], prompt)[0]
+        all_correct += result["all_correct"]
+        for m in result["objects"]:
+            for k, ok in m["correct"].items():
+                counts[k] = counts.get(k, 0) + ok
+                totals[k] = totals.get(k, 0) + 1
+    out = {k: round(counts[k] / totals[k], 4) for k in totals}
+    out["all_correct"] = round(all_correct / len(prompts), 4)
+    return out
+
+
+def pair_accuracy(model, images, prompts) -> dict:
+    """Both objects right (shape and color, each at its side), and each side on its own."""
+    both, sides = 0, 0
+    for image, prompt in zip(images, prompts, strict=True):
+        reading = read(model, [image])[0]
+        ok = [m["correct"]["shape"] and m["correct"]["color"] for m in match(reading, parse_prompt(prompt))]
+        both += all(ok)
+        sides += sum(ok)
+    return {"both_correct": round(both / len(prompts), 4), "side_correct": round(sides / (2 * len(prompts)), 4)}
+
+
+def sampling_seconds(pipe, guidance_scale: float, steps: int = 25, n: int = 16) -> float:
+    """Wall time of one call drawing `n` images at 64 px (after a warm-up call)."""
+    prompts = ["a photo of a red striped star"] * n
+    pipe(prompts[:2], num_inference_steps=2, guidance_scale=guidance_scale, height=64, width=64)
+    began = time.perf_counter()
+    pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    return round(time.perf_counter() - began, 2)
+
+
+def measure(quick: bool = False, seed: int = 0, guidance_scale: float = 5.0, threads: int = 2) -> dict:
+    from diffusers import DiffusionPipeline
+
+    from . import default_base, default_judge
+    from .judge import load
+
+    torch.set_num_threads(threads)
+    judge = load(default_judge())
+    n_scenes, n_subjects, n_single, n_pairs = (200, 50, 40, 20) if quick else (2000, 200, 200, 100)
+    pipe = DiffusionPipeline.from_pretrained(default_base())
+    pipe.set_progress_bar_config(disable=True)
+    single = unseen_single_prompts(n_single, seed)
+    pairs = pair_prompts(n_pairs, seed)
+    return {
+        "judge_on_fresh_renders": judge_accuracy(judge, n_scenes, seed),
+        "judge_subject_similarity": subject_similarity(judge, n_subjects, seed),
+        "base_unseen_single_object": prompt_accuracy(judge, generate(pipe, single, guidance_scale, 25, seed), single)
+        | {"prompts": n_single},
+        "base_left_right_pairs": pair_accuracy(judge, generate(pipe, pairs, guidance_scale, 25, seed + 1), pairs)
+        | {"prompts": n_pairs},
+        "sampling_16_images_25_ddim_steps_seconds": sampling_seconds(pipe, guidance_scale),
+        "settings": {
+            "guidance_scale": guidance_scale,
+            "num_inference_steps": 25,
+            "torch_threads": threads,
+            "seed": seed,
+        },
+    }

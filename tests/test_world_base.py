@@ -1,0 +1,87 @@
+"""The shipped base pipeline: stock diffusers loads it offline, it samples reproducibly, and it is the default."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from svdiff.errors import SvdiffError
+from svdiff.world import BASE_DIR, default_base
+from svdiff.world.render import caption, random_scene, world_words
+from svdiff.world.tokenizer import IDENTIFIERS
+
+needs_base = pytest.mark.skipif(not (BASE_DIR / "model_index.json").is_file(),
+                                reason="the base pipeline is not shipped in this checkout")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(default_base())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_missing_base_is_a_one_line_error(monkeypatch, tmp_path):
+    import svdiff.world as world
+
+    monkeypatch.setattr(world, "BASE_DIR", tmp_path / "nowhere")
+    with pytest.raises(SvdiffError, match="base pipeline is missing") as e:
+        world.default_base()
+    assert "\n" not in str(e.value)
+
+
+@needs_base
+def test_stock_diffusers_loads_a_stable_diffusion_folder(pipe):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert isinstance(pipe.vae, AutoencoderKL) and isinstance(pipe.unet, UNet2DConditionModel)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert 1e6 < sum(p.numel() for p in pipe.unet.parameters()) < 10e6
+    size = sum(f.stat().st_size for f in default_base().rglob("*") if f.is_file())
+    assert size <= 25 * 2**20
+
+
+@needs_base
+def test_fixed_seed_gives_identical_images(pipe):
+    def draw(seed):
+        gen = torch.Generator().manual_seed(seed)
+        out = pipe(["a photo of a red star", "a photo of a blue ring on the left"], num_inference_steps=4,
+                   guidance_scale=4.0, generator=gen, height=64, width=64, output_type="np").images
+        return out
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a.shape == (2, 64, 64, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@needs_base
+def test_shipped_tokenizer_knows_every_caption_word(pipe):
+    tok = pipe.tokenizer
+    for word in world_words() + list(IDENTIFIERS):
+        assert tok.convert_ids_to_tokens(tok(word).input_ids[1:-1]) == [word + "</w>"]
+    rng = random.Random(0)
+    for _ in range(50):
+        text = caption(random_scene(rng))
+        assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+
+
+@needs_base
+def test_the_embedded_base_is_the_default():
+    from svdiff.models import load_components, resolve_base
+
+    assert resolve_base(None) == default_base()
+    unet = load_components(None)["unet"]
+    from diffusers import UNet2DConditionModel
+
+    shipped = UNet2DConditionModel.from_pretrained(default_base(), subfolder="unet")
+    for (k, v), (k2, v2) in zip(unet.state_dict().items(), shipped.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)

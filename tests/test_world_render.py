@@ -1,0 +1,130 @@
+"""The shapes world's renderer, captions and tokenizer: deterministic pixels, true ground truth, one token a word."""
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from svdiff.world.render import (
+    BACKGROUNDS,
+    COLORS,
+    PATTERNS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    WorldObject,
+    caption,
+    held_out,
+    random_scene,
+    render,
+    world_words,
+)
+from svdiff.world.tokenizer import IDENTIFIERS, build_tokenizer
+
+
+def test_same_seed_same_pixels_and_truth():
+    a = [render(random_scene(random.Random(7))) for _ in range(2)]
+    assert a[0][0].tobytes() == a[1][0].tobytes()
+    assert a[0][1] == a[1][1]
+    other = render(random_scene(random.Random(8)))[0]
+    assert other.tobytes() != a[0][0].tobytes()
+
+
+def test_world_has_the_promised_variety():
+    assert len(SHAPES) >= 8 and len(COLORS) >= 8 and len(PATTERNS) >= 4
+    assert set(POSITIONS) == {"left", "right", "top", "bottom", "center"}
+    assert len(BACKGROUNDS) >= 3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_box_is_the_object_and_plain_color_is_exact(shape):
+    obj = WorldObject(shape=shape, color="blue", position="left")
+    image, truth = render(Scene(objects=(obj,), background="white"))
+    arr = np.asarray(image).astype(int)
+    differs = np.abs(arr - np.array(BACKGROUNDS["white"])).sum(-1) > 30
+    ys, xs = np.nonzero(differs)
+    box = truth.objects[0]["box"]
+    assert abs(xs.min() - box[0]) <= 1 and abs(xs.max() + 1 - box[2]) <= 1
+    assert abs(ys.min() - box[1]) <= 1 and abs(ys.max() + 1 - box[3]) <= 1
+    assert abs((box[0] + box[2]) / 2 - POSITIONS["left"][0]) < 4
+    # The most common object pixel is the named color, exactly.
+    colors, counts = np.unique(arr[differs].reshape(-1, 3), axis=0, return_counts=True)
+    assert tuple(colors[counts.argmax()]) == COLORS["blue"]
+    assert truth.objects[0]["shape"] == shape and truth.objects[0]["color"] == "blue"
+
+
+def test_patterns_look_different():
+    images = [np.asarray(render(Scene(objects=(WorldObject("square", "red", pattern=p, size="large"),)))[0])
+              for p in PATTERNS]
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert np.abs(images[i].astype(int) - images[j].astype(int)).sum() > 5000
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6))
+def test_two_objects_never_overlap_and_stay_in_frame(seed):
+    scene = random_scene(random.Random(seed), n_objects=2)
+    _, truth = render(scene)
+    (a, b) = (o["box"] for o in truth.objects)
+    assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+    for box in (a, b):
+        assert 0 <= box[0] < box[2] <= 64 and 0 <= box[1] < box[3] <= 64
+
+
+def test_caption_names_every_object_and_place():
+    scene = Scene(objects=(WorldObject("star", "red", "striped", position="left"),
+                           WorldObject("circle", "blue", position="right")), background="gray")
+    assert caption(scene) == ("a photo of a medium red striped star on the left and a medium blue plain circle "
+                              "on the right on a gray background")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 10**6))
+def test_shortened_captions_keep_shape_color_and_pairs_keep_places(seed):
+    rng = random.Random(seed)
+    scene = random_scene(rng)
+    text = caption(scene, rng)
+    for obj in scene.objects:
+        assert obj.shape in text and obj.color in text
+        if obj.pattern != "plain":
+            assert obj.pattern in text
+    if len(scene.objects) == 2:
+        assert "on the left" in text or "at the top" in text
+
+
+def test_held_out_triples_are_an_eighth_and_never_in_pretraining_scenes():
+    triples = [(s, c, p) for s in SHAPES for c in COLORS for p in PATTERNS]
+    assert sum(held_out(*t) for t in triples) == len(triples) // 8
+    rng = random.Random(0)
+    for _ in range(300):
+        for obj in random_scene(rng, allow_held_out=False).objects:
+            assert not held_out(obj.shape, obj.color, obj.pattern)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_every_world_word_and_identifier_is_one_token(tokenizer):
+    for word in world_words() + list(IDENTIFIERS):
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 3, (word, tokenizer.convert_ids_to_tokens(ids))
+        assert tokenizer.convert_ids_to_tokens(ids[1]) == word + "</w>"
+
+
+def test_captions_round_trip_through_the_tokenizer(tokenizer):
+    rng = random.Random(3)
+    for _ in range(100):
+        text = caption(random_scene(rng), rng)
+        ids = tokenizer(text).input_ids
+        assert len(ids) == len(text.split()) + 2 <= tokenizer.model_max_length
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_unknown_words_split_into_pieces_not_unknown(tokenizer):
+    ids = tokenizer("zebra").input_ids[1:-1]
+    assert len(ids) > 1 and tokenizer.unk_token_id not in ids
