@@ -51,7 +51,7 @@ def test_corrupt_cache_entry_is_recomputed(cache, damage):
     else:
         data = bytearray()
     entry.write_bytes(bytes(data))
-    assert cache.get(entry.stem, (10, 16)) is None
+    assert cache.get(entry.stem, mat) is None
     assert not entry.exists()  # the bad entry is gone
     (again,) = compute_bases([mat], cache=cache, progress=False)
     assert torch.equal(again.U, good.U) and torch.equal(again.S, good.S)
@@ -164,3 +164,16 @@ def test_fp16_loaded_base_still_matches(tmp_path, cache):
     path = save_shifts(tmp_path, {"unet": src["unet"]}, base_model="tiny", preset="all")
     half = {k: v.half() for k, v in _tiny_pair(0).items()}
     load_shifts(half, path, cache=cache, progress=False)
+
+
+def test_cache_entry_for_other_values_is_rejected(cache):
+    """A well-formed entry whose factors do not reconstruct this weight is never used."""
+    torch.manual_seed(0)
+    mat, other = torch.randn(10, 16), torch.randn(10, 16)
+    (good,) = compute_bases([mat], cache=cache, progress=False)
+    (entry,) = cache.entries()
+    (wrong,) = compute_bases([other], cache=False, progress=False)
+    cache.put(entry.stem, wrong)
+    assert cache.get(entry.stem, mat) is None
+    (again,) = compute_bases([mat], cache=cache, progress=False)
+    assert torch.equal(again.S, good.S)

@@ -71,11 +71,11 @@ def _decompose_batch(mats: list[torch.Tensor]) -> list[SpectralBasis]:
         u, vh = _fix_signs(u, vh)
         return [SpectralBasis(u[k].contiguous(), sigma[k], vh[k].contiguous()) for k in range(len(mats))]
     u, sigma, vh = _gram_svd(a)
-    bad = (_errors(a, u, sigma, vh) > TOLERANCE).nonzero().flatten()
+    bad = (factor_errors(a, u, sigma, vh) > TOLERANCE).nonzero().flatten()
     if len(bad):
         a64 = a[bad].double()
         u64, sigma64, vh64 = _gram_svd(a64)
-        worse = (_errors(a64, u64, sigma64, vh64) > TOLERANCE).nonzero().flatten().tolist()
+        worse = (factor_errors(a64, u64, sigma64, vh64) > TOLERANCE).nonzero().flatten().tolist()
         for j in worse:
             u64[j], sigma64[j], vh64[j] = torch.linalg.svd(a64[j], full_matrices=False)
         u[bad], sigma[bad], vh[bad] = u64.float(), sigma64.float(), vh64.float()
@@ -94,19 +94,26 @@ def _gram_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return (p, sigma, q.transpose(1, 2)) if wide else (q, sigma, p.transpose(1, 2))
 
 
-def _errors(a, u, sigma, vh) -> torch.Tensor:
-    """Per matrix, the larger of the relative reconstruction error ‖A − UΣVᵀ‖/‖A‖ and the orthogonality error
-    ‖VᵀV − I‖ of the vectors that came from a division by σ, both estimated with Gaussian probes
-    (E‖M·x‖² = ‖M‖²_F), which costs a few matrix-vector products instead of another m × n product."""
+def factor_errors(a, u, sigma, vh) -> torch.Tensor:
+    """Per matrix of the batch, the largest of the relative reconstruction error ‖A − UΣVᵀ‖_F / ‖A‖_F and the
+    orthogonality errors of U's columns and V's columns, each estimated with Gaussian probes (E‖M·x‖² = ‖M‖²_F):
+    a few matrix-vector products instead of another m × n product."""
     a, u, sigma, vh = (t.double() for t in (a, u, sigma, vh))  # the check itself must be far below TOLERANCE
     gen = torch.Generator(device=a.device).manual_seed(0)
-    x = torch.randn(a.shape[0], a.shape[2], PROBES, dtype=a.dtype, device=a.device, generator=gen)
+
+    def probes(n):
+        return torch.randn(a.shape[0], n, PROBES, dtype=a.dtype, device=a.device, generator=gen)
+
+    def rel(err, ref):
+        return err.norm(dim=(1, 2)) / ref.norm(dim=(1, 2))
+
+    x = probes(a.shape[2])
     ax = a @ x
-    recon = (ax - u @ (sigma.unsqueeze(-1) * (vh @ x))).norm(dim=(1, 2)) / ax.norm(dim=(1, 2))
-    v = vh if a.shape[1] <= a.shape[2] else u.transpose(1, 2)  # s × l, rows should be orthonormal
-    z = torch.randn(a.shape[0], v.shape[1], PROBES, dtype=a.dtype, device=a.device, generator=gen)
-    orth = (v @ (v.transpose(1, 2) @ z) - z).norm(dim=(1, 2)) / z.norm(dim=(1, 2))
-    return torch.maximum(recon, orth).nan_to_num(float("inf"))
+    recon = rel(ax - u @ (sigma.unsqueeze(-1) * (vh @ x)), ax)
+    z = probes(u.shape[2])
+    orth_u = rel(u.transpose(1, 2) @ (u @ z) - z, z)
+    orth_v = rel(vh @ (vh.transpose(1, 2) @ z) - z, z)
+    return torch.stack([recon, orth_u, orth_v]).amax(0).nan_to_num(float("inf"))
 
 
 def _fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,11 @@
 """On-disk cache of SVD factors, keyed by the content of each weight.
 
-One safetensors file per weight matrix: `<cache>/<key[:2]>/<key>.safetensors` holding U, S, Vh in float32 and a
-CRC of their bytes. The key hashes the weight's bytes, dtype and matrix shape (and the engine's version), so a
-second attach to the same base reads its factors instead of decomposing again, whatever the weight's name. An entry
-that is truncated, corrupted or of the wrong shape is deleted and recomputed, never used.
+One safetensors file per weight matrix: `<cache>/<key[:2]>/<key>.safetensors` holding U, S, Vh in float32. The key
+hashes the weight's bytes, dtype and matrix shape (and the engine's version), so a second attach to the same base
+reads its factors instead of decomposing again, whatever the weight's name. Nothing read is trusted: an entry is
+used only if it loads, has the right shapes and passes the engine's own accuracy check against the weight it is
+for (reconstruction and orthogonality, estimated with random probes); a truncated, corrupted or mismatched entry
+is deleted and recomputed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import platformdirs
@@ -19,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .basis import SpectralBasis
+from .basis import TOLERANCE, SpectralBasis, factor_errors
 
 ENGINE_VERSION = "1"
 
@@ -32,18 +34,16 @@ def cache_dir() -> Path:
 
 def content_key(matrix: torch.Tensor) -> str:
     """A hash of the matrix's values as stored, its dtype and shape."""
-    h = hashlib.blake2b(digest_size=20)
-    h.update(f"{ENGINE_VERSION}|{matrix.dtype}|{tuple(matrix.shape)}|".encode())
+    h = hashlib.sha256(f"{ENGINE_VERSION}|{matrix.dtype}|{tuple(matrix.shape)}|".encode())
     data = matrix.detach().contiguous().cpu()
     h.update(data.view(torch.uint8).numpy().data if data.numel() else b"")
-    return h.hexdigest()
+    return h.hexdigest()[:40]
 
 
-def _crc(tensors: dict[str, torch.Tensor]) -> str:
-    crc = 0
-    for name in sorted(tensors):
-        crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().data, crc)
-    return f"{crc:08x}"
+def content_keys(matrices: list[torch.Tensor]) -> list[str]:
+    """`content_key` of each matrix, hashed in parallel (hashlib releases the GIL on large buffers)."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(content_key, matrices))
 
 
 class SVDCache:
@@ -53,30 +53,26 @@ class SVDCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str, shape: tuple[int, int]) -> SpectralBasis | None:
-        """The cached factors of a matrix of `shape`, or None (missing, or bad and now removed)."""
+    def get(self, key: str, matrix: torch.Tensor) -> SpectralBasis | None:
+        """The cached factors of `matrix`, or None (missing, or bad and now removed)."""
         path = self.path(key)
         if not path.is_file():
             return None
+        m, n = matrix.shape
+        r = min(m, n)
         try:
             with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
+                ok = (f.metadata() or {}).get("key") == key
                 tensors = {k: f.get_tensor(k) for k in ("U", "S", "Vh")}
-            m, n = shape
-            r = min(shape)
-            ok = (
-                meta.get("key") == key
-                and meta.get("crc") == _crc(tensors)
-                and tensors["U"].shape == (m, r)
-                and tensors["S"].shape == (r,)
-                and tensors["Vh"].shape == (r, n)
-            )
+            u, s, vh = (tensors[k].to(matrix.device) for k in ("U", "S", "Vh"))
+            ok = ok and u.shape == (m, r) and s.shape == (r,) and vh.shape == (r, n)
+            ok = ok and bool(factor_errors(matrix[None], u[None], s[None], vh[None])[0] <= TOLERANCE)
         except Exception:  # any unreadable entry is treated the same way: recompute it
             ok = False
         if not ok:
             path.unlink(missing_ok=True)
             return None
-        return SpectralBasis(tensors["U"], tensors["S"], tensors["Vh"])
+        return SpectralBasis(u, s, vh)
 
     def put(self, key: str, basis: SpectralBasis) -> None:
         tensors = {"U": basis.U.float().cpu(), "S": basis.S.float().cpu(), "Vh": basis.Vh.float().cpu()}
@@ -85,7 +81,7 @@ class SVDCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"key": key, "crc": _crc(tensors), "engine": ENGINE_VERSION})
+            save_file(tensors, tmp, metadata={"key": key, "engine": ENGINE_VERSION})
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
