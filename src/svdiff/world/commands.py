@@ -40,6 +40,8 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("report", help="measure judge and base-model quality (prints JSON)")
     p.add_argument("--quick", action="store_true", help="fewer samples: a rough figure in a minute")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--pictures", type=Path, default=None, help="also write base_samples.png and subjects.png here")
     p.set_defaults(func=run_report)
 
 
@@ -139,9 +141,12 @@ def run_judge(args) -> int:
 
 
 def run_report(args) -> int:
-    from .quality import measure
+    from .quality import measure, pictures
 
-    print(json.dumps(measure(quick=args.quick, seed=args.seed), indent=2))
+    if args.pictures is not None:
+        for path in pictures(args.pictures, guidance_scale=args.guidance_scale):
+            print(f"wrote {path}")
+    print(json.dumps(measure(quick=args.quick, seed=args.seed, guidance_scale=args.guidance_scale), indent=2))
     return 0
 
 

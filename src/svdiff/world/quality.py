@@ -1,6 +1,7 @@
 """The world's quality figures: how well the judge reads fresh renders, and how well the base model draws prompts
 it never saw. `svdiff world report` and `benchmarks/world_quality.py` print them."""
 
+import json
 import random
 import time
 
@@ -165,3 +166,40 @@ def measure(quick: bool = False, seed: int = 0, guidance_scale: float = 5.0, thr
             "seed": seed,
         },
     }
+
+
+SHOWCASE_PROMPTS = (
+    "a photo of a red star",
+    "a photo of a blue striped heart on the left",
+    "a photo of a yellow dotted square at the top on a dark background",
+    "a photo of a green checkered ring",
+    "a photo of a pink circle on the left and a cyan cross on the right",
+    "a photo of a purple triangle at the top and an orange diamond at the bottom",
+)
+
+
+def pictures(out_dir, guidance_scale: float = 5.0, per_prompt: int = 6) -> list:
+    """Writes base_samples.png (a row per showcase prompt) and subjects.png (a row per example subject)."""
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from . import default_base
+    from .pictures import grid
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = DiffusionPipeline.from_pretrained(default_base())
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt in tqdm(SHOWCASE_PROMPTS, desc="showcase"):
+        images += pipe([prompt] * per_prompt, num_inference_steps=25, guidance_scale=guidance_scale, height=64,
+                       width=64, generator=torch.Generator().manual_seed(0)).images
+    grid(images, cols=per_prompt, labels=list(SHOWCASE_PROMPTS)).save(out_dir / "base_samples.png")
+    examples = Path(__file__).resolve().parents[3] / "examples" / "subjects"
+    folders = sorted(p for p in examples.iterdir() if p.is_dir())
+    views = [Image.open(f) for folder in folders for f in sorted(folder.glob("*.png"))[:4]]
+    labels = [f"{p.name}: " + json.loads((p / "subject.json").read_text())["instance_prompt"] for p in folders]
+    grid(views, cols=4, labels=labels).save(out_dir / "subjects.png")
+    return [out_dir / "base_samples.png", out_dir / "subjects.png"]
