@@ -344,3 +344,30 @@ def test_engine_matches_svd_and_falls_back_on_rank_deficient():
         torch.testing.assert_close(b.Vh @ b.Vh.T, torch.eye(r), rtol=0, atol=1e-5)
         peak = b.U.abs().argmax(0)
         assert torch.all(b.U[peak, torch.arange(r)] > 0)  # deterministic signs
+
+
+def _with_spectrum(m, n, sigma, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(sigma), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(sigma), generator=g, dtype=torch.float64))
+    return ((u * torch.tensor(sigma, dtype=torch.float64)) @ v.T).float()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["well-conditioned", "ill-conditioned", "rank-deficient", "zero", "tall-ill-conditioned"],
+)
+def test_engine_tiers_stay_accurate(case):
+    """float32 Gram for easy matrices, float64 when κ² defeats float32, a full SVD when σ reaches 0."""
+    mat = {
+        "well-conditioned": _with_spectrum(8, 80, torch.linspace(2, 1, 8).tolist()),
+        "ill-conditioned": _with_spectrum(8, 80, torch.logspace(0, -3, 8).tolist()),
+        "rank-deficient": _with_spectrum(8, 80, [3.0, 2.0, 1.0] + [0.0] * 5),
+        "zero": torch.zeros(8, 80),
+        "tall-ill-conditioned": _with_spectrum(90, 6, torch.logspace(0, -3, 6).tolist()),
+    }[case]
+    (b,) = decompose([mat])
+    torch.testing.assert_close(b.S, torch.linalg.svdvals(mat.double()).float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((b.U * b.S) @ b.Vh, mat, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.U.T @ b.U, torch.eye(b.rank), rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.Vh @ b.Vh.T, torch.eye(b.rank), rtol=0, atol=1e-5)

@@ -8,8 +8,8 @@ stacked and done in one batched call, on whatever device the weights live on.
 Squaring A squares its condition number κ = σ₁/σᵢ, so the recovered vectors lose orthogonality as ε·κ². Hence
 three tiers, each result checked before it is accepted: float32 (enough for well-conditioned matrices), then
 float64 for the matrices float32 could not do (good down to σᵢ/σ₁ ≈ 1e-5), then a full float64 SVD for the rest
-(rank-deficient or nearly so). Near-square matrices gain nothing from the Gram route and go straight to a float32
-SVD. A Gram result is accepted when its relative reconstruction error and the orthogonality
+(rank-deficient or nearly so). On a CPU, near-square matrices gain nothing from the Gram route and go straight to
+a float32 SVD. A Gram result is accepted when its relative reconstruction error and the orthogonality
 error of its vectors are both below TOLERANCE.
 
 Singular values come out sorted descending and each pair of singular vectors gets a deterministic sign
@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 
 TOLERANCE = 1e-5  # relative reconstruction / orthogonality error a Gram result must meet
-GRAM_ASPECT = 2  # long side / short side from which the Gram route beats a direct SVD
+# On a CPU, LAPACK's SVD of a near-square matrix (long side < GRAM_ASPECT × short side) is as fast as the Gram
+# route, which then gains nothing; GPU SVDs are slow at every shape while float64 products and eigh are fast.
+GRAM_ASPECT = 2
 PROBES = 8  # random vectors used to estimate the errors (E‖R·x‖² = ‖R‖²_F for Gaussian x)
 # Matrix elements per batched call. A CPU gains nothing from batching big matrices (and loses cache locality);
 # a GPU gains from filling the device.
@@ -66,7 +68,7 @@ def _decompose_batch(mats: list[torch.Tensor]) -> list[SpectralBasis]:
     a = torch.stack([m.detach() for m in mats]).to(torch.float32)
     if a.is_meta:  # shapes only: no numbers to compute
         return [_empty_basis(m) for m in mats]
-    if max(a.shape[1:]) < GRAM_ASPECT * min(a.shape[1:]):  # near-square: the Gram route saves nothing
+    if a.device.type == "cpu" and max(a.shape[1:]) < GRAM_ASPECT * min(a.shape[1:]):
         u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
         u, vh = _fix_signs(u, vh)
         return [SpectralBasis(u[k].contiguous(), sigma[k], vh[k].contiguous()) for k in range(len(mats))]
