@@ -3,16 +3,21 @@
 __version__ = "0.1.0"  # first, so submodules can read it while the package is importing
 
 from .errors import SvdiffError
-from .spectral import add_shifts, fuse, get_deltas, remove_shifts, set_deltas, set_scales, unfuse
+from .models import default_base, fuse, load_shifts, set_scales, shift_sets_of, unfuse, unload_shifts
+from .spectral import add_shifts, get_deltas, remove_shifts, set_deltas
 
 __all__ = [
     "SvdiffError",
     "__version__",
     "add_shifts",
+    "default_base",
     "fuse",
     "get_deltas",
+    "load_shifts",
     "remove_shifts",
     "set_deltas",
     "set_scales",
+    "shift_sets_of",
     "unfuse",
+    "unload_shifts",
 ]

@@ -119,6 +119,26 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from .io import merge_shift_files, save_shift_file
+
+    if args.interpolate:
+        if len(args.files) != 2 or args.weights:
+            raise SvdiffError("--interpolate takes exactly two files and no --weights")
+        if not 0.0 <= args.alpha <= 1.0:
+            print(f"warning: --alpha {args.alpha} is outside [0, 1]: extrapolating", file=sys.stderr)
+        weights = [args.alpha, 1.0 - args.alpha]
+    else:
+        weights = args.weights or [1.0] * len(args.files)
+    tensors, meta = merge_shift_files(args.files, weights)
+    path = save_shift_file(args.output, tensors, dtype=args.save_dtype, **meta)
+    print(
+        f"wrote {path} ({path.stat().st_size / 1e3:.1f} kB): "
+        + " + ".join(f"{w:g}·{f}" for f, w in zip(args.files, weights, strict=True))
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdiff", description=__doc__.splitlines()[0])
     from . import __version__
@@ -138,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("merge", help="one shift file from several: weighted sum (Eq. 4) or interpolation (Eq. 5)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one per file (default: all 1, a sum)")
+    p.add_argument("--interpolate", action="store_true", help="alpha·A + (1 − alpha)·B")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "--save_dtype",
+        "--save-dtype",
+        default="fp32",
+        choices=["fp16", "fp32", "bf16"],
+        help="fp32 (default) keeps the merge exactly equal to loading its parts",
+    )
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("cache", help="the on-disk cache of SVD factors ($SVDIFF_CACHE)")
     p.add_argument("action", choices=["list", "clear", "build"])

@@ -491,16 +491,22 @@ def load_shifts(
     *,
     name: str = "default",
     scale: float = 1.0,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
     factor_dtype: torch.dtype | None = None,
     cache: bool = True,
     progress: bool = True,
 ) -> ShiftFile:
     """Attach the shifts of a file to the components it was made for, as shift set `name` at `scale`, after
-    checking that they are the base it was trained on."""
+    checking that they are the base it was trained on. `include`/`exclude` regexes (searched in the file's keys,
+    e.g. "unet.down_blocks.2") take only part of the file."""
     shift_file = read_shift_file(path)
     targets = {c: {t.name: t.length for t in find_targets(m)} for c, m in components.items()}
     check_against(shift_file, targets, {c: fingerprint(m) for c, m in components.items()})
     for component, deltas in shift_file.components().items():
+        deltas = {k: v for k, v in deltas.items() if _selected(f"{component}.{k}", include, exclude)}
+        if not deltas:
+            continue
         model = components[component]
         only = ["^(?:" + "|".join(re.escape(k) for k in deltas) + ")$"]
         add_shifts(
@@ -514,3 +520,44 @@ def load_shifts(
         )
         set_deltas(model, deltas, name)
     return shift_file
+
+
+def _selected(key: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    try:
+        keep = not include or any(re.search(p, key) for p in include)
+        return keep and not any(re.search(p, key) for p in exclude or [])
+    except re.error as e:
+        raise SvdiffError(f"bad include/exclude pattern {e.pattern!r}: {e}") from None
+
+
+def merge_shift_files(paths: list[str | os.PathLike], weights: list[float]) -> tuple[dict[str, torch.Tensor], dict]:
+    """δ = Σᵢ wᵢ·δᵢ over the union of the files' layers (a layer a file lacks counts as 0), for files made for
+    one base. Loading the result at scale 1 equals loading the files at scales wᵢ (Eq. 4; Eq. 5 with α, 1 − α).
+    Returns the tensors and the keyword arguments for `save_shift_file`."""
+    if len(paths) != len(weights):
+        raise SvdiffError(f"{len(paths)} files but {len(weights)} weights")
+    files = [read_shift_file(p) for p in paths]
+    first = files[0]
+    for other in files[1:]:
+        shared = {c: fp for c, fp in other.metadata["fingerprint"].items() if c in first.metadata["fingerprint"]}
+        mismatch = fingerprint_mismatch(shared, first.metadata["fingerprint"])
+        if mismatch:
+            raise SvdiffError(f"cannot merge {other.path} with {first.path}: they are for different bases ({mismatch})")
+    merged: dict[str, torch.Tensor] = {}
+    for f, w in zip(files, weights, strict=True):
+        for key, delta in f.tensors.items():
+            term = delta.float() * w
+            if key in merged and merged[key].shape != term.shape:
+                raise SvdiffError(f"cannot merge: {key} has different lengths in the files")
+            merged[key] = merged[key] + term if key in merged else term
+    fingerprint: dict = {}
+    for f in files:
+        fingerprint.update(f.metadata["fingerprint"])
+    presets = {f.metadata["preset"] for f in files}
+    kwargs = {
+        "base_model": first.metadata["base_model"],
+        "fingerprint": {c: fp for c, fp in fingerprint.items() if any(k.startswith(c + ".") for k in merged)},
+        "preset": presets.pop() if len(presets) == 1 else "merged",
+        "extra": {"merged_from": [{"file": str(f.path), "weight": w} for f, w in zip(files, weights, strict=True)]},
+    }
+    return merged, kwargs

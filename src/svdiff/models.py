@@ -133,3 +133,98 @@ def load_components(
     if not out:
         raise SvdiffError(f"{base} has none of the components svdiff shifts ({', '.join(SHIFTED_COMPONENTS)})")
     return out
+
+
+# --- shift sets on pipelines (a bare nn.Module works too) ---
+
+
+def components_of(target) -> dict[str, nn.Module]:
+    """The components of a diffusers pipeline that carry shifts ({"unet": …, "text_encoder": …}); a bare module
+    is its own single component."""
+    if isinstance(target, nn.Module):
+        return {"model": target}
+    parts = getattr(target, "components", None)
+    if not isinstance(parts, dict):
+        raise SvdiffError(f"expected a diffusers pipeline or a torch module, got {type(target).__name__}")
+    return {k: v for k in SHIFTED_COMPONENTS if isinstance(v := parts.get(k), nn.Module)}
+
+
+def load_shifts(
+    target,
+    path: str | Path,
+    adapter_name: str | None = None,
+    scale: float = 1.0,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    factor_dtype: torch.dtype | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> str:
+    """Attach a shift file to a pipeline under `adapter_name` (default: the file's folder name, or its stem when
+    it has its own name) after checking it was made for this base. Several files stay loaded side by side;
+    returns the name used."""
+    from .io import WEIGHTS_NAME
+    from .io import load_shifts as load_into
+
+    path = Path(path)
+    name = adapter_name or (path.parent.name if path.name == WEIGHTS_NAME else path.stem) or "default"
+    components = components_of(target)
+    if name in shift_sets_of(target):
+        raise SvdiffError(f"a shift set named {name!r} is already loaded; pass another adapter_name")
+    load_into(
+        components,
+        path,
+        name=name,
+        scale=scale,
+        include=include,
+        exclude=exclude,
+        factor_dtype=factor_dtype,
+        cache=cache,
+        progress=progress,
+    )
+    return name
+
+
+def shift_sets_of(target) -> dict[str, float]:
+    """{name: scale} of the shift sets loaded on a pipeline or module."""
+    from .spectral import shift_sets
+
+    out: dict[str, float] = {}
+    for model in components_of(target).values():
+        out.update(shift_sets(model))
+    return out
+
+
+def set_scales(target, scales: dict[str, float]) -> None:
+    """Change the scales of loaded shift sets without reloading or refactorizing (scale 0 = the base)."""
+    from .spectral import set_scales as set_on
+
+    unknown = set(scales) - set(shift_sets_of(target))
+    if unknown:
+        raise SvdiffError(f"no shift set named {sorted(unknown)[0]!r} is loaded")
+    for model in components_of(target).values():
+        set_on(model, scales)
+
+
+def unload_shifts(target, adapter_name: str | None = None) -> None:
+    """Remove one shift set (or all): the base weights come back bit for bit once none is left."""
+    from .spectral import remove_shifts
+
+    for model in components_of(target).values():
+        remove_shifts(model, adapter_name)
+
+
+def fuse(target) -> None:
+    """Bake the loaded shifts into the weights (sampling then costs what the base costs)."""
+    from .spectral import fuse as fuse_one
+
+    for model in components_of(target).values():
+        fuse_one(model)
+
+
+def unfuse(target) -> None:
+    from .spectral import unfuse as unfuse_one
+
+    for model in components_of(target).values():
+        unfuse_one(model)

@@ -11,6 +11,7 @@ from .shifts import (
     remove_shifts,
     set_deltas,
     set_scales,
+    shift_sets,
     shifted_modules,
     unfuse,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "remove_shifts",
     "set_deltas",
     "set_scales",
+    "shift_sets",
     "shifted_modules",
     "unfuse",
 ]

@@ -95,12 +95,29 @@ def compute_bases(
     return found  # type: ignore[return-value]
 
 
-def remove_shifts(model: nn.Module) -> None:
-    """Undo `add_shifts`: unfuse, drop every shift and restore each module's own forward."""
+def remove_shifts(model: nn.Module, name: str | None = None) -> None:
+    """Undo `add_shifts`: drop shift set `name` (None: every set). A layer left without sets gets its own forward
+    back and loses its factors, so with all sets gone the module is the original object with the original weight."""
     for module, shift in shifted_modules(model).values():
+        fused = shift.original is not None
         _unfuse_one(module, shift)
-        del module._modules[ATTR]
-        module.__dict__.pop("forward", None)
+        for n in [name] if name is not None else list(shift.deltas):
+            if n in shift.deltas:
+                del shift.deltas[n]
+                shift.scales.pop(n, None)
+        if len(shift.deltas) == 0:
+            del module._modules[ATTR]
+            module.__dict__.pop("forward", None)
+        elif fused:
+            _fuse_one(module, shift)
+
+
+def shift_sets(model: nn.Module) -> dict[str, float]:
+    """{name: scale} of the shift sets attached to `model`."""
+    out: dict[str, float] = {}
+    for _, shift in shifted_modules(model).values():
+        out.update(shift.scales)
+    return out
 
 
 def set_scales(model: nn.Module, scales: dict[str, float]) -> None:
