@@ -139,6 +139,28 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_lora
+
+    report = export_lora(args.file, args.output, fmt=args.format, rank=args.rank, energy=args.energy, base=args.base)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    ranks = list(report["ranks"].values())
+    print(
+        f"wrote {report['output']} ({report['bytes'] / 1e6:.2f} MB, {args.format}): {report['layers']} layers, "
+        f"ranks {min(ranks)}–{max(ranks)}, relative error {report['relative_error']:.4f}"
+    )
+    for key, err in report["worst_layers"].items():
+        print(f"  {err:.4f}  {key}")
+    if report["not_carried"]:
+        print(
+            f"not carried (LoRA has no place for them): {len(report['not_carried'])} layers "
+            f"(1-D norm shifts, embeddings), e.g. {report['not_carried'][0]}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdiff", description=__doc__.splitlines()[0])
     from . import __version__
@@ -173,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp32 (default) keeps the merge exactly equal to loading its parts",
     )
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="a shift file as a LoRA (diffusers or kohya keys), exact at full rank")
+    p.add_argument("file")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"])
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rank", type=int, help="at most this rank per layer (largest |d| kept)")
+    group.add_argument("--energy", type=float, help="per layer, the fewest directions keeping this share of ‖ΔW‖²")
+    p.add_argument("-o", "--output", required=True)
+    _base_flag(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("cache", help="the on-disk cache of SVD factors ($SVDIFF_CACHE)")
     p.add_argument("action", choices=["list", "clear", "build"])
