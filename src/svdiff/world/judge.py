@@ -36,32 +36,37 @@ class Judge(nn.Module):
         super().__init__()
         w = width
 
-        def conv(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        def conv(cin, cout, dilation=1):
+            return [nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation), nn.BatchNorm2d(cout), nn.ReLU()]
 
         def block(cin, cout):
             return [*conv(cin, cout), *conv(cout, cout), nn.MaxPool2d(2)]
 
-        # One convolution at full resolution (enough to see 2-pixel stripes), two per level below it.
+        # One convolution at full resolution (enough to see 2-pixel stripes), two per level below it, then two
+        # at 8×8 (one dilated) so each cell sees a whole large object and its surroundings.
         self.features = nn.Sequential(
-            *conv(3, w), nn.MaxPool2d(2), *block(w, 2 * w), *block(2 * w, 4 * w), *block(4 * w, 4 * w)
+            *conv(3, w), nn.MaxPool2d(2), *block(w, 2 * w), *block(2 * w, 4 * w),
+            *conv(4 * w, 4 * w, dilation=2), *conv(4 * w, 4 * w),
         )
-        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 256), nn.ReLU())
-        n = len(SLOTS)
-        # Per slot: "no object" plus every shape; the color and pattern of whatever stands there.
-        self.shape = nn.Linear(256, n * (len(SHAPES) + 1))
-        self.color = nn.Linear(256, n * len(COLOR_NAMES))
-        self.pattern = nn.Linear(256, n * len(PATTERNS))
+        # Every place is read by the same head from the features under its anchor, so a shape learned on the
+        # left is known on the right too.
+        self.head = nn.Sequential(nn.Linear(4 * w, 128), nn.ReLU())
+        self.shape = nn.Linear(128, len(SHAPES) + 1)  # "no object" plus every shape
+        self.color = nn.Linear(128, len(COLOR_NAMES))
+        self.pattern = nn.Linear(128, len(PATTERNS))
         self.embed = nn.Sequential(nn.Linear(4 * w, 128), nn.ReLU(), nn.Linear(128, EMBED_DIM))
+        anchors = torch.tensor([POSITIONS[s] for s in SLOTS], dtype=torch.float32) / 64 * 2 - 1
+        self.register_buffer("anchors", anchors.view(1, 1, len(SLOTS), 2), persistent=False)
 
     def forward(self, x: torch.Tensor) -> dict:
         f = self.features(x)
-        h = self.trunk(f)
-        n = len(SLOTS)
+        grid = self.anchors.expand(len(x), -1, -1, -1)
+        at = F.grid_sample(f, grid, align_corners=False).squeeze(2).transpose(1, 2)  # (batch, slot, channel)
+        h = self.head(at)
         return {
-            "shape": self.shape(h).view(-1, n, len(SHAPES) + 1),
-            "color": self.color(h).view(-1, n, len(COLOR_NAMES)),
-            "pattern": self.pattern(h).view(-1, n, len(PATTERNS)),
+            "shape": self.shape(h),
+            "color": self.color(h),
+            "pattern": self.pattern(h),
             # Pooled, so the embedding does not depend on where the subject stands.
             "embedding": F.normalize(self.embed(f.amax(dim=(2, 3))), dim=-1),
         }
