@@ -213,12 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_flags(p)
     p.set_defaults(func=cmd_cache)
 
-    try:
-        from .world.commands import add_parser as add_world
-    except ImportError:  # the world package is optional while it is being built
-        add_world = None
-    if add_world is not None:
-        add_world(sub)
+    from .world.commands import add_parser as add_world
+
+    add_world(sub)
     return parser
 
 
