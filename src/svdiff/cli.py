@@ -162,7 +162,9 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svdiff", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="svdiff", description="Personalize diffusion models by training only the singular values of their weights."
+    )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"svdiff {__version__}")
