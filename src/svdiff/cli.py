@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 from .errors import SvdiffError
 
@@ -139,6 +140,54 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .sample import apply_shifts, load_pipeline, parse_shift_arg, sample
+    from .world.pictures import grid
+
+    if args.interpolate and not 0.0 <= args.alpha <= 1.0:
+        print(f"warning: --alpha {args.alpha} is outside [0, 1]: extrapolating", file=sys.stderr)
+    if args.alpha != 0.5 and not args.interpolate:
+        raise SvdiffError("--alpha needs --interpolate A B")
+    style = None
+    if args.style_mix:
+        style = dict(item.partition("=")[::2] for item in args.style_mix)
+    shifts = [parse_shift_arg(s) for s in args.shifts]
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise SvdiffError(f"--output must be a .png file, not {out}")
+    from .io import read_shift_file
+
+    for path in [p for p, _ in shifts] + list(args.interpolate or []) + list((style or {}).values()):
+        read_shift_file(path)  # a bad file fails here, before minutes of loading
+    pipe = load_pipeline(args.base, scheduler=args.scheduler)
+    loaded = apply_shifts(pipe, shifts, args.interpolate, args.alpha, style)
+    rows = []
+    for prompt in args.prompt:
+        rows.append(
+            sample(
+                pipe,
+                prompt,
+                num_images=args.num_images,
+                seed=args.seed,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                negative_prompt=args.negative_prompt,
+                eta=args.eta,
+            )
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = [im for row in rows for im in row]
+    scale = max(1, 256 // images[0].width)
+    grid(images, cols=args.num_images, scale=scale, labels=args.prompt).save(out)
+    for p, row in enumerate(rows):
+        for i, im in enumerate(row):
+            im.save(out.with_name(f"{out.stem}-{p}-{i}.png"))
+    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"loaded_shifts": loaded}
+    out.with_suffix(".json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    print(f"wrote {out} ({len(images)} images) and {out.with_suffix('.json')}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_lora
 
@@ -197,6 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp32 (default) keeps the merge exactly equal to loading its parts",
     )
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="sample images with shift files (scaled, added, interpolated, style-mixed)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several rows")
+    p.add_argument("--shifts", action="append", default=[], metavar="FILE[:SCALE]", help="repeat to add subjects")
+    p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None, help="alpha·A + (1 − alpha)·B")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--style_mix", "--style-mix", nargs=2, metavar=("geometry=A", "appearance=B"), default=None)
+    p.add_argument("--num_images", "--num-images", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=25)
+    p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=7.5)
+    p.add_argument("--negative_prompt", "--negative-prompt", default=None)
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--output", default="grid.png")
+    _base_flag(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="a shift file as a LoRA (diffusers or kohya keys), exact at full rank")
     p.add_argument("file")

@@ -1,0 +1,120 @@
+"""Sampling: a diffusers pipeline for a base (the embedded one by default), deterministic images per seed, and the
+shift combinations `svdiff generate` offers (several files with scales, interpolation, style mixing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import SvdiffError
+from .models import load_shifts, resolve_base
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm_solver++": "DPMSolverMultistepScheduler",
+}
+
+# Style mixing after Extended Textual Inversion (P+): the coarse cross-attention layers, "(16, down, 1)" to
+# "(8, mid)" in its (resolution, direction, index) naming at SD's 64×64 latents, carry a subject's geometry; every
+# other layer carries its appearance. In diffusers' SD 1.x/2.x UNet these are down_blocks.2.attentions.1 (16×16)
+# and mid_block.attentions.0 (8×8).
+STYLE_GROUPS = {"geometry": [r"^unet\.(down_blocks\.2\.attentions\.1|mid_block\.attentions\.0)\."]}
+
+
+def load_pipeline(base=None, *, scheduler: str = "ddim", dtype=None, device=None, revision=None, variant=None):
+    """A text-to-image pipeline for `base` (None: the embedded tiny one), with the named scheduler."""
+    import diffusers
+
+    if scheduler not in SCHEDULERS:
+        raise SvdiffError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    base = resolve_base(base)
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            str(base), torch_dtype=dtype, revision=revision, variant=variant, safety_checker=None
+        )
+    except Exception as e:  # a missing folder, a hub id offline, a broken checkpoint: one line
+        raise SvdiffError(f"cannot load pipeline {base}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def sample(
+    pipe,
+    prompt: str,
+    *,
+    num_images: int = 4,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | None = None,
+    eta: float = 0.0,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list:
+    """`num_images` images of `prompt`; image i always comes from seed + i, whatever the batch size."""
+    if not prompt.strip():
+        raise SvdiffError("the prompt is empty")
+    images = []
+    for start in tqdm(range(0, num_images, batch_size), desc="sampling", disable=not progress):
+        n = min(batch_size, num_images - start)
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
+        images += pipe(
+            [prompt] * n,
+            negative_prompt=[negative_prompt] * n if negative_prompt else None,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            height=height,
+            width=width,
+            eta=eta,  # used by DDIM (η > 0 adds noise), ignored by schedulers without it
+        ).images
+    return images
+
+
+def parse_shift_arg(text: str) -> tuple[Path, float]:
+    """FILE or FILE:SCALE."""
+    path, sep, scale = text.rpartition(":")
+    if not sep:
+        return Path(text), 1.0
+    try:
+        return Path(path), float(scale)
+    except ValueError:
+        raise SvdiffError(f"--shifts {text!r}: the scale after ':' is not a number") from None
+
+
+def apply_shifts(pipe, shifts=(), interpolate=None, alpha: float = 0.5, style_mix=None, cache: bool = True) -> dict:
+    """Load the requested shift files onto `pipe`, then fuse them; returns {name: scale} of what was loaded.
+
+    shifts: [(file, scale)]; interpolate: (A, B) at alpha·A + (1 − alpha)·B (Eq. 5); style_mix: {"geometry": A,
+    "appearance": B} takes the geometry layers from A and all others from B."""
+    from .models import fuse
+
+    loaded = {}
+
+    def load(path, scale, **kw):
+        name = f"{len(loaded)}:{Path(path).parent.name if Path(path).stem == 'svdiff_weights' else Path(path).stem}"
+        loaded[load_shifts(pipe, path, name, scale, cache=cache, progress=False, **kw)] = scale
+
+    for path, scale in shifts:
+        load(path, scale)
+    if interpolate:
+        a, b = interpolate
+        load(a, alpha)
+        load(b, 1.0 - alpha)
+    if style_mix:
+        unknown = set(style_mix) - {"geometry", "appearance"}
+        if unknown or len(style_mix) != 2:
+            raise SvdiffError("--style_mix takes geometry=FILE appearance=FILE")
+        load(style_mix["geometry"], 1.0, include=STYLE_GROUPS["geometry"])
+        load(style_mix["appearance"], 1.0, exclude=STYLE_GROUPS["geometry"])
+    fuse(pipe)
+    return loaded

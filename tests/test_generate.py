@@ -1,0 +1,131 @@
+"""`svdiff generate` on a small diffusers pipeline folder saved here: files written, determinism, scale 0 = base,
+shifts change the images, and each bad input ends in one error line."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import svdiff
+from svdiff.cli import main
+from svdiff.io import save_shifts
+from svdiff.models import load_components
+from svdiff.world.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(root / "tok", max_length=8)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root / "base")
+    components = load_components(root / "base")
+    g = torch.Generator().manual_seed(1)
+    for model in components.values():
+        for p in svdiff.add_shifts(model, cache=False, progress=False).values():
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    save_shifts(root / "subject", components, base_model=str(root / "base"), preset="all")
+    return root
+
+
+def _generate(folder, out, *extra):
+    args = [
+        "generate",
+        "--base",
+        str(folder / "base"),
+        "--prompt",
+        "a photo of a red circle",
+        "--num_images",
+        "2",
+        "--num_inference_steps",
+        "2",
+        "--guidance_scale",
+        "2",
+        "--output",
+        str(out),
+        *extra,
+    ]
+    assert main(args) == 0
+    return [Image.open(out.with_name(f"{out.stem}-0-{i}.png")).tobytes() for i in range(2)]
+
+
+def test_generate_writes_grid_singles_and_settings(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("SVDIFF_CACHE", str(tmp_path / "cache"))
+    base = _generate(folder, tmp_path / "a" / "grid.png")
+    assert (tmp_path / "a" / "grid.png").is_file()
+    settings = json.loads((tmp_path / "a" / "grid.json").read_text())
+    assert settings["seed"] == 0 and settings["loaded_shifts"] == {}
+    assert _generate(folder, tmp_path / "b.png") == base  # deterministic per seed
+    shifts = str(folder / "subject" / "svdiff_weights.safetensors")
+    assert _generate(folder, tmp_path / "zero.png", "--shifts", shifts + ":0") == base  # scale 0 = the base
+    shifted = _generate(folder, tmp_path / "one.png", "--shifts", shifts)
+    assert shifted != base
+    assert _generate(folder, tmp_path / "interp.png", "--interpolate", shifts, shifts, "--alpha", "0.3") == shifted
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--shifts", "x.safetensors:big"], "not a number"),
+        (["--shifts", "missing.safetensors"], "missing.safetensors"),
+        (["--alpha", "0.2"], "--alpha needs --interpolate"),
+        (["--scheduler", "nope"], "unknown scheduler"),
+        (["--output", "grid.jpg"], "must be a .png"),
+    ],
+)
+def test_generate_bad_input(folder, tmp_path, capsys, extra, message):
+    args = [
+        "generate",
+        "--base",
+        str(folder / "base"),
+        "--prompt",
+        "a red circle",
+        "--num_inference_steps",
+        "1",
+        "--output",
+        str(tmp_path / "g.png"),
+        *extra,
+    ]
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
