@@ -134,3 +134,13 @@ def test_merge_refuses_other_bases_and_bad_flags(tmp_path, files, capsys):
     out = tmp_path / "x.safetensors"
     assert main(["merge", str(files[0]), str(files[1]), "--interpolate", "--alpha", "1.5", "-o", str(out)]) == 0
     assert "outside [0, 1]" in capsys.readouterr().err
+
+
+def test_inspect_plot(files, tmp_path, capsys):
+    out = tmp_path / "blocks.png"
+    assert main(["inspect", str(files[0]), "--plot", str(out)]) == 0
+    from PIL import Image
+
+    image = Image.open(out)
+    assert image.width > 400 and image.height > 30
+    assert "wrote" in capsys.readouterr().out

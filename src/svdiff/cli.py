@@ -90,10 +90,13 @@ def cmd_targets(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .io import format_summary, read_shift_file, summarize
+    from .io import format_summary, plot_blocks, read_shift_file, summarize
 
-    summary = summarize(read_shift_file(args.file), top=args.top)
+    shift_file = read_shift_file(args.file)
+    summary = summarize(shift_file, top=args.top)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if args.plot:
+        print(f"wrote {plot_blocks(shift_file, args.plot)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -230,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="PNG", default=None, help="also draw |δ| per block into this PNG")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("merge", help="one shift file from several: weighted sum (Eq. 4) or interpolation (Eq. 5)")

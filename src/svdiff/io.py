@@ -561,3 +561,41 @@ def merge_shift_files(paths: list[str | os.PathLike], weights: list[float]) -> t
         "extra": {"merged_from": [{"file": str(f.path), "weight": w} for f, w in zip(files, weights, strict=True)]},
     }
     return merged, kwargs
+
+
+def block_of(key: str) -> str:
+    """The block a layer belongs to, for plots: unet.down_blocks.1…, unet.mid_block…, text_encoder…layers.3…"""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:2])
+
+
+def plot_blocks(shift_file: ShiftFile, path: str | os.PathLike) -> Path:
+    """A PNG bar chart of the RMS of δ per block (1-D norm shifts left out: they live on another scale)."""
+    from PIL import Image, ImageDraw
+
+    sums: dict[str, list[float]] = {}
+    for key, delta in shift_file.tensors.items():
+        if "norm" in key:
+            continue
+        acc = sums.setdefault(block_of(key), [0.0, 0])
+        acc[0] += float(delta.double().square().sum())
+        acc[1] += delta.numel()
+    if not sums:
+        raise ShiftFileError(f"{shift_file.path}: no matrix shifts to plot")
+    rms = {block: (s / n) ** 0.5 for block, (s, n) in sums.items()}
+    top = max(rms.values()) or 1.0
+    label_w, bar_w, row = 300, 400, 16
+    image = Image.new("RGB", (label_w + bar_w + 90, row * len(rms) + 30), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), f"RMS of delta per block: {shift_file.path}", fill="black")
+    for i, (block, value) in enumerate(rms.items()):
+        y = 24 + i * row
+        draw.text((4, y), block[-46:], fill="black")
+        draw.rectangle([label_w, y + 2, label_w + int(bar_w * value / top), y + row - 3], fill=(70, 110, 200))
+        draw.text((label_w + bar_w + 6, y), f"{value:.2e}", fill="black")
+    out = Path(path)
+    image.save(out)
+    return out
