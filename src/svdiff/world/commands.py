@@ -108,9 +108,11 @@ def run_subjects(args) -> int:
 
 
 def run_judge(args) -> int:
+    import torch
+
     from . import default_judge
     from .evaluate import parse_prompt, score, similarity
-    from .judge import load
+    from .judge import load, read
 
     if not parse_prompt(args.prompt):
         raise SvdiffError(f"the prompt names no shape of the world: {args.prompt!r}")
@@ -119,10 +121,7 @@ def run_judge(args) -> int:
     results = score(model, open_images(files), args.prompt)
     refs = None
     if args.reference is not None:
-        ref_scores = score(model, open_images(image_files([args.reference])), args.prompt)
-        import torch
-
-        refs = torch.stack([r["embedding"] for r in ref_scores])
+        refs = torch.stack([r["embedding"] for r in read(model, open_images(image_files([args.reference])))])
     report = {"prompt": args.prompt, "images": []}
     for f, r in zip(files, results, strict=True):
         entry = {
@@ -151,7 +150,7 @@ def run_report(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Runs `world` on its own (python -m svdiff.world.commands …), for use before the main CLI wires it in."""
+    """The `world` commands alone, raising SvdiffError instead of printing it (what the tests call)."""
     parser = argparse.ArgumentParser(prog="svdiff")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
