@@ -60,10 +60,11 @@ def lora_layers(
                 continue
             d = d.float()
             idx = _keep(d, rank, energy)
-            kept = float((d[idx] ** 2).sum())
-            full = float((d**2).sum())
-            errors[key] = math.sqrt(max(full - kept, 0.0) / full) if full > 0 else 0.0
-            total[0] += full - kept
+            rest = torch.ones_like(d, dtype=torch.bool)
+            rest[idx] = False
+            lost, full = float((d[rest].double() ** 2).sum()), float((d.double() ** 2).sum())
+            errors[key] = math.sqrt(lost / full) if full > 0 else 0.0
+            total[0] += lost
             total[1] += full
             down = shift.Vh[idx].float()
             up = shift.U[:, idx].float() * d[idx]
@@ -76,7 +77,7 @@ def lora_layers(
         raise SvdiffError("no shifted linear or conv layer to export (are shifts loaded, with a non-zero scale?)")
     report = {
         "layers": len(layers),
-        "relative_error": math.sqrt(max(total[0], 0.0) / total[1]) if total[1] > 0 else 0.0,
+        "relative_error": math.sqrt(total[0] / total[1]) if total[1] > 0 else 0.0,
         "worst_layers": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
         "ranks": {k: v["down"].shape[0] for k, v in layers.items()},
         "not_carried": dropped,

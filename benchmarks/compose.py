@@ -1,0 +1,111 @@
+"""Using a shift file: sampling time of the fused pipeline vs the base (same seeds, side by side), the time to load and
+fuse the file, and the LoRA export's error as the rank grows (JSON, plus a PNG of the curve).
+
+    python benchmarks/compose.py --shifts subject/svdiff_weights.safetensors [--base DIR] [--out-dir runs/compose]
+
+Without --shifts, a file of random shifts (σ-relative scale 0.05) for the base is made first and the JSON says so.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+import svdiff
+from svdiff.export import lora_layers
+from svdiff.io import save_shifts
+from svdiff.models import base_name, components_of, load_components
+from svdiff.sample import load_pipeline, sample
+
+from common import emit, machine
+
+
+def random_shift_file(base, folder: Path) -> Path:
+    components = load_components(base)
+    g = torch.Generator().manual_seed(0)
+    for model in components.values():
+        for p in svdiff.add_shifts(model, cache=False, progress=False).values():
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return save_shifts(folder, components, base_model=base_name(base), preset="all")
+
+
+def sampling_seconds(pipe, args) -> float:
+    times = []
+    sample(pipe, "a photo of a red circle", num_images=1, num_inference_steps=2, progress=False)  # warm-up
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        sample(
+            pipe,
+            "a photo of a red circle",
+            num_images=args.num_images,
+            num_inference_steps=args.steps,
+            batch_size=args.num_images,
+            progress=False,
+        )
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def curve_png(points: list[tuple[int, float]], path: Path) -> None:
+    w, h, pad = 480, 280, 40
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    top = max(r for r, _ in points)
+    xy = [(pad + (w - 2 * pad) * r / top, h - pad - (h - 2 * pad) * e) for r, e in points]
+    draw.line([(pad, h - pad), (w - pad, h - pad)], fill="black")
+    draw.line([(pad, pad), (pad, h - pad)], fill="black")
+    draw.line(xy, fill=(70, 110, 200), width=2)
+    for (r, e), (x, y) in zip(points, xy, strict=True):
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(70, 110, 200))
+        draw.text((x + 4, y - 12), f"r{r}: {e:.3f}", fill="black")
+    draw.text((pad, 8), "LoRA export: relative Frobenius error vs max rank per layer", fill="black")
+    image.save(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default=None)
+    ap.add_argument("--shifts", default=None)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--num_images", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out-dir", default="runs/compose")
+    args = ap.parse_args()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shifts = Path(args.shifts) if args.shifts else random_shift_file(args.base, Path(tmp))
+        pipe = load_pipeline(args.base, device="cpu")
+        base_seconds = sampling_seconds(pipe, args)
+        start = time.perf_counter()
+        svdiff.load_shifts(pipe, shifts, progress=False)
+        svdiff.fuse(pipe)
+        load_fuse = time.perf_counter() - start
+        fused_seconds = sampling_seconds(pipe, args)
+        svdiff.unfuse(pipe)
+        comps = components_of(pipe)
+        curve = []
+        for rank in (1, 2, 4, 8, 16, 32, 64, 128, 1024):
+            curve.append((rank, lora_layers(comps, rank=rank)[1]["relative_error"]))
+    curve_png(curve, out_dir / "export_error.png")
+    emit(
+        {
+            "benchmark": "compose",
+            "shifts": str(args.shifts) if args.shifts else "random shifts (0.05), not a trained subject",
+            "sampling_seconds": {"base": base_seconds, "fused": fused_seconds},
+            "fused_over_base": fused_seconds / base_seconds,
+            "load_and_fuse_seconds": load_fuse,
+            "export_relative_error_by_rank": dict(curve),
+            "machine": machine("cpu"),
+        },
+        str(out_dir / "compose.json"),
+    )
+
+
+if __name__ == "__main__":
+    main()
