@@ -6,11 +6,11 @@ matrix products and a small symmetric eigenproblem instead of a bidiagonalizatio
 stacked and done in one batched call, on whatever device the weights live on.
 
 Squaring A squares its condition number κ = σ₁/σᵢ, so the recovered vectors lose orthogonality as ε·κ². Hence
-three tiers, each result checked before it is accepted: float32 (enough for well-conditioned matrices), then
-float64 for the matrices float32 could not do (good down to σᵢ/σ₁ ≈ 1e-5), then a full float64 SVD for the rest
+three tiers, each result checked (reconstruction and orthogonality errors, see `factor_errors`) before it is
+accepted: float32 for well-conditioned matrices, kept only when as accurate as a float32 LAPACK SVD would be;
+float64 for the matrices float32 could not do (good down to σᵢ/σ₁ ≈ 1e-5); a full float64 SVD for the rest
 (rank-deficient or nearly so). On a CPU, near-square matrices gain nothing from the Gram route and go straight to
-a float32 SVD. A Gram result is accepted when its relative reconstruction error and the orthogonality
-error of its vectors are both below TOLERANCE.
+a float32 SVD.
 
 Singular values come out sorted descending and each pair of singular vectors gets a deterministic sign
 (largest-magnitude entry of u positive), so a shift file means the same thing on every machine.
@@ -22,10 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-TOLERANCE = 1e-5  # relative reconstruction / orthogonality error a Gram result must meet
+TOLERANCE = 1e-5  # relative reconstruction / orthogonality error a float64 Gram result must meet
+# A float32 Gram result is kept only if it is as accurate as a float32 LAPACK SVD of the same matrix, whose errors
+# grow like ε₃₂·√(long side): (3e-8·√l, about the better end of what LAPACK reaches).
+FLOAT32_TOLERANCE = 3e-8
 # On a CPU, LAPACK's SVD of a near-square matrix (long side < GRAM_ASPECT × short side) is as fast as the Gram
 # route, which then gains nothing; GPU SVDs are slow at every shape while float64 products and eigh are fast.
 GRAM_ASPECT = 2
+# Below this aspect ratio the float32 Gram route rarely meets FLOAT32_TOLERANCE (κ² of a random matrix of aspect
+# a is ((√a + 1)/(√a − 1))⁴), so such matrices start in float64.
+FLOAT32_ASPECT = 5
 PROBES = 8  # random vectors used to estimate the errors (E‖R·x‖² = ‖R‖²_F for Gaussian x)
 # Matrix elements per batched call. A CPU gains nothing from batching big matrices (and loses cache locality);
 # a GPU gains from filling the device.
@@ -72,15 +78,18 @@ def _decompose_batch(mats: list[torch.Tensor]) -> list[SpectralBasis]:
         u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
         u, vh = _fix_signs(u, vh)
         return [SpectralBasis(u[k].contiguous(), sigma[k], vh[k].contiguous()) for k in range(len(mats))]
-    u, sigma, vh = _gram_svd(a)
-    bad = (factor_errors(a, u, sigma, vh) > TOLERANCE).nonzero().flatten()
-    if len(bad):
-        a64 = a[bad].double()
+    long, short = max(a.shape[1:]), min(a.shape[1:])
+    u, sigma, vh = _empty_like_factors(a)
+    todo = torch.arange(len(a), device=a.device)  # matrices still without an accepted result
+    if long >= FLOAT32_ASPECT * short:
+        u, sigma, vh = _gram_svd(a)
+        todo = (factor_errors(a, u, sigma, vh) > FLOAT32_TOLERANCE * long**0.5).nonzero().flatten()
+    if len(todo):
+        a64 = a[todo].double()
         u64, sigma64, vh64 = _gram_svd(a64)
-        worse = (factor_errors(a64, u64, sigma64, vh64) > TOLERANCE).nonzero().flatten().tolist()
-        for j in worse:
+        for j in (factor_errors(a64, u64, sigma64, vh64) > TOLERANCE).nonzero().flatten().tolist():
             u64[j], sigma64[j], vh64[j] = torch.linalg.svd(a64[j], full_matrices=False)
-        u[bad], sigma[bad], vh[bad] = u64.float(), sigma64.float(), vh64.float()
+        u[todo], sigma[todo], vh[todo] = u64.float(), sigma64.float(), vh64.float()
     u, vh = _fix_signs(u, vh)
     return [SpectralBasis(u[k].contiguous(), sigma[k], vh[k].contiguous()) for k in range(len(mats))]
 
@@ -124,6 +133,12 @@ def _fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.T
     sign = torch.sign(u.gather(1, peak))
     sign[sign == 0] = 1
     return u * sign, vh * sign.transpose(1, 2)
+
+
+def _empty_like_factors(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, m, n = a.shape
+    r = min(m, n)
+    return a.new_empty(b, m, r), a.new_empty(b, r), a.new_empty(b, r, n)
 
 
 def _empty_basis(m: torch.Tensor) -> SpectralBasis:
