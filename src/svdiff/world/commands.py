@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", default=None, help="class of every subject (default: random)")
     p.add_argument("--identifier", default="sks")
-    p.add_argument("--examples", action="store_true", help="write the shipped example set instead")
+    p.add_argument("--examples", action="store_true", help="write the shipped example set (and its contact sheet)")
     p.set_defaults(func=run_subjects)
 
     p = sub.add_parser("judge", help="which of the prompt's words each image shows, as JSON")
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="fewer samples: a rough figure in a minute")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=5.0)
-    p.add_argument("--pictures", type=Path, default=None, help="also write base_samples.png and subjects.png here")
+    p.add_argument("--pictures", type=Path, default=None, help="also write base_samples.png here")
     p.set_defaults(func=run_report)
 
 
@@ -93,8 +93,11 @@ def run_subjects(args) -> int:
     from .subjects import random_subject, write_examples, write_subject_folder
 
     if args.examples:
+        from .quality import subject_sheet
+
         for folder in write_examples(args.out, args.views):
             print(folder)
+        subject_sheet(args.out / "subjects.png", args.out)
         return 0
     if args.shape is not None and args.shape not in SHAPES:
         raise SvdiffError(f"unknown shape {args.shape!r}; choose one of {', '.join(SHAPES)}")
@@ -140,11 +143,12 @@ def run_judge(args) -> int:
 
 
 def run_report(args) -> int:
-    from .quality import measure, pictures
+    from .quality import base_sheet, measure
 
     if args.pictures is not None:
-        for path in pictures(args.pictures, guidance_scale=args.guidance_scale):
-            print(f"wrote {path}")
+        args.pictures.mkdir(parents=True, exist_ok=True)
+        base_sheet(args.pictures / "base_samples.png", guidance_scale=args.guidance_scale)
+        print(f"wrote {args.pictures / 'base_samples.png'}")
     print(json.dumps(measure(quick=args.quick, seed=args.seed, guidance_scale=args.guidance_scale), indent=2))
     return 0
 

@@ -131,7 +131,7 @@ def train_batch(rng: random.Random, batch_size: int):
         images.append(degrade(image, rng))
         for k, v in targets(truth).items():
             labels[k].append(v)
-    pairs = [pair_views(rng) for _ in range(batch_size // 2)]
+    pairs = [pair_views(rng) for _ in range(batch_size // 4)]
     views_a = [degrade(a, rng) for a, _ in pairs]
     views_b = [degrade(b, rng) for _, b in pairs]
     return to_input(images), {k: torch.tensor(v) for k, v in labels.items()}, to_input(views_a), to_input(views_b)
@@ -229,9 +229,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the shapes-world judge.")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="processes rendering batches")
     p.add_argument("--device", default="cpu")

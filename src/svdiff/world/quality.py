@@ -178,28 +178,31 @@ SHOWCASE_PROMPTS = (
 )
 
 
-def pictures(out_dir, guidance_scale: float = 5.0, per_prompt: int = 6) -> list:
-    """Writes base_samples.png (a row per showcase prompt) and subjects.png (a row per example subject)."""
-    from pathlib import Path
-
+def base_sheet(path, guidance_scale: float = 5.0, per_prompt: int = 6) -> None:
+    """A row of base-model samples per showcase prompt, seeds 0…per_prompt-1 in one batch."""
     from diffusers import DiffusionPipeline
-    from PIL import Image
 
     from . import default_base
     from .pictures import grid
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     pipe = DiffusionPipeline.from_pretrained(default_base())
     pipe.set_progress_bar_config(disable=True)
     images = []
     for prompt in tqdm(SHOWCASE_PROMPTS, desc="showcase"):
         images += pipe([prompt] * per_prompt, num_inference_steps=25, guidance_scale=guidance_scale, height=64,
                        width=64, generator=torch.Generator().manual_seed(0)).images
-    grid(images, cols=per_prompt, labels=list(SHOWCASE_PROMPTS)).save(out_dir / "base_samples.png")
-    examples = Path(__file__).resolve().parents[3] / "examples" / "subjects"
-    folders = sorted(p for p in examples.iterdir() if p.is_dir())
-    views = [Image.open(f) for folder in folders for f in sorted(folder.glob("*.png"))[:4]]
+    grid(images, cols=per_prompt, labels=list(SHOWCASE_PROMPTS)).save(path)
+
+
+def subject_sheet(path, examples_dir) -> None:
+    """A row per example subject folder: its views, labelled with its instance prompt."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .pictures import grid
+
+    folders = sorted(p for p in Path(examples_dir).iterdir() if p.is_dir())
+    views = [Image.open(f).convert("RGB") for folder in folders for f in sorted(folder.glob("*.png"))[:4]]
     labels = [f"{p.name}: " + json.loads((p / "subject.json").read_text())["instance_prompt"] for p in folders]
-    grid(views, cols=4, labels=labels).save(out_dir / "subjects.png")
-    return [out_dir / "base_samples.png", out_dir / "subjects.png"]
+    grid(views, cols=4, labels=labels).save(path)
