@@ -177,3 +177,11 @@ def test_cache_entry_for_other_values_is_rejected(cache):
     assert cache.get(entry.stem, mat) is None
     (again,) = compute_bases([mat], cache=cache, progress=False)
     assert torch.equal(again.S, good.S)
+
+
+def test_zero_matrix_cache_entry_is_kept(cache):
+    zero = torch.zeros(6, 20)
+    compute_bases([zero], cache=cache, progress=False)
+    (entry,) = cache.entries()
+    assert cache.get(entry.stem, zero) is not None
+    assert entry.exists()

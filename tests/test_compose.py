@@ -144,3 +144,16 @@ def test_inspect_plot(files, tmp_path, capsys):
     image = Image.open(out)
     assert image.width > 400 and image.height > 30
     assert "wrote" in capsys.readouterr().out
+
+
+def test_bare_module_takes_the_files_single_component(tmp_path):
+    pipe = _pipe()
+    svdiff.add_shifts(pipe.components["unet"], cache=False, progress=False)
+    path = save_shifts(tmp_path / "u", {"unet": pipe.components["unet"]}, base_model="tiny", preset="all")
+    unet = _pipe().components["unet"]
+    assert svdiff.load_shifts(unet, path, cache=False, progress=False) == "u"
+
+
+def test_inspect_plot_needs_png(files, tmp_path, capsys):
+    assert main(["inspect", str(files[0]), "--plot", str(tmp_path / "x.jpg")]) == 2
+    assert "must name a .png" in capsys.readouterr().err

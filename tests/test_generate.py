@@ -111,6 +111,8 @@ def test_generate_writes_grid_singles_and_settings(folder, tmp_path, monkeypatch
         (["--alpha", "0.2"], "--alpha needs --interpolate"),
         (["--scheduler", "nope"], "unknown scheduler"),
         (["--output", "grid.jpg"], "must be a .png"),
+        (["--num_images", "0"], "at least 1"),
+        (["--style_mix", "a.safetensors", "b.safetensors"], "geometry=FILE appearance=FILE"),
     ],
 )
 def test_generate_bad_input(folder, tmp_path, capsys, extra, message):

@@ -371,3 +371,52 @@ def test_engine_tiers_stay_accurate(case):
     torch.testing.assert_close((b.U * b.S) @ b.Vh, mat, rtol=0, atol=1e-5)
     torch.testing.assert_close(b.U.T @ b.U, torch.eye(b.rank), rtol=0, atol=1e-5)
     torch.testing.assert_close(b.Vh @ b.Vh.T, torch.eye(b.rank), rtol=0, atol=1e-5)
+
+
+def test_fused_model_refuses_changes_and_training():
+    layer = nn.Linear(6, 6)
+    params = svdiff.add_shifts(layer, cache=False, progress=False)
+    _randomize(params)
+    svdiff.fuse(layer)
+    with pytest.raises(svdiff.SvdiffError, match="unfuse"):
+        svdiff.add_shifts(layer, name="b", cache=False, progress=False)
+    with pytest.raises(svdiff.SvdiffError, match="unfuse"):
+        svdiff.set_deltas(layer, {"weight": torch.zeros(6)})
+    with pytest.raises(svdiff.SvdiffError, match="unfuse"):
+        layer(torch.randn(2, 6))  # δ requires grad and grad is on: training a fused model would be silent
+    with torch.no_grad():
+        layer(torch.randn(2, 6))
+
+
+def test_half_keeps_sigma_and_delta_in_float32():
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 24)
+    params = svdiff.add_shifts(layer, cache=False, progress=False)
+    _randomize(params, std=2e-3)
+    d32 = layer.spectral_shift.d().detach().clone()
+    layer.half()
+    assert layer.weight.dtype == torch.float16
+    assert layer.spectral_shift.S.dtype == torch.float32 and params["weight"].dtype == torch.float32
+    assert torch.equal(layer.spectral_shift.d().detach(), d32)
+
+
+def test_unbatched_conv_input():
+    layer = nn.Conv2d(3, 5, 3, padding=1)
+    params = svdiff.add_shifts(layer, cache=False, progress=False)
+    _randomize(params)
+    x = torch.randn(3, 6, 6)
+    torch.testing.assert_close(layer(x), layer(x[None])[0])
+
+
+def test_tied_weights_are_shifted_once_and_restored():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    before = emb.weight.detach().clone()
+    params = svdiff.add_shifts(model, cache=False, progress=False)
+    assert list(params) == ["emb.weight"]
+    _randomize(params)
+    svdiff.fuse(model)
+    svdiff.unfuse(model)
+    assert torch.equal(emb.weight, before)

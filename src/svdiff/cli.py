@@ -92,6 +92,8 @@ def cmd_targets(args) -> int:
 def cmd_inspect(args) -> int:
     from .io import format_summary, plot_blocks, read_shift_file, summarize
 
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise SvdiffError(f"--plot must name a .png file, not {args.plot}")
     shift_file = read_shift_file(args.file)
     summary = summarize(shift_file, top=args.top)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
@@ -151,8 +153,12 @@ def cmd_generate(args) -> int:
         print(f"warning: --alpha {args.alpha} is outside [0, 1]: extrapolating", file=sys.stderr)
     if args.alpha != 0.5 and not args.interpolate:
         raise SvdiffError("--alpha needs --interpolate A B")
+    if args.num_images < 1:
+        raise SvdiffError(f"--num_images must be at least 1, not {args.num_images}")
     style = None
     if args.style_mix:
+        if not all("=" in item for item in args.style_mix):
+            raise SvdiffError("--style_mix takes geometry=FILE appearance=FILE")
         style = dict(item.partition("=")[::2] for item in args.style_mix)
     shifts = [parse_shift_arg(s) for s in args.shifts]
     out = Path(args.output)
@@ -297,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except SvdiffError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be written, a disk that is full: the user's to fix
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

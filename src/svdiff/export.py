@@ -55,7 +55,7 @@ def lora_layers(
             key = f"{component}.{name}"
             if d is None:
                 continue
-            if not isinstance(shift.kind, Linear | Conv) or getattr(shift.kind, "transposed", False):
+            if not isinstance(shift.kind, Linear | Conv) or not shift.kind.can_factor:  # LoRA: plain layers only
                 dropped.append(key)
                 continue
             d = d.float()
@@ -90,13 +90,16 @@ def to_state_dict(layers: dict[str, dict[str, torch.Tensor]], fmt: str) -> dict[
     if fmt not in FORMATS:
         raise SvdiffError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     out = {}
+    prefixes = dict(KOHYA_PREFIX)
+    if any(k.startswith("text_encoder_2.") for k in layers):  # SDXL: kohya numbers both text encoders
+        prefixes["text_encoder"] = "lora_te1"
     for key, t in layers.items():
         if fmt == "diffusers":
             out[f"{key}.lora_A.weight"] = t["down"]
             out[f"{key}.lora_B.weight"] = t["up"]
         else:
             component, module = key.split(".", 1)
-            name = f"{KOHYA_PREFIX[component]}_{module.replace('.', '_')}"
+            name = f"{prefixes[component]}_{module.replace('.', '_')}"
             # kohya scales a layer by alpha / rank. One alpha for every layer (1, with the rank folded into up)
             # keeps the scale right in loaders that apply a single default alpha to layers they cannot match.
             rank = t["down"].shape[0]

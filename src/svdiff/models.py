@@ -78,7 +78,10 @@ def _model_index(base: str | Path, revision: str | None = None) -> dict:
         index = path / "model_index.json"
         if not index.is_file():
             raise SvdiffError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        return json.loads(index.read_text())
+        try:
+            return json.loads(index.read_text())
+        except ValueError as e:
+            raise SvdiffError(f"{index} is not valid JSON: {e}") from None
     from diffusers import DiffusionPipeline
 
     try:
@@ -112,9 +115,9 @@ def load_components(
         if component not in index or index[component][0] is None:
             continue
         class_name = index[component][1]
-        cls = UNet2DConditionModel if class_name == "UNet2DConditionModel" else getattr(transformers, class_name)
         kwargs = {"subfolder": component, "revision": revision}
         try:
+            cls = UNet2DConditionModel if class_name == "UNet2DConditionModel" else getattr(transformers, class_name)
             if meta:
                 if cls is UNet2DConditionModel:
                     config = cls.load_config(str(base), **kwargs)
@@ -170,6 +173,13 @@ def load_shifts(
     path = Path(path)
     name = adapter_name or (path.parent.name if path.name == WEIGHTS_NAME else path.stem) or "default"
     components = components_of(target)
+    if isinstance(target, nn.Module):  # a bare module takes the file's one component, whatever its name
+        from .io import read_shift_file
+
+        in_file = list(read_shift_file(path).components())
+        if len(in_file) != 1:
+            raise SvdiffError(f"{path} has shifts for {', '.join(in_file)}: load it onto the pipeline")
+        components = {in_file[0]: target}
     if name in shift_sets_of(target):
         raise SvdiffError(f"a shift set named {name!r} is already loaded; pass another adapter_name")
     load_into(

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SvdiffError
 from .basis import SpectralBasis
-from .kinds import Embedding, Kind, Plan
+from .kinds import Conv, Embedding, Kind, Plan
 
 
 class SpectralShift(nn.Module):
@@ -74,17 +75,34 @@ class SpectralShift(nn.Module):
         mat = (self.U.to(like.dtype) * d.to(like.dtype)) @ self.Vh.to(like.dtype)
         return self.kind.from_matrix(mat, like.shape)
 
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()`, `.cuda()` move σ and δ but keep them in float32: d = ReLU(σ + δ) − σ cancels
+        catastrophically in half precision."""
+        keep = {"S": getattr(self, "S", None)} | {f"d.{k}": p.data for k, p in self.deltas.items()}
+        super()._apply(fn, recurse)
+        if keep["S"] is not None:
+            self.S = keep["S"].to(self.S.device)
+        for k, p in self.deltas.items():
+            p.data = keep[f"d.{k}"].to(p.device)
+        return self
+
     def forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        d = None if self.original is not None else self.d()
+        if self.original is not None:  # fused: the weight already holds the update
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.deltas.values()):
+                raise SvdiffError("the model is fused: unfuse it before training its shifts")
+            return type(module).forward(module, x, *args, **kwargs)
+        d = self.d()
         if d is None:
             return type(module).forward(module, x, *args, **kwargs)
         if self.kind.is_vector:
             return self.kind.forward(module, x, module.weight + d.to(module.weight.dtype))
         if isinstance(self.kind, Embedding):  # a lookup: the update is looked up too
             return type(module).forward(module, x, *args, **kwargs) + self.kind.factored(module, self, x, d)
-        x = self.kind.prepare(module, x)
+        unbatched = isinstance(self.kind, Conv) and x.dim() == self.kind.dims + 1
+        x = self.kind.prepare(module, x.unsqueeze(0) if unbatched else x)
         plan = self.kind.plan(module, self, x, d.requires_grad and torch.is_grad_enabled())
-        return _Shifted.apply(x, d, module.weight, module.bias, self, module, plan)
+        y = _Shifted.apply(x, d, module.weight, module.bias, self, module, plan)
+        return y.squeeze(0) if unbatched else y
 
 
 class _Shifted(torch.autograd.Function):
@@ -100,7 +118,7 @@ class _Shifted(torch.autograd.Function):
         else:
             h = kind.down(module, shift, x)
             y = kind.forward(module, x, weight) + kind.up(module, shift, kind.scale(h, d))
-        ctx.save_for_backward(x, d, h)
+        ctx.save_for_backward(x, d, h if plan.grad_delta == "factored" else None)
         ctx.shift, ctx.module, ctx.plan = shift, module, plan
         return y
 
@@ -123,7 +141,7 @@ class _Shifted(torch.autograd.Function):
         if weight_gd:
             # diag(Uᵀ·G·V) in the gradient's dtype (tensor cores under bf16/fp16), summed in float32
             g = kind.to_matrix(gw)
-            gd = ((shift.U.to(g.dtype).T @ g).float() * shift.Vh.float()).sum(1)
+            gd = ((shift.U.to(g.dtype).T @ g) * shift.Vh.to(g.dtype)).sum(1, dtype=torch.float32)
         elif need_d:
             gu = kind.up_transpose(module, shift, grad) if gu is None else gu
             h = kind.down(module, shift, x.to(gu.dtype)) if h is None else h

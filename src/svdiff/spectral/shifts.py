@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import types
+import warnings
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import SvdiffError
 from .basis import SpectralBasis, decompose
 from .cache import SVDCache, content_keys
 from .layer import SpectralShift
@@ -54,6 +56,7 @@ def add_shifts(
     Calling it again with another `name` adds a second set on the same factors (no new SVD). `factor_dtype`
     (e.g. torch.bfloat16) sets how U and V are held; `cache` reads and writes factors on disk (True: the default
     cache folder, False: never)."""
+    _refused_if_fused(model, "adding shifts")
     targets = find_targets(model, preset, include, exclude)
     fresh = [t for t in targets if not isinstance(getattr(t.module, ATTR, None), SpectralShift)]
     matrices = [t.kind.to_matrix(t.module.weight) for t in fresh if not t.kind.is_vector]
@@ -70,6 +73,11 @@ def add_shifts(
             raise ValueError(f"shift set {name!r} already exists on {t.name}")
         params[t.name] = shift.add_set(name, t.module.weight.device, scale=scale)
     return params
+
+
+def _refused_if_fused(model: nn.Module, what: str) -> None:
+    if any(shift.original is not None for _, shift in shifted_modules(model).values()):
+        raise SvdiffError(f"the model is fused: unfuse it before {what}")
 
 
 def compute_bases(
@@ -91,7 +99,11 @@ def compute_bases(
     for i, basis in zip(missing, computed, strict=True):
         found[i] = basis
         if store is not None and keys[i] is not None:
-            store.put(keys[i], basis)
+            try:
+                store.put(keys[i], basis)
+            except OSError as e:  # a read-only or full cache folder costs speed next time, not this run
+                warnings.warn(f"cannot write the SVD cache at {store.root}: {e}", stacklevel=2)
+                store = None
     return found  # type: ignore[return-value]
 
 
@@ -172,6 +184,7 @@ def get_deltas(model: nn.Module, name: str = "default") -> dict[str, torch.Tenso
 @torch.no_grad()
 def set_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], name: str = "default") -> None:
     """Copy δ values into an existing shift set (creating the set where a shifted layer lacks it)."""
+    _refused_if_fused(model, "changing its shifts")
     shifted = shifted_modules(model)
     for key, value in deltas.items():
         module, shift = shifted[key]

@@ -2,7 +2,8 @@
 
 The presets are the parameter subsets of the SVDiff paper's Table 1, written for diffusers' UNet naming
 (`down_blocks.*`, `mid_block.*`, `up_blocks.*`, cross-attention = the `attn2` module: to_q, to_k, to_v, to_out).
-A preset that names UNet parts selects nothing in a text encoder; `all` selects every target of any model.
+Presets naming blocks or attention select nothing in a text encoder; `all` and the dimension presets (1-D, 2-D,
+4-D) select by what a weight is, in any model.
 """
 
 from __future__ import annotations
@@ -66,11 +67,12 @@ def find_targets(
         exc = [re.compile(p) for p in exclude or []]
     except re.error as e:
         raise SvdiffError(f"bad include/exclude pattern {e.pattern!r}: {e}") from None
-    targets = []
+    targets, seen = [], set()
     for module_name, module in model.named_modules():
         kind = kind_of(module)
-        if kind is None:
+        if kind is None or id(module.weight) in seen:  # a tied weight is shifted once, where it first appears
             continue
+        seen.add(id(module.weight))
         name = f"{module_name}.weight" if module_name else "weight"
         if not keep(name, module.weight.ndim):
             continue
