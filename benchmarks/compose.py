@@ -33,21 +33,24 @@ def random_shift_file(base, folder: Path) -> Path:
     return save_shifts(folder, components, base_model=base_name(base), preset="all")
 
 
-def sampling_seconds(pipe, args) -> float:
-    times = []
-    sample(pipe, "a photo of a red circle", num_images=1, num_inference_steps=2, progress=False)  # warm-up
+def sampling_seconds(pipes: dict, args) -> dict[str, float]:
+    """Median seconds per pipeline, the pipelines timed in turn so that a change in the machine's load hits both."""
+    times = {name: [] for name in pipes}
+    for pipe in pipes.values():  # warm-up
+        sample(pipe, "a photo of a red circle", num_images=1, num_inference_steps=2, progress=False)
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        sample(
-            pipe,
-            "a photo of a red circle",
-            num_images=args.num_images,
-            num_inference_steps=args.steps,
-            batch_size=args.num_images,
-            progress=False,
-        )
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, pipe in pipes.items():
+            start = time.perf_counter()
+            sample(
+                pipe,
+                "a photo of a red circle",
+                num_images=args.num_images,
+                num_inference_steps=args.steps,
+                batch_size=args.num_images,
+                progress=False,
+            )
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def curve_png(points: list[tuple[int, float]], path: Path) -> None:
@@ -72,7 +75,7 @@ def main():
     ap.add_argument("--shifts", default=None)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--num_images", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out-dir", default="runs/compose")
     args = ap.parse_args()
     out_dir = Path(args.out_dir)
@@ -80,13 +83,12 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         shifts = Path(args.shifts) if args.shifts else random_shift_file(args.base, Path(tmp))
-        pipe = load_pipeline(args.base, device="cpu")
-        base_seconds = sampling_seconds(pipe, args)
+        base, pipe = load_pipeline(args.base, device="cpu"), load_pipeline(args.base, device="cpu")
         start = time.perf_counter()
         svdiff.load_shifts(pipe, shifts, progress=False)
         svdiff.fuse(pipe)
         load_fuse = time.perf_counter() - start
-        fused_seconds = sampling_seconds(pipe, args)
+        seconds = sampling_seconds({"base": base, "fused": pipe}, args)
         svdiff.unfuse(pipe)
         comps = components_of(pipe)
         curve = []
@@ -97,8 +99,8 @@ def main():
         {
             "benchmark": "compose",
             "shifts": str(args.shifts) if args.shifts else "random shifts (0.05), not a trained subject",
-            "sampling_seconds": {"base": base_seconds, "fused": fused_seconds},
-            "fused_over_base": fused_seconds / base_seconds,
+            "sampling_seconds": seconds,
+            "fused_over_base": seconds["fused"] / seconds["base"],
             "load_and_fuse_seconds": load_fuse,
             "export_relative_error_by_rank": dict(curve),
             "machine": machine("cpu"),

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SvdiffError
 from .basis import SpectralBasis
 from .kinds import Conv, Embedding, Kind, Plan
 
@@ -87,10 +86,6 @@ class SpectralShift(nn.Module):
         return self
 
     def forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.original is not None:  # fused: the weight already holds the update
-            if torch.is_grad_enabled() and any(p.requires_grad for p in self.deltas.values()):
-                raise SvdiffError("the model is fused: unfuse it before training its shifts")
-            return type(module).forward(module, x, *args, **kwargs)
         d = self.d()
         if d is None:
             return type(module).forward(module, x, *args, **kwargs)

@@ -146,8 +146,9 @@ def set_scales(model: nn.Module, scales: dict[str, float]) -> None:
 
 @torch.no_grad()
 def fuse(model: nn.Module) -> None:
-    """Bake the current shifts into the weights, so sampling costs exactly what the base does. The base
-    weights are kept on the CPU so `unfuse` restores them bit for bit."""
+    """Bake the current shifts into the weights, so sampling costs exactly what the base does (fused layers run
+    their own forward; their δ no longer gets gradients). The base weights are kept on the CPU so `unfuse`
+    restores them bit for bit."""
     for module, shift in shifted_modules(model).values():
         _unfuse_one(module, shift)
         _fuse_one(module, shift)
@@ -167,6 +168,7 @@ def _fuse_one(module: nn.Module, shift: SpectralShift) -> None:
     w = module.weight
     shift.original = w.detach().to("cpu", copy=True)
     w.copy_(w + shift.delta_weight(d, w))
+    module.__dict__.pop("forward", None)  # the layer's own forward on the fused weight: no overhead at all
 
 
 @torch.no_grad()
@@ -174,6 +176,7 @@ def _unfuse_one(module: nn.Module, shift: SpectralShift) -> None:
     if shift.original is not None:
         module.weight.copy_(shift.original)
         shift.original = None
+        module.forward = types.MethodType(_shifted_forward, module)
 
 
 def get_deltas(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
