@@ -5,56 +5,18 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 import svdiff
 from svdiff.cli import main
 from svdiff.export import lora_layers, to_state_dict
 from svdiff.io import save_shifts
+from tiny_models import tiny_pipeline
 
 LINEAR_AND_CONV = {"unet": [r"norm"], "text_encoder": [r"layer_norm|embeddings"]}
 
 
 def _pipe():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=4,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=50,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=4,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=te,
-        tokenizer=None,
-        unet=unet,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return tiny_pipeline()
 
 
 def _outputs(pipe):

@@ -5,59 +5,20 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
 import svdiff
 from svdiff.cli import main
 from svdiff.io import save_shifts
 from svdiff.models import load_components
 from svdiff.world.tokenizer import build_tokenizer
+from tiny_models import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(root / "tok", max_length=8)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=4,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=te,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = tiny_pipeline(build_tokenizer(root / "tok", max_length=8), vae_levels=2)
     pipe.save_pretrained(root / "base")
     components = load_components(root / "base")
     g = torch.Generator().manual_seed(1)

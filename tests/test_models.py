@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from svdiff.cli import main
 from svdiff.models import build_architecture, load_components
 from svdiff.spectral import find_targets
+from tiny_models import tiny_text_encoder, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -18,26 +17,7 @@ def sd_folder(tmp_path_factory):
     """A diffusers-layout folder with a tiny UNet and text encoder (random weights)."""
     root = tmp_path_factory.mktemp("tiny-sd")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        cross_attention_dim=16,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=50,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-        )
-    )
+    unet, te = tiny_unet(), tiny_text_encoder()
     unet.save_pretrained(root / "unet")
     te.save_pretrained(root / "text_encoder")
     index = {

@@ -152,47 +152,25 @@ def components_of(target) -> dict[str, nn.Module]:
     return {k: v for k in SHIFTED_COMPONENTS if isinstance(v := parts.get(k), nn.Module)}
 
 
-def load_shifts(
-    target,
-    path: str | Path,
-    adapter_name: str | None = None,
-    scale: float = 1.0,
-    *,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    factor_dtype: torch.dtype | None = None,
-    cache: bool = True,
-    progress: bool = True,
-) -> str:
+def load_shifts(target, path: str | Path, adapter_name: str | None = None, scale: float = 1.0, **options) -> str:
     """Attach a shift file to a pipeline under `adapter_name` (default: the file's folder name, or its stem when
     it has its own name) after checking it was made for this base. Several files stay loaded side by side;
-    returns the name used."""
-    from .io import WEIGHTS_NAME
+    returns the name used. `options` go to `svdiff.io.load_shifts` (include, exclude, factor_dtype, cache,
+    progress)."""
+    from .io import WEIGHTS_NAME, read_shift_file
     from .io import load_shifts as load_into
 
     path = Path(path)
     name = adapter_name or (path.parent.name if path.name == WEIGHTS_NAME else path.stem) or "default"
     components = components_of(target)
     if isinstance(target, nn.Module):  # a bare module takes the file's one component, whatever its name
-        from .io import read_shift_file
-
         in_file = list(read_shift_file(path).components())
         if len(in_file) != 1:
             raise SvdiffError(f"{path} has shifts for {', '.join(in_file)}: load it onto the pipeline")
         components = {in_file[0]: target}
     if name in shift_sets_of(target):
         raise SvdiffError(f"a shift set named {name!r} is already loaded; pass another adapter_name")
-    load_into(
-        components,
-        path,
-        name=name,
-        scale=scale,
-        include=include,
-        exclude=exclude,
-        factor_dtype=factor_dtype,
-        cache=cache,
-        progress=progress,
-    )
+    load_into(components, path, name=name, scale=scale, **options)
     return name
 
 

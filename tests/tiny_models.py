@@ -1,0 +1,52 @@
+"""Small Stable Diffusion components with random weights, for tests of the real-model code paths."""
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4,
+    )
+
+
+def tiny_text_encoder(vocab_size: int = 50) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_pipeline(tokenizer=None, seed: int = 0, vae_levels: int = 1) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline of tiny random components (latents at 1/2**(vae_levels-1) of the image)."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8,) * vae_levels,
+        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * vae_levels,
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=tiny_text_encoder(len(tokenizer) if tokenizer is not None else 50),
+        tokenizer=tokenizer,
+        unet=tiny_unet(),
+        scheduler=DDIMScheduler(clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
