@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SvdiffError
-from .models import load_shifts, resolve_base
+from .models import ARCHITECTURES, load_shifts, resolve_base
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -34,6 +34,10 @@ def load_pipeline(base=None, *, scheduler: str = "ddim", dtype=None, device=None
     if scheduler not in SCHEDULERS:
         raise SvdiffError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
     base = resolve_base(base)
+    if str(base) in ARCHITECTURES:
+        raise SvdiffError(
+            f"{base} is a built-in architecture without weights (for counting); give a model folder or hub id"
+        )
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
             str(base), torch_dtype=dtype, revision=revision, variant=variant, safety_checker=None
