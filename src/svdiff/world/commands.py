@@ -5,9 +5,8 @@ import json
 import random
 from pathlib import Path
 
+from ..data.images import image_files, open_images
 from ..errors import SvdiffError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def add_parser(subparsers) -> None:
@@ -43,32 +42,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--pictures", type=Path, default=None, help="also write base_samples.png here")
     p.set_defaults(func=run_report)
-
-
-def image_files(paths) -> list[Path]:
-    files = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise SvdiffError(f"no such image or folder: {path}")
-    if not files:
-        raise SvdiffError(f"no images found in {', '.join(map(str, paths))}")
-    return files
-
-
-def open_images(files) -> list:
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for f in files:
-        try:
-            images.append(Image.open(f).convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise SvdiffError(f"cannot read image {f}: {e}") from None
-    return images
 
 
 def run_render(args) -> int:
