@@ -126,11 +126,12 @@ def export_lora(
 
     if fmt not in FORMATS:
         raise SvdiffError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    shift_file = read_shift_file(shift_path)
     if base is None:
-        named = read_shift_file(shift_path).metadata["base_model"]
+        named = shift_file.metadata["base_model"]
         base = None if named == base_name(None) else named
     components = load_components(base)
-    load_shifts(components, shift_path, progress=False)
+    load_shifts(components, shift_file, progress=False)
     layers, report = lora_layers(components, rank=rank, energy=energy)
     meta = {"format": "pt"}
     if fmt == "kohya":

@@ -487,7 +487,7 @@ def save_shifts(
 
 def load_shifts(
     components: dict[str, torch.nn.Module],
-    path: str | os.PathLike,
+    path: str | os.PathLike | ShiftFile,
     *,
     name: str = "default",
     scale: float = 1.0,
@@ -499,8 +499,8 @@ def load_shifts(
 ) -> ShiftFile:
     """Attach the shifts of a file to the components it was made for, as shift set `name` at `scale`, after
     checking that they are the base it was trained on. `include`/`exclude` regexes (searched in the file's keys,
-    e.g. "unet.down_blocks.2") take only part of the file."""
-    shift_file = read_shift_file(path)
+    e.g. "unet.down_blocks.2") take only part of the file. `path` may be a file already read."""
+    shift_file = path if isinstance(path, ShiftFile) else read_shift_file(path)
     targets = {c: {t.name: t.length for t in find_targets(m)} for c, m in components.items()}
     check_against(shift_file, targets, {c: fingerprint(m) for c, m in components.items()})
     for component, deltas in shift_file.components().items():

@@ -162,15 +162,16 @@ def load_shifts(target, path: str | Path, adapter_name: str | None = None, scale
 
     path = Path(path)
     name = adapter_name or (path.parent.name if path.name == WEIGHTS_NAME else path.stem) or "default"
+    if name in shift_sets_of(target):
+        raise SvdiffError(f"a shift set named {name!r} is already loaded; pass another adapter_name")
+    shift_file = read_shift_file(path)
     components = components_of(target)
     if isinstance(target, nn.Module):  # a bare module takes the file's one component, whatever its name
-        in_file = list(read_shift_file(path).components())
+        in_file = list(shift_file.components())
         if len(in_file) != 1:
             raise SvdiffError(f"{path} has shifts for {', '.join(in_file)}: load it onto the pipeline")
         components = {in_file[0]: target}
-    if name in shift_sets_of(target):
-        raise SvdiffError(f"a shift set named {name!r} is already loaded; pass another adapter_name")
-    load_into(components, path, name=name, scale=scale, **options)
+    load_into(components, shift_file, name=name, scale=scale, **options)
     return name
 
 

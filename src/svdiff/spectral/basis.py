@@ -79,12 +79,17 @@ def decompose(matrices: list[torch.Tensor], progress=None) -> list[SpectralBasis
 def _decompose_batch(mats: list[torch.Tensor]) -> list[SpectralBasis]:
     a = torch.stack([m.detach() for m in mats]).to(torch.float32)
     if a.is_meta:  # shapes only: no numbers to compute
-        return [_empty_basis(m) for m in mats]
-    if a.device.type == "cpu" and max(a.shape[1:]) < GRAM_ASPECT * min(a.shape[1:]):
-        u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
-        u, vh = _fix_signs(u, vh)
-        return [SpectralBasis(u[k].contiguous(), sigma[k], vh[k].contiguous()) for k in range(len(mats))]
+        u, sigma, vh = _empty_like_factors(a)
+    else:
+        u, sigma, vh = _fix_signs(*_factors(a))
+    return [SpectralBasis(u[k].contiguous(), sigma[k], vh[k].contiguous()) for k in range(len(mats))]
+
+
+def _factors(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, σ, Vᵀ of the batch `a` through the tiers described at the top of this file."""
     long, short = max(a.shape[1:]), min(a.shape[1:])
+    if a.device.type == "cpu" and long < GRAM_ASPECT * short:
+        return torch.linalg.svd(a, full_matrices=False)
     u, sigma, vh = _empty_like_factors(a)
     todo = torch.arange(len(a), device=a.device)  # matrices still without an accepted result
     if long >= FLOAT32_ASPECT * short:
@@ -96,8 +101,7 @@ def _decompose_batch(mats: list[torch.Tensor]) -> list[SpectralBasis]:
         for j in (factor_errors(a64, u64, sigma64, vh64) > TOLERANCE).nonzero().flatten().tolist():
             u64[j], sigma64[j], vh64[j] = torch.linalg.svd(a64[j], full_matrices=False)
         u[todo], sigma[todo], vh[todo] = u64.float(), sigma64.float(), vh64.float()
-    u, vh = _fix_signs(u, vh)
-    return [SpectralBasis(u[k].contiguous(), sigma[k], vh[k].contiguous()) for k in range(len(mats))]
+    return u, sigma, vh
 
 
 def _gram_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,24 +138,15 @@ def factor_errors(a, u, sigma, vh) -> torch.Tensor:
     return torch.stack([recon, orth_u, orth_v]).amax(0).nan_to_num(float("inf"))
 
 
-def _fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fix_signs(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor):
     """Each pair (uᵢ, vᵢ) is defined up to a joint sign; pick the one whose largest-magnitude uᵢ entry is positive."""
     peak = u.abs().argmax(dim=1, keepdim=True)
     sign = torch.sign(u.gather(1, peak))
     sign[sign == 0] = 1
-    return u * sign, vh * sign.transpose(1, 2)
+    return u * sign, sigma, vh * sign.transpose(1, 2)
 
 
 def _empty_like_factors(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, m, n = a.shape
     r = min(m, n)
     return a.new_empty(b, m, r), a.new_empty(b, r), a.new_empty(b, r, n)
-
-
-def _empty_basis(m: torch.Tensor) -> SpectralBasis:
-    r = min(m.shape)
-    return SpectralBasis(
-        torch.empty(m.shape[0], r, device="meta"),
-        torch.empty(r, device="meta"),
-        torch.empty(r, m.shape[1], device="meta"),
-    )

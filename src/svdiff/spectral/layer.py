@@ -48,7 +48,7 @@ class SpectralShift(nn.Module):
         return self.deltas[name]
 
     def active(self) -> list[tuple[nn.Parameter, float]]:
-        return [(self.deltas[n], s) for n, s in self.scales.items() if s != 0.0 and n in self.deltas]
+        return [(self.deltas[n], s) for n, s in self.scales.items() if s != 0.0]
 
     def combined(self) -> torch.Tensor | None:
         """Σ_k s_k·δ_k in float32, or None when no set contributes (the layer is then the base layer)."""

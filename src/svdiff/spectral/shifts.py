@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import types
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -111,17 +112,14 @@ def remove_shifts(model: nn.Module, name: str | None = None) -> None:
     """Undo `add_shifts`: drop shift set `name` (None: every set). A layer left without sets gets its own forward
     back and loses its factors, so with all sets gone the module is the original object with the original weight."""
     for module, shift in shifted_modules(model).values():
-        fused = shift.original is not None
-        _unfuse_one(module, shift)
-        for n in [name] if name is not None else list(shift.deltas):
-            if n in shift.deltas:
-                del shift.deltas[n]
-                shift.scales.pop(n, None)
-        if len(shift.deltas) == 0:
+        with _unfused(module, shift):
+            for n in [name] if name is not None else list(shift.deltas):
+                if n in shift.deltas:
+                    del shift.deltas[n]
+                    shift.scales.pop(n, None)
+        if len(shift.deltas) == 0:  # nothing left to fuse, so the weight is the base weight again
             del module._modules[ATTR]
             module.__dict__.pop("forward", None)
-        elif fused:
-            _fuse_one(module, shift)
 
 
 def shift_sets(model: nn.Module) -> dict[str, float]:
@@ -135,13 +133,10 @@ def shift_sets(model: nn.Module) -> dict[str, float]:
 def set_scales(model: nn.Module, scales: dict[str, float]) -> None:
     """Set the scale of named shift sets (no refactorization); a fused model is re-fused with the new scales."""
     for module, shift in shifted_modules(model).values():
-        fused = shift.original is not None
-        _unfuse_one(module, shift)
-        for name, s in scales.items():
-            if name in shift.scales:
-                shift.scales[name] = float(s)
-        if fused:
-            _fuse_one(module, shift)
+        with _unfused(module, shift):
+            for name, s in scales.items():
+                if name in shift.scales:
+                    shift.scales[name] = float(s)
 
 
 @torch.no_grad()
@@ -158,6 +153,16 @@ def fuse(model: nn.Module) -> None:
 def unfuse(model: nn.Module) -> None:
     for module, shift in shifted_modules(model).values():
         _unfuse_one(module, shift)
+
+
+@contextmanager
+def _unfused(module: nn.Module, shift: SpectralShift):
+    """The layer unfused while its shifts are edited, and fused again afterwards if it was."""
+    fused = shift.original is not None
+    _unfuse_one(module, shift)
+    yield
+    if fused:
+        _fuse_one(module, shift)
 
 
 @torch.no_grad()
