@@ -50,3 +50,14 @@ def tiny_pipeline(tokenizer=None, seed: int = 0, vae_levels: int = 1) -> StableD
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def save_tiny_pipeline(root, prediction_type: str = "epsilon", seed: int = 0):
+    """A tiny pipeline saved as a diffusers folder (latents at half the image size, 8-token prompts that cover
+    the shapes world's words); returns the folder."""
+    from svdiff.world.tokenizer import build_tokenizer
+
+    pipe = tiny_pipeline(build_tokenizer(root / "tokenizer-src", max_length=8), seed=seed, vae_levels=2)
+    pipe.scheduler = DDIMScheduler(clip_sample=False, prediction_type=prediction_type, steps_offset=1)
+    pipe.save_pretrained(root / "base")
+    return root / "base"

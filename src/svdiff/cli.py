@@ -146,8 +146,8 @@ def cmd_merge(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .pictures import grid
     from .sample import apply_shifts, load_pipeline, parse_shift_arg, sample
-    from .world.pictures import grid
 
     if args.interpolate and not 0.0 <= args.alpha <= 1.0:
         print(f"warning: --alpha {args.alpha} is outside [0, 1]: extrapolating", file=sys.stderr)
@@ -219,6 +219,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import train, train_args
+
+    defaults = vars(train_args())
+    summary = train(train_args(**{k: getattr(args, k) for k in defaults}))
+    if summary:
+        print(f"wrote {summary['weights']} ({summary['weights_bytes'] / 1e6:.2f} MB) after {summary['steps']} steps "
+              f"in {summary['minutes']:.1f} min; samples in {summary['samples']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svdiff", description="Personalize diffusion models by training only the singular values of their weights."
@@ -227,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"svdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from .train import add_train_flags
+
+    p = sub.add_parser("train", help="train spectral shifts (or a LoRA / full baseline) on a few images")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("targets", help="count the spectral shifts a preset selects (no SVD is computed)")
     _base_flag(p)

@@ -40,7 +40,7 @@ def load_pipeline(base=None, *, scheduler: str = "ddim", dtype=None, device=None
         )
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            str(base), torch_dtype=dtype, revision=revision, variant=variant, safety_checker=None
+            str(base), dtype=dtype, revision=revision, variant=variant, safety_checker=None
         )
     except Exception as e:  # a missing folder, a hub id offline, a broken checkpoint: one line
         raise SvdiffError(f"cannot load pipeline {base}: {type(e).__name__}: {str(e).splitlines()[0]}") from None

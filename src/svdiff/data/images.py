@@ -15,12 +15,16 @@ from ..errors import SvdiffError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def image_files(paths) -> list[Path]:
     """The image files among `paths` (files, or folders whose images are taken in name order)."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(f for f in path.iterdir() if is_image(f))
         elif path.is_file():
             files.append(path)
         else:

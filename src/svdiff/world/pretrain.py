@@ -2,10 +2,11 @@
 
     python -m svdiff.world.pretrain --out src/svdiff/world/base --work_dir runs/pretrain
 
-Two phases, as Stable Diffusion was built: an AutoencoderKL (64×64 RGB ↔ 16×16×4 latents), then the UNet and the
-CLIP text encoder together on the latents of a fixed set of rendered scenes (ε-prediction, SD's scaled-linear
-betas, 10% empty captions for classifier-free guidance). Every random choice is a function of (seed, step), so the
-run is deterministic and resumes from its last checkpoint in `--work_dir` with the same command.
+Two phases, as Stable Diffusion was built: an AutoencoderKL (64×64 RGB ↔ 16×16×4 latents), trained on random
+windows of rendered scenes; then the UNet and the CLIP text encoder together on the latents of a fixed set of
+scenes (v-prediction on SD's betas rescaled to zero terminal SNR, 10% empty captions for classifier-free guidance).
+Every random choice is a function of (seed, step), so the run is deterministic and resumes from its last checkpoint
+in `--work_dir` with the same command.
 """
 
 import argparse
@@ -24,11 +25,23 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .pictures import grid
+from ..pictures import grid
 from .render import BACKGROUNDS, caption, random_scene, render
 from .tokenizer import build_tokenizer
 
-NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+# Stable Diffusion's betas, rescaled so the last step is pure noise, with v-prediction and trailing timesteps
+# (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", as in SD 2.x's v-models). On 16×16
+# latents SD's schedule leaves ~7% of the image in its noisiest step, enough for the mean color of the scene to
+# show through; a model trained on that takes the background and colors from the starting noise, not the caption.
+NOISE_SCHEDULE = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+)
 # Sampled at every checkpoint into work_dir/preview_<step>.png: four held-out triples, two pairs, no prompt.
 PREVIEW_PROMPTS = (
     "a photo of a pink striped star",
@@ -147,8 +160,17 @@ def object_weights(x: torch.Tensor, backgrounds: list[str]) -> torch.Tensor:
     return 1.0 + 9.0 * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
 
 
+def random_crops(x: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
+    """One random `size`×`size` window of each image. The autoencoder is convolutional, so it learns as well
+    from windows as large as the largest object, at a fraction of the cost of whole scenes."""
+    if size >= x.shape[-1]:
+        return x
+    corners = [(rng.randrange(x.shape[-2] - size + 1), rng.randrange(x.shape[-1] - size + 1)) for _ in x]
+    return torch.stack([im[:, i : i + size, j : j + size] for im, (i, j) in zip(x, corners, strict=True)])
+
+
 def train_vae(vae, args, work: Path) -> None:
-    """Object-weighted reconstruction (L1 + MSE) with a tiny KL term, on freshly rendered scenes."""
+    """Object-weighted reconstruction (L1 + MSE) with a tiny KL term, on windows of freshly rendered scenes."""
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt = work / "vae.safetensors"
     start = load_checkpoint(ckpt, {"vae": vae}, opt) if ckpt.exists() else 0
@@ -159,6 +181,7 @@ def train_vae(vae, args, work: Path) -> None:
         scenes = [random_scene(rng) for _ in range(args.vae_batch_size)]
         x = to_tensor([render(s)[0] for s in scenes]).to(args.device)
         w = object_weights(x, [s.background for s in scenes])
+        x, w = random_crops(torch.cat([x, w], dim=1), args.vae_crop, rng).split([3, 1], dim=1)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=50)
         posterior = vae.encode(x).latent_dist
@@ -253,7 +276,6 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, vae, args, wo
         shadows = load_file(str(work / "ema.safetensors"))
         ema_unet.shadow = {k[5:]: v for k, v in shadows.items() if k.startswith("unet.")}
         ema_text.shadow = {k[13:]: v for k, v in shadows.items() if k.startswith("text_encoder.")}
-    alphas = noise_scheduler.alphas_cumprod.to(args.device)
     unet.train()
     text_encoder.train()
     bar = tqdm(range(start, args.steps), desc="unet+text", initial=start, total=args.steps)
@@ -267,12 +289,11 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, vae, args, wo
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         z0, noise, t, ids = z0.to(args.device), noise.to(args.device), t.to(args.device), ids.to(args.device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt = noise_scheduler.add_noise(z0, noise, t)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
         pred = unet(zt, t, text_encoder(ids).last_hidden_state).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, noise_scheduler.get_velocity(z0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -328,11 +349,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--vae_steps", type=int, default=2000)
-    p.add_argument("--vae_batch_size", type=int, default=8)
+    p.add_argument("--vae_steps", type=int, default=3000)
+    p.add_argument("--vae_batch_size", type=int, default=32)
+    p.add_argument("--vae_crop", type=int, default=32, help="side of the random windows the autoencoder sees")
     p.add_argument("--vae_lr", type=float, default=3e-3)
     p.add_argument("--num_scenes", type=int, default=20000)
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema_decay", type=float, default=0.999)

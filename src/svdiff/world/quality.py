@@ -182,8 +182,8 @@ def base_sheet(path, guidance_scale: float = 5.0, per_prompt: int = 6) -> None:
     """A row of base-model samples per showcase prompt, seeds 0…per_prompt-1 in one batch."""
     from diffusers import DiffusionPipeline
 
+    from ..pictures import grid
     from . import default_base
-    from .pictures import grid
 
     pipe = DiffusionPipeline.from_pretrained(default_base())
     pipe.set_progress_bar_config(disable=True)
@@ -200,7 +200,7 @@ def subject_sheet(path, examples_dir) -> None:
 
     from PIL import Image
 
-    from .pictures import grid
+    from ..pictures import grid
 
     folders = sorted(p for p in Path(examples_dir).iterdir() if p.is_dir())
     views = [Image.open(f).convert("RGB") for folder in folders for f in sorted(folder.glob("*.png"))[:4]]

@@ -1,0 +1,414 @@
+"""The training loop: DreamBooth-style personalization of a Stable Diffusion pipeline on Accelerate.
+
+Read top to bottom: check the inputs (nothing is written before they pass), load the base, make the class images,
+attach what is trained, then loop. Each optimizer step draws its concept, examples, crops, noise and timesteps from
+(seed, step) alone, and splits the global batch (train_batch_size × processes) between the processes by position;
+gradients are averaged across processes by hand after the backward, so every process holds the same parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.concepts import (
+    generate_class_images,
+    load_class_images,
+    load_instance_images,
+    missing_class_images,
+    read_concepts,
+)
+from ..data.images import to_model_input
+from ..errors import SvdiffError
+from . import checkpoint
+from .args import check
+from .methods import prepare, save_result
+from .report import write_loss_chart, write_model_card, write_samples
+
+
+def train(args) -> dict:
+    """Runs `svdiff train` with `args` (see `train_args`); returns the run's summary (also in train_summary.json)."""
+    check(args)
+    began = time.time()
+    accelerator = _accelerator(args)
+    main = accelerator.is_main_process
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SvdiffError(f"--output_dir {output_dir} exists and is not a folder")
+
+    concepts = read_concepts(args)
+    load_instance_images(concepts)
+    pipe = _load_base(args, accelerator.device)
+    factor = pipe.vae_scale_factor
+    args.resolution = args.resolution or pipe.unet.config.sample_size * factor
+    if args.resolution % factor:
+        raise SvdiffError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}")
+    resume = checkpoint.resolve(output_dir, args.resume_from_checkpoint)
+    run = _run_identity(args, concepts)
+    if resume is not None:
+        checkpoint.check_matches(resume, run)
+    _make_writable(output_dir, main)
+    accelerator.wait_for_everyone()
+
+    if args.with_prior_preservation:
+        for concept in concepts:
+            if main and missing_class_images(concept, args.num_class_images):
+                generate_class_images(
+                    pipe,
+                    concept,
+                    args.num_class_images,
+                    batch_size=args.sample_batch_size,
+                    seed=args.seed,
+                    progress=args.progress,
+                )
+            accelerator.wait_for_everyone()
+            load_class_images(concept, args.num_class_images)
+
+    noise_scheduler = _noise_scheduler(pipe)
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    trainable = prepare(args, unet, text_encoder)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if args.method != "full" and weight_dtype != torch.float32:  # frozen weights in half precision, trained fp32
+        vae.to(dtype=weight_dtype)
+        for model in (unet, text_encoder):
+            _cast_frozen(model, weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    unet.train()
+    text_encoder.train(args.train_text_encoder)
+
+    optimizer = accelerator.prepare(_optimizer(args, trainable.groups))
+    lr_scheduler = _lr_scheduler(args, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    step, losses = 0, []
+    if resume is not None:
+        step, losses = checkpoint.load(accelerator, resume, trainable)
+        accelerator.print(f"resumed from {resume} at step {step}")
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
+    if args.report_to != "none":
+        accelerator.init_trackers("svdiff", config=_tracker_config(args))
+
+    params = list(trainable.params.values())
+    sample_every = args.validation_steps
+    bar = tqdm(
+        range(step, args.max_train_steps),
+        initial=step,
+        total=args.max_train_steps,
+        desc="training",
+        disable=not (main and args.progress),
+    )
+    trained_from = step
+    for step in bar:
+        concept = concepts[random.Random(f"{args.seed}-concept-{step}").randrange(len(concepts))]
+        total = torch.zeros((), device=accelerator.device)
+        for micro in range(args.gradient_accumulation_steps):
+            batch = _batch(args, concept, step, micro, accelerator)
+            with accelerator.autocast():
+                loss = _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype)
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+            total += loss.detach() / args.gradient_accumulation_steps
+        _average_gradients(params, accelerator)
+        total = accelerator.reduce(total, reduction="mean")
+        if not torch.isfinite(total):
+            kept = checkpoint.checkpoints(output_dir)
+            raise SvdiffError(
+                f"the loss became {total.item()} at step {step + 1}; stopped. "
+                + (f"The last good checkpoint is {kept[-1]}" if kept else "No checkpoint was written")
+                + " (try a lower --learning_rate)"
+            )
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        losses.append([done, round(total.item(), 6)])
+        lr = lr_scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.2g}")
+        if args.report_to != "none":
+            accelerator.log({"loss": total.item(), "lr": lr}, step=done)
+        if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < args.max_train_steps:
+            checkpoint.save(accelerator, output_dir, done, trainable, run, losses, args.checkpoints_total_limit)
+        if sample_every and done % sample_every == 0 and done < args.max_train_steps:
+            if main:
+                write_samples(pipe, args, concepts, done, accelerator)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    digests = accelerator.gather_for_metrics([_digest(trainable)], use_gather_object=True)
+    if len(set(digests)) != 1:  # cannot happen while gradients are averaged; guards against silent divergence
+        raise SvdiffError(f"the processes ended with different parameters ({len(set(digests))} versions)")
+    summary = {}
+    if main:
+        minutes = (time.time() - began) / 60
+        extra = {"training": _tracker_config(args)}
+        weights = save_result(trainable, output_dir, args, extra)
+        samples = write_samples(pipe, args, concepts, args.max_train_steps, accelerator)
+        write_loss_chart(losses, output_dir / "loss.png")
+        summary = {
+            "method": args.method,
+            "steps": args.max_train_steps,
+            "steps_this_run": args.max_train_steps - trained_from,
+            "minutes": round(minutes, 2),
+            "processes": accelerator.num_processes,
+            "global_batch": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            "final_loss": losses[-1][1] if losses else None,
+            "trained_parameters": sum(p.numel() for p in params),
+            "weights": str(weights),
+            "weights_bytes": weights.stat().st_size,
+            "samples": str(samples),
+            "parameter_digest": digests[0],
+            "processes_agree": True,
+        }
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_model_card(output_dir, args, concepts, summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+# --- setup ---
+
+
+def _accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    log_with = None if args.report_to == "none" else args.report_to
+    from accelerate.state import AcceleratorState
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1:  # a library caller may train several times in one process, with other settings each time
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # Accelerate treats several processes without GPUs as one unless told to use the CPU; torchrun sets WORLD_SIZE.
+    cpu_processes = processes > 1 and not torch.cuda.is_available()
+    try:
+        return Accelerator(
+            cpu=cpu_processes,
+            mixed_precision=args.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(
+                project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+            ),
+        )
+    except (ValueError, RuntimeError, ImportError) as e:
+        raise SvdiffError(f"cannot set up training: {str(e).splitlines()[0]}") from None
+
+
+def _load_base(args, device):
+    from ..sample import load_pipeline
+
+    pipe = load_pipeline(
+        args.pretrained_model_name_or_path,
+        scheduler="ddim",
+        revision=args.revision,
+        variant=args.variant,
+        device=device,
+        dtype=torch.float32,
+    )
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        if getattr(pipe, name, None) is None:
+            raise SvdiffError(f"{args.pretrained_model_name_or_path} has no {name}: not a Stable Diffusion pipeline")
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.vae.requires_grad_(False).eval()
+    return pipe
+
+
+def _noise_scheduler(pipe):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise SvdiffError(f"prediction type {scheduler.config.prediction_type!r} is not supported")
+    return scheduler
+
+
+def _cast_frozen(model, dtype) -> None:
+    """Casts a model's weights, keeping trained float32 parameters (δ, LoRA) as they are."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    for module in model.modules():  # the SVD factors follow the weights' dtype (their error only touches Δ)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point() and name in ("U", "Vh"):
+                setattr(module, name, buf.to(dtype))
+
+
+def _optimizer(args, groups):
+    kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SvdiffError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _lr_scheduler(args, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+
+def _make_writable(output_dir: Path, main: bool) -> None:
+    if not main:
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SvdiffError(f"cannot write to --output_dir {output_dir}: {e.strerror or e}") from None
+
+
+def _run_identity(args, concepts) -> dict:
+    """What a checkpoint must share with the run that resumes it."""
+    return {
+        "method": args.method,
+        "base": str(args.pretrained_model_name_or_path or "svdiff-tiny"),
+        "preset": args.preset,
+        "include": args.include,
+        "exclude": args.exclude,
+        "rank": args.rank if args.method == "lora" else None,
+        "train_text_encoder": args.train_text_encoder,
+        "concepts": [c.instance_prompt for c in concepts],
+        "seed": args.seed,
+    }
+
+
+def _tracker_config(args) -> dict:
+    """The arguments as flat scalars (what TensorBoard's hparams and the shift file's metadata hold)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in sorted(vars(args).items())}
+
+
+# --- one step ---
+
+
+def _generator(*parts) -> torch.Generator:
+    digest = hashlib.sha256("-".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _batch(args, concept, step: int, micro: int, accelerator) -> dict:
+    """This process's share of the global batch of (step, micro): example j of the global batch belongs to
+    process j // train_batch_size, and everything random about it comes from (seed, step, micro, j)."""
+    rng = random.Random(f"{args.seed}-{step}-{micro}")
+    size = args.train_batch_size * accelerator.num_processes
+    picks = [
+        (rng.randrange(len(concept.instance_images)), rng.randrange(max(1, len(concept.class_images))))
+        for _ in range(size)
+    ]
+    mine = range(
+        accelerator.process_index * args.train_batch_size, (accelerator.process_index + 1) * args.train_batch_size
+    )
+    images, prompts, gens = [], [], []
+    sources = [("instance", concept.instance_images, concept.instance_prompt, 0)]
+    if args.with_prior_preservation:
+        sources.append(("class", concept.class_images, concept.class_prompt, 1))
+    for kind, pool, prompt, which in sources:  # instance examples first, then class ones (the loss splits there)
+        for j in mine:
+            g = _generator(args.seed, step, micro, j, kind)
+            images.append(to_model_input(pool[picks[j][which]], args.resolution, args.center_crop, args.random_flip, g))
+            prompts.append(prompt)
+            gens.append(g)
+    return {"pixels": torch.stack(images), "prompts": prompts, "generators": gens}
+
+
+def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype) -> torch.Tensor:
+    device = unet.device
+    gens = batch["generators"]
+    with torch.no_grad():
+        dist = vae.encode(batch["pixels"].to(device, weight_dtype)).latent_dist
+        eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in gens]).to(device, dist.mean.dtype)
+        latents = (dist.mean + dist.std * eps) * vae.config.scaling_factor
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device, latents.dtype)
+    if args.noise_offset:
+        offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in gens])
+        noise = noise + args.noise_offset * offset.to(device, latents.dtype)
+    steps = noise_scheduler.config.num_train_timesteps
+    t = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in gens]).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    ids = tokenizer(
+        batch["prompts"],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    with torch.set_grad_enabled(args.train_text_encoder):
+        context = text_encoder(ids)[0]
+    pred = unet(noisy, t, context).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if args.snr_gamma:
+        per_example = per_example * _snr_weight(noise_scheduler, t, args.snr_gamma).to(per_example)
+    if not args.with_prior_preservation:
+        return per_example.mean()
+    instance, prior = per_example.chunk(2)
+    return instance.mean() + args.prior_loss_weight * prior.mean()
+
+
+def _snr_weight(noise_scheduler, t, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v-prediction,
+    written so that SNR = 0 (a zero-terminal-SNR schedule's last step) gives a finite weight."""
+    a = noise_scheduler.alphas_cumprod.to(t.device)[t].double()
+    snr = a / (1 - a)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return (torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1)).float()
+    return torch.clamp(gamma / snr, max=1.0).float()
+
+
+def _average_gradients(params, accelerator) -> None:
+    """Mean of every gradient over the processes, in buckets of ~16M values, so all processes take the same step."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    bucket, size = [], 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel()
+        if size >= 1 << 24 or i == len(grads) - 1:
+            flat = torch.cat([b.reshape(-1).float() for b in bucket])
+            dist.all_reduce(flat)
+            flat /= accelerator.num_processes
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket]), strict=True):
+                b.copy_(part.view_as(b))
+            bucket, size = [], 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+
+def _digest(trainable) -> str:
+    h = hashlib.sha256()
+    for k, v in trainable.state().items():
+        h.update(k.encode())
+        h.update(v.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,128 @@
+"""What a run trains, per method: spectral shifts (svdiff), or the paper's baselines, LoRA (PEFT) and full
+fine-tuning. Each gives its trainable parameters by name (what checkpoints hold), the optimizer's parameter groups,
+and how the result is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SvdiffError
+
+DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# diffusers' DreamBooth LoRA targets: the attention projections of the UNet and of CLIP.
+LORA_TARGETS = {
+    "unet": ["to_k", "to_q", "to_v", "to_out.0"],
+    "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+
+
+@dataclass
+class Trainable:
+    method: str
+    components: dict[str, nn.Module]  # the trained components: {"unet": …, "text_encoder": …}
+    params: dict[str, nn.Parameter]  # "<component>.<name>": what a checkpoint holds
+    groups: list[dict]  # optimizer parameter groups
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().float().contiguous() for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, p in self.params.items():
+            p.copy_(tensors[k])
+
+
+def prepare(args, unet: nn.Module, text_encoder: nn.Module) -> Trainable:
+    components = {"unet": unet}
+    if args.train_text_encoder:
+        components["text_encoder"] = text_encoder
+    if args.method == "svdiff":
+        return _svdiff(args, components)
+    if args.method == "lora":
+        return _lora(args, components)
+    return _full(args, components)
+
+
+def _svdiff(args, components) -> Trainable:
+    from ..spectral import add_shifts
+    from ..spectral.shifts import shifted_modules
+
+    params, matrices, vectors = {}, [], []
+    for name, model in components.items():
+        deltas = add_shifts(
+            model,
+            args.preset,
+            include=args.include,
+            exclude=args.exclude,
+            factor_dtype=DTYPE[args.factor_dtype] if args.factor_dtype else None,
+            progress=args.progress,
+        )
+        shifted = shifted_modules(model)
+        for key, delta in deltas.items():
+            params[f"{name}.{key}"] = delta
+            (vectors if shifted[key][1].kind.is_vector else matrices).append(delta)
+    if not params:
+        raise SvdiffError(f"preset {args.preset!r} with these include/exclude patterns selects no weights")
+    # The paper's two rates: 2-D and 4-D kernels at --learning_rate, 1-D (norm) weights far lower.
+    groups = [{"params": matrices, "lr": args.learning_rate}]
+    if vectors:
+        groups.append({"params": vectors, "lr": args.learning_rate_1d})
+    return Trainable("svdiff", components, params, groups)
+
+
+def _lora(args, components) -> Trainable:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    params = {}
+    for name, model in components.items():
+        config = LoraConfig(
+            r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS[name]
+        )
+        inject_adapter_in_model(config, model)  # PEFT itself: the same for the UNet and the CLIP text encoder
+        for key, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
+                params[f"{name}.{key}"] = p
+    return Trainable("lora", components, params, [{"params": list(params.values()), "lr": args.learning_rate}])
+
+
+def _full(args, components) -> Trainable:
+    params = {}
+    for name, model in components.items():
+        model.requires_grad_(True)
+        params.update({f"{name}.{k}": p for k, p in model.named_parameters()})
+    return Trainable("full", components, params, [{"params": list(params.values()), "lr": args.learning_rate}])
+
+
+def save_result(trainable: Trainable, output_dir: Path, args, extra: dict) -> Path:
+    """Writes what was trained; returns the main file."""
+    if trainable.method == "svdiff":
+        from ..io import WEIGHTS_NAME, save_shifts
+        from ..models import base_name
+
+        return save_shifts(
+            output_dir / WEIGHTS_NAME,
+            trainable.components,
+            base_model=base_name(args.pretrained_model_name_or_path),
+            preset=args.preset,
+            dtype=args.save_dtype,
+            extra=extra,
+        )
+    if trainable.method == "lora":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {
+            f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            for name, model in trainable.components.items()
+        }
+        StableDiffusionPipeline.save_lora_weights(output_dir, **layers, safe_serialization=True)
+        return output_dir / "pytorch_lora_weights.safetensors"
+    for name, model in trainable.components.items():
+        model.save_pretrained(output_dir / name, safe_serialization=True)
+    return output_dir / "unet" / "diffusion_pytorch_model.safetensors"

@@ -1,0 +1,156 @@
+"""What a run leaves for a person: validation grids (samples/step-N.png), the loss curve (loss.png) and a model
+card (README.md) saying what was trained, on which base, and how to use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..pictures import grid, line_chart
+
+
+def validation_prompts(args, concepts) -> list[str]:
+    return args.validation_prompt or list(dict.fromkeys(c.instance_prompt for c in concepts))
+
+
+def write_samples(pipe, args, concepts, step: int, accelerator) -> Path:
+    """One row per validation prompt, the same seeds at every step, so rows are comparable across grids."""
+    from ..sample import sample
+
+    prompts = validation_prompts(args, concepts)
+    images = []
+    with accelerator.autocast():
+        for prompt in prompts:
+            images += sample(
+                pipe,
+                prompt,
+                num_images=args.num_validation_images,
+                seed=args.seed,
+                num_inference_steps=args.validation_inference_steps,
+                guidance_scale=args.validation_guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                progress=False,
+            )
+    scale = max(1, 128 // args.resolution)
+    path = Path(args.output_dir) / "samples" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid(images, cols=args.num_validation_images, scale=scale, labels=prompts).save(path)
+    if args.report_to in ("tensorboard", "all"):
+        import numpy as np
+
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                arr = np.stack([np.asarray(im) for im in images])
+                tracker.writer.add_images("validation", arr, step, dataformats="NHWC")
+    return path
+
+
+def write_loss_chart(losses: list, path: Path) -> Path:
+    """The loss per step and its moving average (the raw curve of diffusion training is mostly noise)."""
+    raw = [(float(s), float(v)) for s, v in losses]
+    smooth, avg = [], None
+    for s, v in raw:
+        avg = v if avg is None else 0.95 * avg + 0.05 * v
+        smooth.append((s, avg))
+    line_chart({"loss": raw, "moving average": smooth}, title="training loss per step").save(path)
+    return path
+
+
+TITLES = {"svdiff": "Spectral shifts (SVDiff)", "lora": "A LoRA", "full": "A fine-tuned UNet and text encoder"}
+USAGE = {
+    "svdiff": """```python
+import svdiff
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained({base})
+svdiff.load_shifts(pipe, {weights!r})
+image = pipe({prompt!r}).images[0]
+```
+
+or from the command line:
+
+```bash
+svdiff generate {base_flag}--shifts {weights} --prompt {prompt_q}
+```""",
+    "lora": """```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained({base})
+pipe.load_lora_weights({output!r})
+image = pipe({prompt!r}).images[0]
+```""",
+    "full": """```python
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained({output!r}, subfolder="unet")
+pipe = StableDiffusionPipeline.from_pretrained({base}, unet=unet)
+image = pipe({prompt!r}).images[0]
+```""",
+}
+
+
+def write_model_card(output_dir: Path, args, concepts, summary: dict) -> Path:
+    given = args.pretrained_model_name_or_path
+    base = repr(str(given)) if given else "svdiff.default_base()"
+    base_label = args.pretrained_model_name_or_path or "the embedded svdiff-tiny pipeline"
+    prompt = concepts[0].instance_prompt
+    usage = USAGE[args.method].format(
+        base=base,
+        weights=summary["weights"],
+        output=str(output_dir),
+        prompt=prompt,
+        prompt_q='"' + prompt.replace('"', '\\"') + '"',
+        base_flag=f"--pretrained_model_name_or_path {given} " if given else "",
+    )
+    concept_lines = "\n".join(
+        f"- `{c.instance_prompt}` ({len(c.instance_images)} images"
+        + (f"; prior: `{c.class_prompt}`, {len(c.class_images)} class images)" if c.class_images else ")")
+        for c in concepts
+    )
+    samples = Path(summary["samples"]).relative_to(output_dir)
+    rate_1d = f" (1-D weights {args.learning_rate_1d:g})" if args.method == "svdiff" else ""
+    text = f"""---
+base_model: {args.pretrained_model_name_or_path or "svdiff-tiny"}
+library_name: svdiff
+tags:
+- text-to-image
+- stable-diffusion
+- diffusers
+- svdiff{"" if args.method == "svdiff" else chr(10) + "- " + args.method}
+instance_prompt: {prompt}
+---
+
+# {output_dir.resolve().name}
+
+{TITLES[args.method]} trained with `svdiff train` on {base_label}.
+
+Trigger prompt: `{prompt}`
+
+{concept_lines}
+
+## Use
+
+{usage}
+
+## Samples (step {summary["steps"]}, seeds {args.seed}…{args.seed + args.num_validation_images - 1})
+
+![samples]({samples.as_posix()})
+
+## Training
+
+| | |
+|---|---|
+| method | {args.method} |
+| steps | {summary["steps"]} (global batch {summary["global_batch"]}) |
+| learning rate | {args.learning_rate:g}{rate_1d} |
+| prior preservation | {f"yes, weight {args.prior_loss_weight:g}" if args.with_prior_preservation else "no"} |
+| text encoder trained | {"yes" if args.train_text_encoder else "no"} |
+| trained parameters | {summary["trained_parameters"]:,} |
+| file | `{Path(summary["weights"]).name}`, {summary["weights_bytes"] / 1e6:.2f} MB |
+| time | {summary["minutes"]:.1f} min on {summary["processes"]} process(es) |
+
+![loss](loss.png)
+"""
+    path = output_dir / "README.md"
+    path.write_text(text)
+    return path
