@@ -7,18 +7,19 @@ Without --shifts, a file of random shifts (σ-relative scale 0.05) for the base 
 """
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 import svdiff
 from svdiff.export import lora_layers
 from svdiff.io import save_shifts
 from svdiff.models import base_name, components_of, load_components
+from svdiff.pictures import line_chart
 from svdiff.sample import load_pipeline, sample
 
 from common import emit, machine
@@ -53,22 +54,6 @@ def sampling_seconds(pipes: dict, args) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def curve_png(points: list[tuple[int, float]], path: Path) -> None:
-    w, h, pad = 480, 280, 40
-    image = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(image)
-    top = max(r for r, _ in points)
-    xy = [(pad + (w - 2 * pad) * r / top, h - pad - (h - 2 * pad) * e) for r, e in points]
-    draw.line([(pad, h - pad), (w - pad, h - pad)], fill="black")
-    draw.line([(pad, pad), (pad, h - pad)], fill="black")
-    draw.line(xy, fill=(70, 110, 200), width=2)
-    for (r, e), (x, y) in zip(points, xy, strict=True):
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(70, 110, 200))
-        draw.text((x + 4, y - 12), f"r{r}: {e:.3f}", fill="black")
-    draw.text((pad, 8), "LoRA export: relative Frobenius error vs max rank per layer", fill="black")
-    image.save(path)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=None)
@@ -94,7 +79,8 @@ def main():
         curve = []
         for rank in (1, 2, 4, 8, 16, 32, 64, 128, 1024):
             curve.append((rank, lora_layers(comps, rank=rank)[1]["relative_error"]))
-    curve_png(curve, out_dir / "export_error.png")
+    title = "LoRA export: relative Frobenius error vs log2(max rank per layer)"
+    line_chart({"error": [(math.log2(r), e) for r, e in curve]}, title=title).save(out_dir / "export_error.png")
     emit(
         {
             "benchmark": "compose",

@@ -230,6 +230,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    r = run_demo(args.output_dir, args.subject, args.max_train_steps, args.num_class_images, seed=args.seed)
+    before, after = r["judge_before"], r["judge_after"]
+    print(f"trained {r['instance_prompt']!r} for {r['steps']} steps in {r['train_minutes']:.1f} min "
+          f"({r['total_minutes']:.1f} min in all)")
+    print(f"shift file: {r['shift_file']} ({r['shift_file_bytes'] / 1e3:.0f} kB)")
+    print(f"judge similarity to the subject's photos: {before['similarity']:.3f} before, "
+          f"{after['similarity']:.3f} after")
+    print(f"class prompt drawn as its shape: {r['class_prompt_before']['shape_correct']:.0%} before, "
+          f"{r['class_prompt_after']['shape_correct']:.0%} after")
+    print(f"before/after grid: {r['picture']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svdiff", description="Personalize diffusion models by training only the singular values of their weights."
@@ -244,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train spectral shifts (or a LoRA / full baseline) on a few images")
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="personalize an example subject on the embedded base; before/after pictures")
+    p.add_argument("--output_dir", "--output-dir", default="demo-output")
+    p.add_argument("--subject", default="examples/subjects/heart_sks", help="an example subject folder")
+    p.add_argument("--max_train_steps", "--max-train-steps", type=int, default=400)
+    p.add_argument("--num_class_images", "--num-class-images", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("targets", help="count the spectral shifts a preset selects (no SVD is computed)")
     _base_flag(p)

@@ -1,0 +1,152 @@
+"""Step time and peak memory of training with svdiff vs LoRA vs full fine-tuning, side by side in one run, on the
+embedded tiny base and on the SD 1.5 architecture (random weights) at small latents.
+
+    python benchmarks/train_methods.py [--archs tiny sd15] [--steps 5] [--sd15_resolution 256] [--out FILE]
+
+Each (architecture, method) runs in its own process, so peak memory (max RSS on the CPU, max allocated on a GPU)
+is its own. A step is what `svdiff train` does per step, minus the VAE and data loading (the same for every
+method): text encoder and UNet forward, the loss, backward, AdamW. Parameters are set up by the trainer's own
+`svdiff.train.methods.prepare` (svdiff: preset all with the text encoder; LoRA rank 4 on the attention projections
+of both; full: every weight of both).
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import emit, machine
+
+METHODS = ("svdiff", "lora", "full")
+
+
+def components(arch: str, device: str):
+    from svdiff.models import build_architecture, load_components
+
+    if arch == "tiny":
+        parts = load_components(None, device=device)
+        return parts["unet"], parts["text_encoder"]
+    parts = build_architecture(arch, device=device)
+    return parts["unet"], parts["text_encoder"]
+
+
+def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, device: str) -> dict:
+    from svdiff.train import train_args
+    from svdiff.train.loop import _optimizer
+    from svdiff.train.methods import prepare
+
+    unet, text_encoder = components(arch, device)
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    args = train_args(method=method, instance_data_dir="-", instance_prompt="-", progress=False)
+    from svdiff.train.args import check
+
+    check(args)
+    began = time.perf_counter()
+    trainable = prepare(args, unet, text_encoder)
+    setup_s = time.perf_counter() - began
+    unet.train()
+    text_encoder.train()
+    optimizer = _optimizer(args, trainable.groups)
+    g = torch.Generator().manual_seed(0)
+    latent = resolution // (8 if arch != "tiny" else 4)
+    x = torch.randn(batch, unet.config.in_channels, latent, latent, generator=g).to(device)
+    noise = torch.randn(x.shape, generator=g).to(device)
+    ids = torch.randint(
+        0, text_encoder.config.vocab_size, (batch, text_encoder.config.max_position_embeddings), generator=g
+    ).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        began = time.perf_counter()
+        pred = unet(x, t, text_encoder(ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    out = {
+        "arch": arch,
+        "method": method,
+        "trained_parameters": sum(p.numel() for p in trainable.params.values()),
+        "setup_seconds": round(setup_s, 2),
+        "step_seconds": round(statistics.median(times[1:]), 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_after_load_mb": round(loaded_rss),
+    }
+    if device.startswith("cuda"):
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--archs", nargs="+", default=["tiny", "sd15"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tiny_resolution", type=int, default=64)
+    p.add_argument("--sd15_resolution", type=int, default=256, help="SD 1.5 at 256 px: 32×32 latents")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None)
+    p.add_argument("--one", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        arch, method = args.one
+        resolution = args.tiny_resolution if arch == "tiny" else args.sd15_resolution
+        print(json.dumps(run_one(arch, method, args.steps, resolution, args.batch, args.device)))
+        return
+    rows = []
+    for arch in args.archs:
+        for method in args.methods:
+            cmd = [
+                sys.executable,
+                str(Path(__file__)),
+                "--one",
+                arch,
+                method,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--tiny_resolution",
+                str(args.tiny_resolution),
+                "--sd15_resolution",
+                str(args.sd15_resolution),
+                "--device",
+                args.device,
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{arch}/{method} failed:\n{done.stderr[-2000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    ratios = {}
+    for arch in args.archs:
+        step = {r["method"]: r["step_seconds"] for r in rows if r["arch"] == arch}
+        for other in ("lora", "full"):
+            if "svdiff" in step and other in step:
+                ratios[f"{arch}_svdiff_over_{other}_step"] = round(step["svdiff"] / step[other], 3)
+    emit(
+        {
+            "benchmark": "train_methods",
+            "settings": vars(args) | {"one": None},
+            "results": rows,
+            "ratios": ratios,
+            "machine": machine(args.device),
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

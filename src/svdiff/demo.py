@@ -1,0 +1,122 @@
+"""`svdiff demo` (`make demo`): the main job end to end on the embedded tiny base. It personalizes one example
+subject with prior preservation, then draws the same prompts with the same seeds before and after, and asks the
+shapes-world judge how much the pictures look like the subject's photos."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import SvdiffError
+
+CONTEXTS = ("", " on the left", " at the top on a dark background", " on the right on a beige background")
+
+
+def demo_prompts(instance_prompt: str, class_prompt: str) -> list[str]:
+    """The subject in the places and backgrounds of the world, then its class alone (to see the class kept)."""
+    return [instance_prompt + c for c in CONTEXTS] + [class_prompt]
+
+
+def judge_subject(images, references, prompt: str) -> dict:
+    """Mean judge similarity to the reference photos, and the share of images the judge reads as the prompt's
+    shape."""
+    from .world import default_judge
+    from .world.evaluate import score, similarity
+    from .world.judge import load, read
+
+    judge = load(default_judge())
+    refs = torch.stack([r["embedding"] for r in read(judge, references)])
+    results = score(judge, images, prompt)
+    embeddings = torch.stack([r["embedding"] for r in results])
+    shape_ok = [all(m["correct"].get("shape", False) for m in r["objects"]) for r in results]
+    return {
+        "similarity": round(float(similarity(embeddings, refs).mean()), 4),
+        "shape_correct": round(sum(shape_ok) / len(shape_ok), 4),
+    }
+
+
+def run_demo(
+    output_dir: str | Path = "demo-output",
+    subject: str | Path = "examples/subjects/heart_sks",
+    max_train_steps: int = 400,
+    num_class_images: int = 50,
+    images_per_prompt: int = 4,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    from .data.images import load_image_folder
+    from .models import fuse, load_shifts
+    from .pictures import grid
+    from .sample import load_pipeline, sample
+    from .train import train, train_args
+
+    began = time.time()
+    subject, output_dir = Path(subject), Path(output_dir)
+    try:
+        card = json.loads((subject / "subject.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SvdiffError(f"{subject} is not an example subject folder (subject.json: {e})") from None
+    instance_prompt, class_prompt = card["instance_prompt"], card["class_prompt"]
+    prompts = demo_prompts(instance_prompt, class_prompt)
+    summary = train(
+        train_args(
+            instance_data_dir=str(subject),
+            instance_prompt=instance_prompt,
+            with_prior_preservation=True,
+            class_data_dir=str(output_dir / "class_images"),
+            class_prompt=class_prompt,
+            num_class_images=num_class_images,
+            sample_batch_size=25,
+            max_train_steps=max_train_steps,
+            output_dir=str(output_dir),
+            checkpointing_steps=0,
+            validation_prompt=prompts[:2],
+            validation_steps=max(1, max_train_steps // 4),
+            validation_guidance_scale=guidance_scale,
+            seed=seed,
+            progress=progress,
+        )
+    )
+
+    def draw(pipe):
+        return [
+            sample(pipe, p, num_images=images_per_prompt, seed=seed, guidance_scale=guidance_scale, progress=False)
+            for p in prompts
+        ]
+
+    pipe = load_pipeline(None)
+    before = draw(pipe)
+    load_shifts(pipe, summary["weights"], progress=False)
+    fuse(pipe)
+    after = draw(pipe)
+
+    rows, labels = [], []
+    for prompt, b, a in zip(prompts, before, after, strict=True):
+        rows += b + a
+        labels += [f"base: {prompt}", f"svdiff: {prompt}"]
+    picture = output_dir / "before_after.png"
+    grid(rows, cols=images_per_prompt, labels=labels).save(picture)
+
+    references = load_image_folder(subject)
+    subject_before = [im for imgs in before[:-1] for im in imgs]
+    subject_after = [im for imgs in after[:-1] for im in imgs]
+    result = {
+        "subject": str(subject),
+        "instance_prompt": instance_prompt,
+        "steps": summary["steps"],
+        "train_minutes": summary["minutes"],
+        "total_minutes": round((time.time() - began) / 60, 2),
+        "shift_file": summary["weights"],
+        "shift_file_bytes": summary["weights_bytes"],
+        "judge_before": judge_subject(subject_before, references, instance_prompt),
+        "judge_after": judge_subject(subject_after, references, instance_prompt),
+        "class_prompt_before": judge_subject(before[-1], references, class_prompt),
+        "class_prompt_after": judge_subject(after[-1], references, class_prompt),
+        "picture": str(picture),
+    }
+    (output_dir / "demo_summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
