@@ -40,6 +40,7 @@ class SpectralShift(nn.Module):
         self.deltas = nn.ParameterDict()
         self.scales: dict[str, float] = {}
         self.original: torch.Tensor | None = None  # the base weight while fused (kept on the CPU)
+        self._plans: dict[tuple, Plan] = {}
 
     def add_set(self, name: str, device: torch.device, scale: float = 1.0) -> nn.Parameter:
         """A new zero δ set (float32 whatever the base dtype: it is what gets trained)."""
@@ -95,7 +96,11 @@ class SpectralShift(nn.Module):
             return type(module).forward(module, x, *args, **kwargs) + self.kind.factored(module, self, x, d)
         unbatched = isinstance(self.kind, Conv) and x.dim() == self.kind.dims + 1
         x = self.kind.prepare(module, x.unsqueeze(0) if unbatched else x)
-        plan = self.kind.plan(module, self, x, d.requires_grad and torch.is_grad_enabled())
+        train = d.requires_grad and torch.is_grad_enabled()
+        key = (x.shape, x.requires_grad and torch.is_grad_enabled(), train)
+        plan = self._plans.get(key)
+        if plan is None:  # the choice depends on shapes and on what needs a gradient only: made once per kind of call
+            plan = self._plans[key] = self.kind.plan(module, self, x, train)
         y = _Shifted.apply(x, d, module.weight, module.bias, self, module, plan)
         return y.squeeze(0) if unbatched else y
 
