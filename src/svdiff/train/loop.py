@@ -157,6 +157,7 @@ def train(args) -> dict:
         weights = save_result(trainable, output_dir, args, extra)
         samples = write_samples(pipe, args, concepts, args.max_train_steps, accelerator)
         write_loss_chart(losses, output_dir / "loss.png")
+        (output_dir / "loss.json").write_text(json.dumps(losses))
         summary = {
             "method": args.method,
             "steps": args.max_train_steps,
@@ -219,6 +220,8 @@ def _load_base(args, device):
         device=device,
         dtype=torch.float32,
     )
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise SvdiffError("svdiff train handles SD 1.x/2.x pipelines; SDXL (two text encoders) is not supported yet")
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         if getattr(pipe, name, None) is None:
             raise SvdiffError(f"{args.pretrained_model_name_or_path} has no {name}: not a Stable Diffusion pipeline")
