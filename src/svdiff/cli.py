@@ -246,6 +246,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_edit(args) -> int:
+    from .edit import edit_image
+
+    r = edit_image(
+        args.image,
+        args.source_prompt,
+        args.target_prompt,
+        args.output,
+        base=args.base,
+        shifts=args.shifts,
+        method=args.method,
+        max_train_steps=args.max_train_steps,
+        ddim_inversion=args.ddim_inversion,
+        eta=args.eta,
+        slerp_alpha=args.slerp_alpha,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed,
+    )
+    print(f"shifts: {r['shifts']}")
+    print(f"edits: {r['grid']} (settings: {Path(r['grid']).with_suffix('.json')})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svdiff", description="Personalize diffusion models by training only the singular values of their weights."
@@ -268,6 +292,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_class_images", "--num-class-images", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    from .edit import DEFAULT_EDIT_STEPS
+
+    p = sub.add_parser("edit", help="edit one image by changing its caption (fine-tuned shifts, DDIM inversion)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--source_prompt", "--source-prompt", required=True, help="the caption of the image as it is")
+    p.add_argument("--target_prompt", "--target-prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--shifts", default=None, help="reuse the shift file of an earlier edit of this image")
+    p.add_argument("--method", default="svdiff", choices=["svdiff", "full"], help="full: the paper's baseline")
+    p.add_argument("--max_train_steps", "--max-train-steps", type=int, default=DEFAULT_EDIT_STEPS)
+    p.add_argument(
+        "--ddim_inversion",
+        "--ddim-inversion",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start from the image's inverted noise map (on by default; off for large structural edits)",
+    )
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η: fresh noise at every step")
+    p.add_argument(
+        "--slerp_alpha", "--slerp-alpha", type=float, default=0.0, help="Eq. 7: move the noise map towards fresh noise"
+    )
+    p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=3.0)
+    p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="edits.png")
+    _base_flag(p)
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("targets", help="count the spectral shifts a preset selects (no SVD is computed)")
     _base_flag(p)

@@ -122,3 +122,21 @@ def apply_shifts(pipe, shifts=(), interpolate=None, alpha: float = 0.5, style_mi
         load(style_mix["appearance"], 1.0, exclude=STYLE_GROUPS["geometry"])
     fuse(pipe)
     return loaded
+
+
+def apply_trained(pipe, weights: str | Path, method: str = "svdiff") -> None:
+    """Puts what `svdiff train` wrote onto `pipe`: a shift file (fused), a LoRA file, or the fully fine-tuned
+    components saved beside `<output_dir>/unet/`."""
+    weights = Path(weights)
+    if method == "svdiff":
+        apply_shifts(pipe, [(weights, 1.0)])
+    elif method == "lora":
+        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
+    elif method == "full":
+        folder = weights.parent.parent
+        for name in ("unet", "text_encoder"):
+            if (folder / name).is_dir():
+                module = getattr(pipe, name)
+                setattr(pipe, name, type(module).from_pretrained(folder / name).to(pipe.device, module.dtype))
+    else:
+        raise SvdiffError(f"unknown method {method!r}")
