@@ -14,6 +14,7 @@ METHODS = ("svdiff", "lora", "full")
 DEFAULT_LR = {"svdiff": 1e-3, "lora": 5e-4, "full": 5e-6}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DTYPES = ("fp32", "fp16", "bf16")
+UNMIX_WEIGHT = 1000.0
 
 
 def _flag(p, name: str, **kw) -> None:
@@ -68,6 +69,21 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         help="a JSON file: a list of {instance_prompt, instance_data_dir, class_prompt, class_data_dir}; "
         "one concept is drawn at random per step",
     )
+    _flag(
+        g,
+        "cut_mix_unmix_prob",
+        type=float,
+        default=0.6,
+        help="with two or more concepts: the share of steps that train on a collage of two subjects (the paper's 0.6)",
+    )
+    _flag(
+        g,
+        "unmix_weight",
+        type=float,
+        default=UNMIX_WEIGHT,
+        help="weight of the Unmix attention loss on collages (0: Cut-Mix without Unmix)",
+    )
+    _flag(g, "unmix_layers", default=None, metavar="REGEX", help="cross-attention layers the Unmix loss watches")
     _flag(g, "resolution", type=int, default=None, help="default: the base's native size")
     _flag(g, "center_crop", action="store_true", help="center crops (default: random crops)")
     _flag(g, "random_flip", action="store_true")
@@ -164,6 +180,10 @@ def check(args: argparse.Namespace) -> None:
         raise SvdiffError("--checkpoints_total_limit must be at least 1")
     if args.resolution is not None and args.resolution < 8:
         raise SvdiffError(f"--resolution {args.resolution} is too small")
+    if not 0.0 <= args.cut_mix_unmix_prob <= 1.0:
+        raise SvdiffError(f"--cut_mix_unmix_prob {args.cut_mix_unmix_prob} is outside [0, 1]")
+    if args.unmix_weight < 0:
+        raise SvdiffError("--unmix_weight cannot be negative")
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LR[args.method]
     from ..spectral import PRESETS

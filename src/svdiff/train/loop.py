@@ -26,12 +26,14 @@ from ..data.concepts import (
     missing_class_images,
     read_concepts,
 )
+from ..data.cutmix import collage, draw_concepts, identifier, pair_prompt
 from ..data.images import to_model_input
 from ..errors import SvdiffError
 from . import checkpoint
 from .args import check
 from .methods import prepare, save_result
 from .report import write_loss_chart, write_model_card, write_samples
+from .unmix import Unmix, token_positions
 
 
 def train(args) -> dict:
@@ -86,6 +88,7 @@ def train(args) -> dict:
             text_encoder.gradient_checkpointing_enable()
     unet.train()
     text_encoder.train(args.train_text_encoder)
+    unmix = _unmix(args, concepts, unet, tokenizer)
 
     optimizer = accelerator.prepare(_optimizer(args, trainable.groups))
     lr_scheduler = _lr_scheduler(args, optimizer)
@@ -110,12 +113,12 @@ def train(args) -> dict:
     )
     trained_from = step
     for step in bar:
-        concept = concepts[random.Random(f"{args.seed}-concept-{step}").randrange(len(concepts))]
+        chosen = [concepts[i] for i in draw_concepts(len(concepts), args.seed, step, args.cut_mix_unmix_prob)]
         total = torch.zeros((), device=accelerator.device)
         for micro in range(args.gradient_accumulation_steps):
-            batch = _batch(args, concept, step, micro, accelerator)
+            batch = _batch(args, chosen, step, micro, accelerator)
             with accelerator.autocast():
-                loss = _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype)
+                loss = _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype, unmix)
             accelerator.backward(loss / args.gradient_accumulation_steps)
             total += loss.detach() / args.gradient_accumulation_steps
         _average_gradients(params, accelerator)
@@ -287,6 +290,26 @@ def _make_writable(output_dir: Path, main: bool) -> None:
         raise SvdiffError(f"cannot write to --output_dir {output_dir}: {e.strerror or e}") from None
 
 
+def _unmix(args, concepts, unet, tokenizer) -> Unmix | None:
+    """The Unmix loss's attention capture, when collages are made and the loss has a weight; checks first that
+    every subject's identifier survives tokenization in the collage prompts."""
+    if len(concepts) < 2 or args.cut_mix_unmix_prob <= 0 or args.unmix_weight <= 0:
+        return None
+    for a in concepts:
+        for b in concepts:
+            if a is not b:
+                prompt = pair_prompt(a.instance_prompt, b.instance_prompt, args.seed, 0)
+                for c in (a, b):
+                    try:
+                        token_positions(tokenizer, prompt, identifier(c.instance_prompt))
+                    except ValueError as e:
+                        raise SvdiffError(f"Unmix: {e}") from None
+    try:
+        return Unmix(unet, args.unmix_layers)
+    except ValueError as e:
+        raise SvdiffError(f"--unmix_layers {args.unmix_layers!r}: {e}") from None
+
+
 def _run_identity(args, concepts) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     return {
@@ -298,6 +321,8 @@ def _run_identity(args, concepts) -> dict:
         "rank": args.rank if args.method == "lora" else None,
         "train_text_encoder": args.train_text_encoder,
         "concepts": [c.instance_prompt for c in concepts],
+        "cut_mix_unmix_prob": args.cut_mix_unmix_prob if len(concepts) > 1 else None,
+        "unmix_weight": args.unmix_weight if len(concepts) > 1 else None,
         "seed": args.seed,
     }
 
@@ -315,32 +340,39 @@ def _generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def _batch(args, concept, step: int, micro: int, accelerator) -> dict:
+def _batch(args, chosen, step: int, micro: int, accelerator) -> dict:
     """This process's share of the global batch of (step, micro): example j of the global batch belongs to
-    process j // train_batch_size, and everything random about it comes from (seed, step, micro, j)."""
+    process j // train_batch_size, and everything random about it comes from (seed, step, micro, j). `chosen` is
+    one concept, or two for a Cut-Mix collage (left, right)."""
     rng = random.Random(f"{args.seed}-{step}-{micro}")
     size = args.train_batch_size * accelerator.num_processes
     picks = [
-        (rng.randrange(len(concept.instance_images)), rng.randrange(max(1, len(concept.class_images))))
+        [(rng.randrange(len(c.instance_images)), rng.randrange(max(1, len(c.class_images)))) for c in chosen]
         for _ in range(size)
     ]
     mine = range(
         accelerator.process_index * args.train_batch_size, (accelerator.process_index + 1) * args.train_batch_size
     )
     images, prompts, gens = [], [], []
-    sources = [("instance", concept.instance_images, concept.instance_prompt, 0)]
+    sources = [("instance", [c.instance_images for c in chosen], [c.instance_prompt for c in chosen], 0)]
     if args.with_prior_preservation:
-        sources.append(("class", concept.class_images, concept.class_prompt, 1))
-    for kind, pool, prompt, which in sources:  # instance examples first, then class ones (the loss splits there)
+        sources.append(("class", [c.class_images for c in chosen], [c.class_prompt for c in chosen], 1))
+    for kind, pools, texts, which in sources:  # instance examples first, then class ones (the loss splits there)
+        prompt = texts[0] if len(chosen) == 1 else pair_prompt(*texts, args.seed, step)
         for j in mine:
             g = _generator(args.seed, step, micro, j, kind)
-            images.append(to_model_input(pool[picks[j][which]], args.resolution, args.center_crop, args.random_flip, g))
+            parts = [
+                to_model_input(pool[pick[which]], args.resolution, args.center_crop, args.random_flip, g)
+                for pool, pick in zip(pools, picks[j], strict=True)
+            ]
+            images.append(parts[0] if len(parts) == 1 else collage(*parts))
             prompts.append(prompt)
             gens.append(g)
-    return {"pixels": torch.stack(images), "prompts": prompts, "generators": gens}
+    words = [identifier(c.instance_prompt) for c in chosen] if len(chosen) == 2 else None
+    return {"pixels": torch.stack(images), "prompts": prompts, "generators": gens, "identifiers": words}
 
 
-def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype) -> torch.Tensor:
+def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype, unmix=None):
     device = unet.device
     gens = batch["generators"]
     with torch.no_grad():
@@ -371,10 +403,24 @@ def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weig
     per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma:
         per_example = per_example * _snr_weight(noise_scheduler, t, args.snr_gamma).to(per_example)
+    extra = _unmix_term(args, batch, unmix, tokenizer, latents.shape[-2:])
     if not args.with_prior_preservation:
-        return per_example.mean()
+        return per_example.mean() + extra
     instance, prior = per_example.chunk(2)
-    return instance.mean() + args.prior_loss_weight * prior.mean()
+    return instance.mean() + args.prior_loss_weight * prior.mean() + extra
+
+
+def _unmix_term(args, batch, unmix, tokenizer, latent_size) -> torch.Tensor | float:
+    """unmix_weight × the Unmix loss on this batch's instance collages (0 on other steps)."""
+    if unmix is None:
+        return 0.0
+    if batch["identifiers"] is None:
+        unmix.clear()
+        return 0.0
+    instances = len(batch["prompts"]) // (2 if args.with_prior_preservation else 1)
+    prompt = batch["prompts"][0]
+    left, right = (token_positions(tokenizer, prompt, w) for w in batch["identifiers"])
+    return args.unmix_weight * unmix.loss([(b, left, right) for b in range(instances)], tuple(latent_size))
 
 
 def _snr_weight(noise_scheduler, t, gamma: float) -> torch.Tensor:

@@ -1,0 +1,227 @@
+"""Multi-subject personalization on the embedded tiny world: two subjects trained together without Cut-Mix-Unmix,
+with it, and with it plus the Unmix loss; a same-class pair (two hearts) and a different-class pair.
+
+    HF_HUB_OFFLINE=1 python benchmarks/multi_subject.py [--steps 800] [--seeds 16] [--runs runs/multi_subject]
+        [--out docs/results/multi_subject/multi_subject.json]
+
+Every generation uses prompts unlike the training templates (other phrasing and backgrounds) and the same seeds.
+The judge scores each half of a picture on its own (the other half painted over with this half's border color):
+  present        the judge finds the asked shape on both sides;
+  side right     a half's embedding is closer to its own subject's photos than to the other's and above the
+                 identity threshold, calibrated on real renders of the pair (the 5th percentile of a real half's
+                 similarity to its own subject);
+  disentangled   present and both sides right;
+  blended        present, but both halves look most like the same subject;
+  stitched       a hard seam at the middle: in more than 60% of the rows (taller than any object) the two middle
+                 columns differ by over 12 levels of 255.
+Trained runs are kept in --runs and reused; delete one to retrain it.
+"""
+
+import argparse
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import emit, machine
+
+SUBJECTS = Path(__file__).parents[1] / "examples" / "subjects"
+PAIRS = {"same class": ("heart_sks", "heart_xyz"), "different class": ("heart_sks", "star_zwx")}
+CONFIGS = {
+    "no Cut-Mix-Unmix": {"cut_mix_unmix_prob": 0.0},
+    "Cut-Mix": {"cut_mix_unmix_prob": 0.6, "unmix_weight": 0.0},
+    "Cut-Mix-Unmix": {"cut_mix_unmix_prob": 0.6},
+}
+# Unlike the training collages' "a photo of a A on the left and a B on the right" / "a photo of a A and a B".
+PROMPTS = (
+    "a photo of a {a} on the left and a {b} on the right on a dark background",
+    "a photo of a {b} on the right and a {a} on the left",
+    "a photo of a {a} on the left and a {b} on the right on a beige background",
+    "a photo of a {b} on the right and a {a} on the left on a gray background",
+)
+
+
+def card(name: str) -> dict:
+    return json.loads((SUBJECTS / name / "subject.json").read_text())
+
+
+def subject_phrase(name: str) -> str:
+    c = card(name)
+    return f"{c['identifier']} {c['class_word']}"
+
+
+def isolate(image: Image.Image, side: str) -> Image.Image:
+    """The image with the other half painted over in this half's border color."""
+    a = np.asarray(image.convert("RGB")).copy()
+    w = a.shape[1] // 2
+    keep = a[:, :w] if side == "left" else a[:, w:]
+    border = np.median(np.concatenate([keep[0], keep[-1], keep[:, 0], keep[:, -1]]), axis=0)
+    if side == "left":
+        a[:, w:] = border
+    else:
+        a[:, :w] = border
+    return Image.fromarray(a)
+
+
+def seam(image: Image.Image) -> bool:
+    """A hard seam at the middle: across most rows (more than an object's height), a color jump between the two
+    middle columns."""
+    a = np.asarray(image.convert("RGB")).astype(float)
+    mid = a.shape[1] // 2
+    jump = np.abs(a[:, mid] - a[:, mid - 1]).mean(axis=1)  # per row
+    return bool((jump > 12).mean() > 0.6)
+
+
+def embed(judge, images) -> torch.Tensor:
+    from svdiff.world.judge import read
+
+    return torch.stack([r["embedding"] for r in read(judge, images)])
+
+
+def calibrate(judge, pair, refs, n: int = 64) -> float:
+    """The 5th percentile of a real half's similarity to its own subject, over renders of the pair side by side."""
+    from svdiff.world.render import BACKGROUNDS, Scene, WorldObject, render
+
+    rng = random.Random(0)
+    own = []
+    for _ in range(n):
+        objs = []
+        for name, place in zip(pair, ("left", "right"), strict=True):
+            s = card(name)["subject"]
+            objs.append(replace(WorldObject(**s), position=place, size="medium", angle=round(rng.uniform(-20, 20), 1)))
+        image, _ = render(Scene(tuple(objs), background=rng.choice(tuple(BACKGROUNDS))))
+        for k, side in enumerate(("left", "right")):
+            own.append(float((embed(judge, [isolate(image, side)]) @ refs[pair[k]].T).mean()))
+    return float(np.percentile(own, 5))
+
+
+def score(judge, images, pair, refs, threshold) -> dict:
+    from svdiff.world.judge import read
+
+    shapes = [card(n)["class_word"] for n in pair]
+    counts = {"present": 0, "left right": 0, "right right": 0, "disentangled": 0, "blended": 0, "stitched": 0}
+    for image in images:
+        slots = read(judge, [image])[0]["slots"]
+        present = all(
+            slots[p] is not None and slots[p]["shape"] == s for p, s in zip(("left", "right"), shapes, strict=True)
+        )
+        best = []
+        for k, side in enumerate(("left", "right")):
+            e = embed(judge, [isolate(image, side)])
+            sims = [float((e @ refs[n].T).mean()) for n in pair]
+            ok = sims[k] >= threshold and sims[k] > sims[1 - k]
+            counts[f"{side} right"] += ok
+            best.append(int(np.argmax(sims)))
+        counts["present"] += present
+        counts["disentangled"] += present and best == [0, 1]
+        counts["blended"] += present and best[0] == best[1]
+        counts["stitched"] += seam(image)
+    return {k: round(v / len(images), 4) for k, v in counts.items()}
+
+
+def train_pair(runs: Path, pair, config: str, steps: int) -> tuple[Path, float]:
+    from svdiff.train import train, train_args
+
+    out = runs / f"{'+'.join(pair)}" / config.replace(" ", "_")
+    weights = out / "svdiff_weights.safetensors"
+    if not weights.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        concepts = [
+            {"instance_prompt": card(n)["instance_prompt"], "instance_data_dir": str(SUBJECTS / n)} for n in pair
+        ]
+        (out / "concepts.json").write_text(json.dumps(concepts))
+        train(
+            train_args(
+                concepts_list=str(out / "concepts.json"),
+                output_dir=str(out),
+                max_train_steps=steps,
+                validation_steps=0,
+                num_validation_images=1,
+                checkpointing_steps=max(100, steps // 4),
+                resume_from_checkpoint="latest",
+                report_to="none",
+                **CONFIGS[config],
+            )
+        )
+    return weights, json.loads((out / "train_summary.json").read_text())["minutes"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--seeds", type=int, default=16)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--runs", type=Path, default=Path("runs/multi_subject"))
+    p.add_argument("--out", default="docs/results/multi_subject/multi_subject.json")
+    p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
+    args = p.parse_args()
+
+    from svdiff.data.images import load_image_folder
+    from svdiff.models import fuse, load_shifts, unload_shifts
+    from svdiff.pictures import grid
+    from svdiff.sample import load_pipeline, sample
+    from svdiff.train.args import UNMIX_WEIGHT
+    from svdiff.world import default_judge
+    from svdiff.world.judge import load
+
+    began = time.time()
+    judge = load(default_judge())
+    pipe = load_pipeline(None)
+    results, rows, labels = {}, [], []
+    for pair_name, pair in PAIRS.items():
+        refs = {n: embed(judge, load_image_folder(SUBJECTS / n)) for n in pair}
+        threshold = calibrate(judge, pair, refs)
+        a, b = (subject_phrase(n) for n in pair)
+        results[pair_name] = {"subjects": list(pair), "identity_threshold": round(threshold, 4), "configs": {}}
+        for config in CONFIGS:
+            weights, minutes = train_pair(args.runs, pair, config, args.steps)
+            load_shifts(pipe, weights, "pair", progress=False)
+            fuse(pipe)
+            images = []
+            for template in PROMPTS:
+                images += sample(
+                    pipe,
+                    template.format(a=a, b=b),
+                    num_images=args.seeds,
+                    guidance_scale=args.guidance_scale,
+                    progress=False,
+                )
+            unload_shifts(pipe, "pair")
+            scores = score(judge, images, pair, refs, threshold)
+            results[pair_name]["configs"][config] = {**scores, "train_minutes": minutes}
+            rows += images[: min(8, args.seeds)]
+            labels.append(
+                f"{pair_name}, {config}: disentangled {scores['disentangled']:.0%}, stitched {scores['stitched']:.0%}"
+            )
+            print(pair_name, config, scores, flush=True)
+        c = results[pair_name]["configs"]
+        results[pair_name]["cut_mix_gain_points"] = round(
+            100 * (c["Cut-Mix-Unmix"]["disentangled"] - c["no Cut-Mix-Unmix"]["disentangled"]), 1
+        )
+    picture = Path(args.picture or Path(args.out).with_suffix(".png"))
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    grid(rows, cols=min(8, args.seeds), labels=labels).save(picture)
+    emit(
+        {
+            "benchmark": "multi_subject",
+            "machine": machine(),
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "prompts": list(PROMPTS),
+            "guidance_scale": args.guidance_scale,
+            "unmix_weight": UNMIX_WEIGHT,
+            "results": results,
+            "picture": str(picture),
+            "minutes": round((time.time() - began) / 60, 1),
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Cut-Mix-Unmix collages (SVDiff §3): two subjects side by side in one training image, with the prompt that says
+which stands where, and the regions each occupies (for the Unmix attention loss).
+
+The cut is fixed at the middle. Each side holds the whole of its subject's image at half scale, centred
+vertically, with the bands above and below filled by that image's border color: cutting a strip out of each
+image instead would often cut the subject itself, since subjects are not always in the middle of their photos.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import torch
+import torch.nn.functional as F
+
+LEFT_RIGHT = "a photo of a {left} on the left and a {right} on the right"
+AND = "a photo of a {left} and a {right}"
+_PREFIX = re.compile(r"^\s*(an? )?(photo|picture|image) of (an? |the )?", re.IGNORECASE)
+
+
+def draw_concepts(n_concepts: int, seed: int, step: int, prob: float) -> tuple[int, ...]:
+    """The concept(s) a step trains on, a pure function of (seed, step): one at random, or, with probability
+    `prob` when there are two or more, an ordered pair drawn without replacement (left, right)."""
+    rng = random.Random(f"{seed}-concept-{step}")
+    if n_concepts >= 2 and prob > 0 and rng.random() < prob:
+        return tuple(rng.sample(range(n_concepts), 2))
+    return (rng.randrange(n_concepts),)
+
+
+def phrase(prompt: str) -> str:
+    """What a prompt names: "a photo of sks heart" → "sks heart", "a photo of a heart" → "heart"."""
+    return _PREFIX.sub("", prompt).strip()
+
+
+def pair_prompt(left: str, right: str, seed: int, step: int) -> str:
+    """The collage's prompt from the two prompts it combines: the left/right template or, half the time, the
+    "… and …" one (the same choice for the instance and the class collage of a step)."""
+    template = AND if random.Random(f"{seed}-template-{step}").random() < 0.5 else LEFT_RIGHT
+    return template.format(left=phrase(left), right=phrase(right))
+
+
+def identifier(prompt: str) -> str:
+    """The identifier word of an instance prompt: the first word of what it names ("sks" in "a photo of sks dog")."""
+    return phrase(prompt).split()[0]
+
+
+def _fit_half(image: torch.Tensor) -> torch.Tensor:
+    """3 × R × R → 3 × R × R/2: the image at half scale, centred vertically on its border color."""
+    _, size, _ = image.shape
+    half = size // 2
+    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1).median(dim=1).values
+    out = border[:, None, None].expand(3, size, half).clone()
+    small = F.interpolate(image[None], size=(half, half), mode="area")[0]
+    top = (size - half) // 2
+    out[:, top : top + half] = small
+    return out
+
+
+def collage(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Two model inputs (3 × R × R, R even) side by side in one."""
+    if left.shape != right.shape or left.shape[-1] % 2:
+        raise ValueError(f"collage needs two equal square inputs with an even side, got {left.shape}, {right.shape}")
+    return torch.cat([_fit_half(left), _fit_half(right)], dim=2)
+
+
+def side_masks(height: int, width: int) -> torch.Tensor:
+    """2 × height × width: the left and the right half (a middle column, when width is odd, belongs to neither)."""
+    cols = torch.arange(width)
+    left = (cols < width // 2).float().expand(height, width)
+    right = (cols >= width - width // 2).float().expand(height, width)
+    return torch.stack([left, right])

@@ -1,0 +1,174 @@
+"""Cut-Mix-Unmix: collages, their prompts and masks, the draw probability, the Unmix loss and a short run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+
+from svdiff.data.cutmix import collage, draw_concepts, identifier, pair_prompt, phrase, side_masks
+from svdiff.errors import SvdiffError
+from svdiff.sample import load_pipeline
+from svdiff.train import train, train_args
+from svdiff.train.unmix import CaptureProcessor, Unmix, token_positions, unmix_layers
+
+SUBJECTS = Path(__file__).parents[1] / "examples" / "subjects"
+
+
+def solid(value: float, size: int = 16) -> torch.Tensor:
+    return torch.full((3, size, size), value)
+
+
+def test_collage_puts_each_whole_image_at_half_scale_on_its_side():
+    left = solid(-1.0)
+    left[:, 4:12, 4:12] = 1.0  # a white square in the middle of a black image
+    right = solid(0.5)
+    out = collage(left, right)
+    assert out.shape == (3, 16, 16)
+    assert torch.all(out[:, :, 8:] == 0.5)
+    # Left half: the image at half scale (8×8) centred vertically, black bands above and below.
+    assert torch.all(out[:, :4, :8] == -1.0) and torch.all(out[:, 12:, :8] == -1.0)
+    assert torch.all(out[:, 6:10, 2:6] == 1.0) and torch.all(out[:, 4:6, :8] == -1.0)
+    with pytest.raises(ValueError):
+        collage(solid(0, 15), solid(0, 15))
+
+
+def test_prompts_name_each_subject_on_its_side():
+    assert phrase("a photo of sks heart") == "sks heart" and phrase("a photo of a heart") == "heart"
+    assert identifier("a photo of sks heart") == "sks"
+    prompts = {pair_prompt("a photo of sks heart", "a photo of zwx star", 0, step) for step in range(40)}
+    assert prompts == {
+        "a photo of a sks heart on the left and a zwx star on the right",
+        "a photo of a sks heart and a zwx star",
+    }
+    # The instance and class collages of one step use the same template.
+    for step in range(20):
+        a = pair_prompt("a photo of sks heart", "a photo of zwx star", 3, step)
+        b = pair_prompt("a photo of a heart", "a photo of a star", 3, step)
+        assert ("on the left" in a) == ("on the left" in b)
+
+
+def test_side_masks():
+    masks = side_masks(4, 6)
+    assert masks.shape == (2, 4, 6)
+    assert masks[0, :, :3].all() and not masks[0, :, 3:].any() and masks[1, :, 3:].all() and not masks[1, :, :3].any()
+    odd = side_masks(2, 5)
+    assert odd[0].sum() == odd[1].sum() == 4 and not odd[:, :, 2].any()
+
+
+def test_the_collage_probability_is_honoured():
+    draws = [draw_concepts(3, 0, step, 0.6) for step in range(5000)]
+    pairs = [d for d in draws if len(d) == 2]
+    assert abs(len(pairs) / len(draws) - 0.6) < 0.03
+    assert all(a != b for a, b in pairs)
+    assert {p for p in pairs} == {(a, b) for a in range(3) for b in range(3) if a != b}
+    assert all(len(draw_concepts(1, 0, s, 0.6)) == 1 for s in range(100))
+    assert all(len(draw_concepts(3, 0, s, 0.0)) == 1 for s in range(100))
+    assert draws == [draw_concepts(3, 0, step, 0.6) for step in range(5000)]  # a function of (seed, step)
+
+
+def fake_unmix(maps) -> Unmix:
+    u = Unmix.__new__(Unmix)
+    u.sink, u.layers = list(maps), []
+    return u
+
+
+def test_unmix_loss_is_zero_inside_its_region_and_positive_when_attention_leaks():
+    heads, h, w, tokens = 2, 4, 4, 6
+    left_pixels = side_masks(h, w)[0].flatten().bool()
+    probs = torch.full((1, heads, h * w, tokens), 0.1)
+    probs[..., 1] = 0.0
+    probs[..., 2] = 0.0
+    probs[:, :, left_pixels, 1] = 0.5  # token 1 (left subject) attends only on the left
+    probs[:, :, ~left_pixels, 2] = 0.5  # token 2 (right subject) only on the right
+    assert fake_unmix([probs]).loss([(0, [1], [2])], (h, w)) == 0
+    leaking = probs.clone()
+    leaking[:, :, ~left_pixels, 1] = 0.2
+    loss = fake_unmix([leaking]).loss([(0, [1], [2])], (h, w))
+    assert loss == pytest.approx(0.2**2 / 2)  # half the pixels at 0.2, squared, averaged over all
+    # Maps at a coarser layer (2×2 of a 4×4 latent) are compared with masks at their own size.
+    coarse = torch.zeros((1, heads, 4, tokens))
+    coarse[:, :, [1, 3], 1] = 1.0  # right column
+    assert fake_unmix([coarse]).loss([(0, [1], [2])], (h, w)) == pytest.approx(0.5)
+    assert fake_unmix([probs]).loss([None], (h, w)) == 0  # no collage in the batch
+
+
+def test_capture_keeps_the_attention_output_and_only_leaves_the_fast_path_where_asked():
+    pipe = load_pipeline(None)
+    unet = pipe.unet
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16, 16)
+    context = torch.randn(2, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim)
+    unet.set_attn_processor(AttnProcessor())
+    with torch.no_grad():
+        expected = unet(x, 500, context).sample
+    unmix = Unmix(unet)
+    with torch.no_grad():
+        got = unet(x, 500, context).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(unmix.sink) == len(unmix.layers) == len(unmix_layers(unet))
+    captured = {n for n, p in unet.attn_processors.items() if isinstance(p, CaptureProcessor)}
+    assert captured == {n + ".processor" for n in unmix.layers}
+    assert len(captured) < len(unet.attn_processors)
+    # The embedded base's latents are 16×16: watched layers are the 8×8 and 4×4 ones.
+    assert sorted({m.shape[2] for m in unmix.sink}) == [16, 64]
+
+
+def two_subjects(tmp_path, *names) -> Path:
+    entries = []
+    for name in names:
+        card = json.loads((SUBJECTS / name / "subject.json").read_text())
+        entries.append({"instance_prompt": card["instance_prompt"], "instance_data_dir": str(SUBJECTS / name)})
+    path = tmp_path / "concepts.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_a_two_subject_run_trains_with_cut_mix_and_unmix(tmp_path):
+    concepts = two_subjects(tmp_path, "heart_sks", "heart_xyz")
+
+    def run(name, weight):
+        return train(
+            train_args(
+                concepts_list=str(concepts),
+                cut_mix_unmix_prob=1.0,
+                unmix_weight=weight,
+                output_dir=str(tmp_path / name),
+                max_train_steps=2,
+                validation_steps=0,
+                num_validation_images=1,
+                checkpointing_steps=0,
+                report_to="none",
+                progress=False,
+            )
+        )
+
+    with_unmix, without = run("unmix", 1e4), run("cut-mix", 0.0)
+    first = [json.loads((tmp_path / n / "loss.json").read_text())[0][1] for n in ("unmix", "cut-mix")]
+    assert first[0] > first[1]  # the same collage, noise and timestep: the difference is the Unmix term
+    assert Path(with_unmix["weights"]).is_file() and Path(without["weights"]).is_file()
+
+
+def test_identifiers_lost_to_truncation_are_one_clear_error(tmp_path):
+    from tiny_models import save_tiny_pipeline
+
+    base = save_tiny_pipeline(tmp_path / "tiny")  # 8-token prompts: the second identifier is cut off
+    with pytest.raises(SvdiffError, match="Unmix: 'zwx' is not in the tokenized prompt"):
+        train(
+            train_args(
+                pretrained_model_name_or_path=str(base),
+                concepts_list=str(two_subjects(tmp_path, "heart_sks", "star_zwx")),
+                output_dir=str(tmp_path / "out"),
+                max_train_steps=1,
+                report_to="none",
+                progress=False,
+            )
+        )
+
+
+def test_token_positions():
+    tokenizer = load_pipeline(None).tokenizer
+    prompt = "a photo of a sks heart on the left and a zwx star on the right"
+    assert len(token_positions(tokenizer, prompt, "sks")) == 1
+    assert token_positions(tokenizer, prompt, "sks") < token_positions(tokenizer, prompt, "zwx")
