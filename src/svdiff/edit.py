@@ -125,6 +125,43 @@ def fine_tune(
         )
 
 
+def draw_edits(
+    pipe,
+    image: Image.Image,
+    prompts: list[str],
+    *,
+    ddim_inversion: bool = True,
+    eta: float = 0.0,
+    slerp_alpha: float = 0.0,
+    guidance_scale: float = 3.0,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[Image.Image]:
+    """One picture per prompt from a pipeline already fine-tuned on `image`: from the image's noise map inverted
+    with that prompt (moved towards fresh noise by slerp_alpha), or from fresh noise; DDIM with η = eta."""
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latents = encode_image(pipe, image, resolution)
+    drawn = []
+    for prompt in tqdm(prompts, desc="editing", disable=not progress):
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        start = ddim_invert(pipe, latents, prompt, num_inference_steps) if ddim_inversion else noise
+        if ddim_inversion and slerp_alpha > 0:
+            start = slerp(slerp_alpha, start, noise)
+        drawn.append(
+            pipe(
+                prompt,
+                latents=start,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                eta=eta,
+                generator=generator,
+            ).images[0]
+        )
+    return drawn
+
+
 def edit_image(
     image: str | Path | Image.Image,
     source_prompt: str,
@@ -182,24 +219,18 @@ def edit_image(
         weights, trained = Path(shifts), None
     apply_trained(pipe, weights, method)
 
-    latents = encode_image(pipe, source, resolution)
-    drawn = []
-    for prompt in tqdm(prompts, desc="editing", disable=not progress):
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        start = ddim_invert(pipe, latents, prompt, num_inference_steps) if ddim_inversion else noise
-        if ddim_inversion and slerp_alpha > 0:
-            start = slerp(slerp_alpha, start, noise)
-        drawn.append(
-            pipe(
-                prompt,
-                latents=start,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                eta=eta,
-                generator=generator,
-            ).images[0]
-        )
+    drawn = draw_edits(
+        pipe,
+        source,
+        prompts,
+        ddim_inversion=ddim_inversion,
+        eta=eta,
+        slerp_alpha=slerp_alpha,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        progress=progress,
+    )
     source_image = to_pil(to_model_input(source, resolution))
     picture = [source_image, *drawn]
     labels = ["input | reconstruction | " + " | ".join(f"{k + 1}: {p}" for k, p in enumerate(target_prompts))]
