@@ -10,8 +10,9 @@ from diffusers.models.attention_processor import AttnProcessor
 from svdiff.data.cutmix import collage, draw_concepts, identifier, pair_prompt, phrase, side_masks
 from svdiff.errors import SvdiffError
 from svdiff.sample import load_pipeline
-from svdiff.train import train, train_args
+from svdiff.train import train
 from svdiff.train.unmix import CaptureProcessor, Unmix, token_positions, unmix_layers
+from tiny_models import quick, save_tiny_pipeline
 
 SUBJECTS = Path(__file__).parents[1] / "examples" / "subjects"
 
@@ -129,20 +130,15 @@ def test_a_two_subject_run_trains_with_cut_mix_and_unmix(tmp_path):
     concepts = two_subjects(tmp_path, "heart_sks", "heart_xyz")
 
     def run(name, weight):
-        return train(
-            train_args(
-                concepts_list=str(concepts),
-                cut_mix_unmix_prob=1.0,
-                unmix_weight=weight,
-                output_dir=str(tmp_path / name),
-                max_train_steps=2,
-                validation_steps=0,
-                num_validation_images=1,
-                checkpointing_steps=0,
-                report_to="none",
-                progress=False,
-            )
+        args = quick(
+            None,
+            tmp_path / name,
+            concepts_list=str(concepts),
+            cut_mix_unmix_prob=1.0,
+            unmix_weight=weight,
+            max_train_steps=2,
         )
+        return train(args)
 
     with_unmix, without = run("unmix", 1e4), run("cut-mix", 0.0)
     first = [json.loads((tmp_path / n / "loss.json").read_text())[0][1] for n in ("unmix", "cut-mix")]
@@ -151,20 +147,9 @@ def test_a_two_subject_run_trains_with_cut_mix_and_unmix(tmp_path):
 
 
 def test_identifiers_lost_to_truncation_are_one_clear_error(tmp_path):
-    from tiny_models import save_tiny_pipeline
-
     base = save_tiny_pipeline(tmp_path / "tiny")  # 8-token prompts: the second identifier is cut off
     with pytest.raises(SvdiffError, match="Unmix: 'zwx' is not in the tokenized prompt"):
-        train(
-            train_args(
-                pretrained_model_name_or_path=str(base),
-                concepts_list=str(two_subjects(tmp_path, "heart_sks", "star_zwx")),
-                output_dir=str(tmp_path / "out"),
-                max_train_steps=1,
-                report_to="none",
-                progress=False,
-            )
-        )
+        train(quick(base, tmp_path / "out", concepts_list=str(two_subjects(tmp_path, "heart_sks", "star_zwx"))))
 
 
 def test_token_positions():

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,34 +14,13 @@ from safetensors.torch import load_file
 
 from svdiff.cli import main
 from svdiff.io import WEIGHTS_NAME, read_shift_file
-from svdiff.train import train, train_args
-from tiny_models import save_tiny_pipeline
-
-SUBJECT = Path(__file__).parents[1] / "examples" / "subjects" / "heart_sks"
-PROMPT = "a photo of sks heart"
+from svdiff.train import train
+from tiny_models import PROMPT, SUBJECT, quick, save_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-
-
-def quick(base, out, **overrides):
-    """Arguments of a short, quiet run."""
-    settings = dict(
-        pretrained_model_name_or_path=str(base),
-        instance_data_dir=str(SUBJECT),
-        instance_prompt=PROMPT,
-        output_dir=str(out),
-        max_train_steps=6,
-        validation_steps=0,
-        num_validation_images=2,
-        validation_inference_steps=2,
-        checkpointing_steps=0,
-        report_to="none",
-        progress=False,
-    )
-    return train_args(**{**settings, **overrides})
 
 
 def cli_args(base, out, *extra):

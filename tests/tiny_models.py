@@ -1,5 +1,7 @@
 """Small Stable Diffusion components with random weights, for tests of the real-model code paths."""
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -61,3 +63,27 @@ def save_tiny_pipeline(root, prediction_type: str = "epsilon", seed: int = 0):
     pipe.scheduler = DDIMScheduler(clip_sample=False, prediction_type=prediction_type, steps_offset=1)
     pipe.save_pretrained(root / "base")
     return root / "base"
+
+
+SUBJECT = Path(__file__).parents[1] / "examples" / "subjects" / "heart_sks"
+PROMPT = "a photo of sks heart"
+
+
+def quick(base, out, **overrides):
+    """Arguments of a short, quiet training run on `base` (None: the embedded one) of the example heart."""
+    from svdiff.train import train_args
+
+    settings = dict(
+        pretrained_model_name_or_path=None if base is None else str(base),
+        instance_data_dir=str(SUBJECT),
+        instance_prompt=PROMPT,
+        output_dir=str(out),
+        max_train_steps=6,
+        validation_steps=0,
+        num_validation_images=2,
+        validation_inference_steps=2,
+        checkpointing_steps=0,
+        report_to="none",
+        progress=False,
+    )
+    return train_args(**{**settings, **overrides})
