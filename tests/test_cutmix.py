@@ -106,7 +106,10 @@ def test_capture_keeps_the_attention_output_and_only_leaves_the_fast_path_where_
         expected = unet(x, 500, context).sample
     unmix = Unmix(unet)
     with torch.no_grad():
-        got = unet(x, 500, context).sample
+        unet(x, 500, context)
+        assert unmix.sink == []  # sampling keeps no maps
+        with unmix.capturing_maps():
+            got = unet(x, 500, context).sample
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert len(unmix.sink) == len(unmix.layers) == len(unmix_layers(unet))
     captured = {n for n, p in unet.attn_processors.items() if isinstance(p, CaptureProcessor)}
@@ -114,6 +117,8 @@ def test_capture_keeps_the_attention_output_and_only_leaves_the_fast_path_where_
     assert len(captured) < len(unet.attn_processors)
     # The embedded base's latents are 16×16: watched layers are the 8×8 and 4×4 ones.
     assert sorted({m.shape[2] for m in unmix.sink}) == [16, 64]
+    unmix.remove()
+    assert all(isinstance(p, AttnProcessor) for p in unet.attn_processors.values())
 
 
 def two_subjects(tmp_path, *names) -> Path:

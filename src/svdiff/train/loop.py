@@ -8,6 +8,7 @@ gradients are averaged across processes by hand after the backward, so every pro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -149,6 +150,8 @@ def train(args) -> dict:
                 write_samples(pipe, args, concepts, done, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
+    if unmix is not None:
+        unmix.remove()
 
     digests = accelerator.gather_for_metrics([_digest(trainable)], use_gather_object=True)
     if len(set(digests)) != 1:  # cannot happen while gradients are averaged; guards against silent divergence
@@ -395,7 +398,8 @@ def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weig
     ).input_ids.to(device)
     with torch.set_grad_enabled(args.train_text_encoder):
         context = text_encoder(ids)[0]
-    pred = unet(noisy, t, context).sample
+    with unmix.capturing_maps() if unmix is not None else contextlib.nullcontext():
+        pred = unet(noisy, t, context).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, t)
     else:

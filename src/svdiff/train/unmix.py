@@ -9,6 +9,7 @@ attention path, and only while training with Unmix."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -18,11 +19,11 @@ from ..data.cutmix import side_masks
 
 
 class CaptureProcessor:
-    """diffusers' plain cross-attention, with the softmax probabilities kept in `sink` (batch × heads × pixels ×
-    tokens) for the loss of the current forward."""
+    """diffusers' plain cross-attention; while its owner captures, the softmax probabilities are kept in the
+    owner's sink (batch × heads × pixels × tokens) for the loss of the current forward."""
 
-    def __init__(self, sink: list):
-        self.sink = sink
+    def __init__(self, owner: Unmix):
+        self.owner = owner
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         batch = hidden_states.shape[0]
@@ -34,7 +35,8 @@ class CaptureProcessor:
         value = attn.head_to_batch_dim(attn.to_v(context))
         mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
         probs = attn.get_attention_scores(query, key, mask)
-        self.sink.append(probs.view(batch, attn.heads, *probs.shape[1:]))
+        if self.owner.capturing:
+            self.owner.sink.append(probs.view(batch, attn.heads, *probs.shape[1:]))
         out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
         if attn.residual_connection:
             out = out + hidden_states
@@ -60,18 +62,37 @@ def _scale(name: str, levels: int) -> int:
 
 
 class Unmix:
-    """Installs capture processors on the watched layers (the others keep theirs); `loss` reads and clears them."""
+    """Installs capture processors on the watched layers (the others keep theirs). Maps are kept only inside
+    `with unmix.capturing_maps():` (a training forward, not sampling); `loss` reads and clears them."""
 
     def __init__(self, unet, pattern: str | None = None):
         self.sink: list[torch.Tensor] = []
+        self.capturing = False
         self.layers = unmix_layers(unet, pattern)
         if not self.layers:
             raise ValueError("no cross-attention layer to watch for the Unmix loss")
         modules = dict(unet.named_modules())
+        self.replaced = {name: modules[name].processor for name in self.layers}
         for name in self.layers:
-            modules[name].set_processor(CaptureProcessor(self.sink))
+            modules[name].set_processor(CaptureProcessor(self))
+        self.modules = {name: modules[name] for name in self.layers}
+
+    @contextlib.contextmanager
+    def capturing_maps(self):
+        self.sink.clear()
+        self.capturing = True
+        try:
+            yield
+        finally:
+            self.capturing = False
 
     def clear(self) -> None:
+        self.sink.clear()
+
+    def remove(self) -> None:
+        """Puts the layers' own processors back."""
+        for name, processor in self.replaced.items():
+            self.modules[name].set_processor(processor)
         self.sink.clear()
 
     def loss(self, tokens: list[tuple[int, list[int], list[int]] | None], latent_size: tuple[int, int]) -> torch.Tensor:
