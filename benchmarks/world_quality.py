@@ -1,27 +1,15 @@
 """Quality of the embedded world, printed as JSON: judge accuracy on fresh renders, the base model on prompts it
 never saw (single objects, left/right pairs), and the time to draw 16 images.
 
-    HF_HUB_OFFLINE=1 python benchmarks/world_quality.py [--quick] [--guidance_scale 5]
+    HF_HUB_OFFLINE=1 python benchmarks/world_quality.py [--quick] [--guidance_scale 5] [--out FILE]
 """
 
 import argparse
-import json
-import os
-import platform
 import time
-
-import torch
 
 from svdiff.world.quality import measure
 
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-    }
+from common import emit, machine
 
 
 def main() -> None:
@@ -30,12 +18,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     began = time.time()
     figures = measure(quick=args.quick, seed=args.seed, guidance_scale=args.guidance_scale, threads=args.threads)
     figures["machine"] = machine()
     figures["wall_seconds"] = round(time.time() - began, 1)
-    print(json.dumps(figures, indent=2))
+    emit(figures, args.out)
 
 
 if __name__ == "__main__":
