@@ -6,8 +6,8 @@ embedded tiny base and on the SD 1.5 architecture (random weights) at small late
 Each (architecture, method) runs in its own process, so peak memory (max RSS on the CPU, max allocated on a GPU)
 is its own. A step is what `svdiff train` does per step, minus the VAE and data loading (the same for every
 method): text encoder and UNet forward, the loss, backward, AdamW. Parameters are set up by the trainer's own
-`svdiff.train.methods.prepare` (svdiff: preset all with the text encoder; LoRA rank 4 on the attention projections
-of both; full: every weight of both).
+`svdiff.train.methods.prepare` (svdiff: preset all with the text encoder; svdiff-attn: preset attn, the same
+attention projections LoRA adapts; LoRA rank 4 on the attention projections of both; full: every weight of both).
 """
 
 import argparse
@@ -23,7 +23,8 @@ import torch
 
 from common import emit, machine
 
-METHODS = ("svdiff", "lora", "full")
+# svdiff-attn: spectral shifts on the layers LoRA adapts (preset attn), the like-for-like comparison with LoRA.
+METHODS = ("svdiff", "svdiff-attn", "lora", "full")
 
 
 def components(arch: str, device: str):
@@ -43,7 +44,10 @@ def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, dev
 
     unet, text_encoder = components(arch, device)
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    args = train_args(method=method, instance_data_dir="-", instance_prompt="-", progress=False)
+    preset = "attn" if method == "svdiff-attn" else "all"
+    args = train_args(
+        method=method.split("-")[0], preset=preset, instance_data_dir="-", instance_prompt="-", progress=False
+    )
     from svdiff.train.args import check
 
     check(args)
@@ -133,9 +137,9 @@ def main() -> None:
     ratios = {}
     for arch in args.archs:
         step = {r["method"]: r["step_seconds"] for r in rows if r["arch"] == arch}
-        for other in ("lora", "full"):
-            if "svdiff" in step and other in step:
-                ratios[f"{arch}_svdiff_over_{other}_step"] = round(step["svdiff"] / step[other], 3)
+        for mine, other in (("svdiff", "lora"), ("svdiff", "full"), ("svdiff-attn", "lora")):
+            if mine in step and other in step:
+                ratios[f"{arch}_{mine}_over_{other}_step"] = round(step[mine] / step[other], 3)
     emit(
         {
             "benchmark": "train_methods",

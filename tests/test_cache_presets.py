@@ -185,3 +185,16 @@ def test_zero_matrix_cache_entry_is_kept(cache):
     (entry,) = cache.entries()
     assert cache.get(entry.stem, zero) is not None
     assert entry.exists()
+
+
+def test_attn_preset_is_the_layers_lora_adapts(sd15):
+    from svdiff.train.methods import LORA_TARGETS
+
+    for component, suffixes in LORA_TARGETS.items():
+        model = sd15[component]
+        chosen = {t.name.removesuffix(".weight") for t in find_targets(model, "attn")}
+        lora = {
+            n for n, m in model.named_modules() if any(n.endswith("." + s) for s in suffixes) and hasattr(m, "weight")
+        }
+        assert chosen == lora and chosen
+    assert sum(t.length for t in find_targets(sd15["unet"], "attn")) == 93_696

@@ -19,6 +19,7 @@ from .kinds import Kind, kind_of
 
 _CA = re.compile(r"(^|\.)attn2\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 _CA_KV = re.compile(r"(^|\.)attn2\.(to_k|to_v)\.weight$")
+_ATTN = re.compile(r"\.(to_q|to_k|to_v|to_out\.0|q_proj|k_proj|v_proj|out_proj)\.weight$")
 
 
 def _block(prefix: str, ca: bool = False) -> Callable[[str, int], bool]:
@@ -29,6 +30,10 @@ PRESETS: dict[str, tuple[Callable[[str, int], bool], str]] = {
     "all": (lambda name, ndim: True, "every weight: linear, conv, embedding, norm scales"),
     "unet-ca": (lambda name, ndim: bool(_CA.search(name)), "cross-attention q, k, v, out (attn2)"),
     "unet-ca-kv": (lambda name, ndim: bool(_CA_KV.search(name)), "cross-attention k and v"),
+    "attn": (
+        lambda name, ndim: bool(_ATTN.search(name)),
+        "attention q, k, v, out of the UNet and the text encoder (the layers LoRA adapts)",
+    ),
     "unet-1d": (lambda name, ndim: ndim == 1, "1-D weights (norm scales)"),
     "unet-2d": (lambda name, ndim: ndim == 2, "2-D weights (linear layers)"),
     "unet-4d": (lambda name, ndim: ndim == 4, "4-D weights (conv kernels)"),
