@@ -50,10 +50,8 @@ def test_judge_reads_fresh_scenes(judge):
     from svdiff.world.quality import judge_accuracy
 
     acc = judge_accuracy(judge, n_scenes=150, seed=123)
-    for key in ("color", "pattern", "position"):
+    for key in ("shape", "color", "pattern", "position"):
         assert acc[key] >= 0.97, acc
-    # Shape is the judge's weakest reading (0.90 on 2000 fresh scenes; see the README).
-    assert acc["shape"] >= 0.88, acc
 
 
 @needs_judge

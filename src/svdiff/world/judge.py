@@ -229,7 +229,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the shapes-world judge.")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=7000)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1)
