@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from svdiff.edit import DEFAULT_EDIT_STEPS
+
 from common import emit, machine
 
 KINDS = ("color", "pattern", "shape", "position")
@@ -72,7 +74,7 @@ def judge_edit(judge, image: Image.Image, source, target, kind: str) -> tuple[bo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenes", type=int, default=20)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=DEFAULT_EDIT_STEPS)
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--runs", type=Path, default=Path("runs/edit"))

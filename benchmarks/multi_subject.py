@@ -124,7 +124,7 @@ def score(judge, images, pair, refs, threshold) -> dict:
     return {k: round(v / len(images), 4) for k, v in counts.items()}
 
 
-def train_pair(runs: Path, pair, config: str, steps: int) -> tuple[Path, float]:
+def train_pair(runs: Path, pair, config: str, settings: dict, steps: int) -> tuple[Path, float]:
     from svdiff.train import train, train_args
 
     out = runs / f"{'+'.join(pair)}" / config.replace(" ", "_")
@@ -145,7 +145,7 @@ def train_pair(runs: Path, pair, config: str, steps: int) -> tuple[Path, float]:
                 checkpointing_steps=max(100, steps // 4),
                 resume_from_checkpoint="latest",
                 report_to="none",
-                **CONFIGS[config],
+                **settings,
             )
         )
     return weights, json.loads((out / "train_summary.json").read_text())["minutes"]
@@ -159,6 +159,9 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("runs/multi_subject"))
     p.add_argument("--out", default="docs/results/multi_subject/multi_subject.json")
     p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
+    p.add_argument(
+        "--unmix_sweep", type=float, nargs="*", default=[], help="more Unmix weights for the same-class pair"
+    )
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder
@@ -178,8 +181,16 @@ def main() -> None:
         threshold = calibrate(judge, pair, refs)
         a, b = (subject_phrase(n) for n in pair)
         results[pair_name] = {"subjects": list(pair), "identity_threshold": round(threshold, 4), "configs": {}}
-        for config in CONFIGS:
-            weights, minutes = train_pair(args.runs, pair, config, args.steps)
+        configs = dict(CONFIGS)
+        if pair_name == "same class":  # the Unmix weight sweep that chose the default
+            configs.update(
+                {
+                    f"Cut-Mix-Unmix, weight {w:g}": {"cut_mix_unmix_prob": 0.6, "unmix_weight": w}
+                    for w in args.unmix_sweep
+                }
+            )
+        for config, settings in configs.items():
+            weights, minutes = train_pair(args.runs, pair, config, settings, args.steps)
             load_shifts(pipe, weights, "pair", progress=False)
             fuse(pipe)
             images = []
