@@ -1,31 +1,29 @@
-"""Training on the embedded base really personalizes: the loss falls and, by the shapes-world judge, pictures of
-the subject's prompt look like its photos afterwards, not before. And `svdiff demo` writes what it promises."""
+"""Training on the embedded base really fits the subject: afterwards the pipeline denoises the subject's photos
+under its prompt better than the base does, at the same noise and timesteps. And `svdiff demo` writes what it
+promises."""
 
 import json
 from pathlib import Path
 
 from svdiff.data.images import load_image_folder
-from svdiff.demo import judge_subject, run_demo
+from svdiff.demo import run_demo, subject_loss
 from svdiff.models import fuse, load_shifts
-from svdiff.sample import load_pipeline, sample
+from svdiff.sample import load_pipeline
 from svdiff.train import train
 from tiny_models import PROMPT, SUBJECT, quick
 
 
-def test_a_short_run_on_the_embedded_base_learns_the_subject(tmp_path):
-    summary = train(quick(None, tmp_path, max_train_steps=150))
-    losses = [v for _, v in json.loads((tmp_path / "loss.json").read_text())]
-    assert sum(losses[-40:]) / 40 < 0.8 * sum(losses[:40]) / 40
-
-    references = load_image_folder(SUBJECT)
+def test_a_short_run_on_the_embedded_base_fits_the_subject(tmp_path):
+    summary = train(quick(None, tmp_path, max_train_steps=200))
+    photos = load_image_folder(SUBJECT)
     pipe = load_pipeline(None)
-    before = sample(pipe, PROMPT, num_images=8, guidance_scale=5.0, progress=False)
+    before = subject_loss(pipe, photos, PROMPT)
     load_shifts(pipe, summary["weights"], progress=False)
     fuse(pipe)
-    after = sample(pipe, PROMPT, num_images=8, guidance_scale=5.0, progress=False)
-    similarity_before = judge_subject(before, references, PROMPT)["similarity"]
-    similarity_after = judge_subject(after, references, PROMPT)["similarity"]
-    assert similarity_after > similarity_before + 0.2, (similarity_before, similarity_after)
+    after = subject_loss(pipe, photos, PROMPT)
+    assert after < 0.93 * before, (before, after)  # 0.189 → 0.167 when written
+    # The fit belongs to the prompt: under another prompt the same photos are denoised worse.
+    assert subject_loss(pipe, photos, "a photo of a green square") > after
 
 
 def test_demo_writes_pictures_shift_file_and_figures(tmp_path):
@@ -35,5 +33,6 @@ def test_demo_writes_pictures_shift_file_and_figures(tmp_path):
     assert Path(result["picture"]).is_file() and Path(result["shift_file"]).is_file()
     assert result["shift_file_bytes"] == Path(result["shift_file"]).stat().st_size
     assert len(list((tmp_path / "class_images").glob("class-*.png"))) == 2
+    assert result["subject_loss_before"] > 0 and result["subject_loss_after"] > 0
     for key in ("judge_before", "judge_after", "class_prompt_before", "class_prompt_after"):
         assert -1.0 <= result[key]["similarity"] <= 1.0 and 0.0 <= result[key]["shape_correct"] <= 1.0

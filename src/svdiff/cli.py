@@ -225,8 +225,10 @@ def cmd_train(args) -> int:
     defaults = vars(train_args())
     summary = train(train_args(**{k: getattr(args, k) for k in defaults}))
     if summary:
-        print(f"wrote {summary['weights']} ({summary['weights_bytes'] / 1e6:.2f} MB) after {summary['steps']} steps "
-              f"in {summary['minutes']:.1f} min; samples in {summary['samples']}")
+        print(
+            f"wrote {summary['weights']} ({summary['weights_bytes'] / 1e6:.2f} MB) after {summary['steps']} steps "
+            f"in {summary['minutes']:.1f} min; samples in {summary['samples']}"
+        )
     return 0
 
 
@@ -235,13 +237,22 @@ def cmd_demo(args) -> int:
 
     r = run_demo(args.output_dir, args.subject, args.max_train_steps, args.num_class_images, seed=args.seed)
     before, after = r["judge_before"], r["judge_after"]
-    print(f"trained {r['instance_prompt']!r} for {r['steps']} steps in {r['train_minutes']:.1f} min "
-          f"({r['total_minutes']:.1f} min in all)")
+    print(
+        f"trained {r['instance_prompt']!r} for {r['steps']} steps in {r['train_minutes']:.1f} min "
+        f"({r['total_minutes']:.1f} min in all)"
+    )
     print(f"shift file: {r['shift_file']} ({r['shift_file_bytes'] / 1e3:.0f} kB)")
-    print(f"judge similarity to the subject's photos: {before['similarity']:.3f} before, "
-          f"{after['similarity']:.3f} after")
-    print(f"class prompt drawn as its shape: {r['class_prompt_before']['shape_correct']:.0%} before, "
-          f"{r['class_prompt_after']['shape_correct']:.0%} after")
+    print(
+        f"denoising loss on the subject's photos: {r['subject_loss_before']:.4f} before, "
+        f"{r['subject_loss_after']:.4f} after"
+    )
+    print(
+        f"judge similarity to the subject's photos: {before['similarity']:.3f} before, {after['similarity']:.3f} after"
+    )
+    print(
+        f"class prompt drawn as its shape: {r['class_prompt_before']['shape_correct']:.0%} before, "
+        f"{r['class_prompt_after']['shape_correct']:.0%} after"
+    )
     print(f"before/after grid: {r['picture']}")
     return 0
 

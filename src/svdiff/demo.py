@@ -38,6 +38,31 @@ def judge_subject(images, references, prompt: str) -> dict:
     }
 
 
+@torch.no_grad()
+def subject_loss(pipe, images, prompt: str, timesteps=range(50, 1000, 100), seed: int = 0) -> float:
+    """How well a pipeline denoises the subject's own photos under its prompt: the training loss (ε or v) at
+    fixed timesteps with fixed noise, averaged. Lower after training means the photos were learned."""
+    from diffusers import DDPMScheduler
+
+    from .data.images import to_model_input
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pixels = torch.stack([to_model_input(im, size) for im in images]).to(pipe.device, pipe.vae.dtype)
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    context = pipe.encode_prompt([prompt] * len(images), pipe.device, 1, False)[0]
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=g).to(latents)
+        tt = torch.full((len(images),), t, device=latents.device)
+        pred = pipe.unet(scheduler.add_noise(latents, noise, tt), tt, context).sample
+        v = scheduler.config.prediction_type == "v_prediction"
+        target = scheduler.get_velocity(latents, noise, tt) if v else noise
+        losses.append(float(((pred.float() - target.float()) ** 2).mean()))
+    return round(sum(losses) / len(losses), 5)
+
+
 def run_demo(
     output_dir: str | Path = "demo-output",
     subject: str | Path = "examples/subjects/heart_sks",
@@ -88,11 +113,14 @@ def run_demo(
             for p in prompts
         ]
 
+    references = load_image_folder(subject)
     pipe = load_pipeline(None)
     before = draw(pipe)
+    loss_before = subject_loss(pipe, references, instance_prompt)
     load_shifts(pipe, summary["weights"], progress=False)
     fuse(pipe)
     after = draw(pipe)
+    loss_after = subject_loss(pipe, references, instance_prompt)
 
     rows, labels = [], []
     for prompt, b, a in zip(prompts, before, after, strict=True):
@@ -101,7 +129,6 @@ def run_demo(
     picture = output_dir / "before_after.png"
     grid(rows, cols=images_per_prompt, labels=labels).save(picture)
 
-    references = load_image_folder(subject)
     subject_before = [im for imgs in before[:-1] for im in imgs]
     subject_after = [im for imgs in after[:-1] for im in imgs]
     result = {
@@ -112,6 +139,8 @@ def run_demo(
         "total_minutes": round((time.time() - began) / 60, 2),
         "shift_file": summary["weights"],
         "shift_file_bytes": summary["weights_bytes"],
+        "subject_loss_before": loss_before,
+        "subject_loss_after": loss_after,
         "judge_before": judge_subject(subject_before, references, instance_prompt),
         "judge_after": judge_subject(subject_after, references, instance_prompt),
         "class_prompt_before": judge_subject(before[-1], references, class_prompt),

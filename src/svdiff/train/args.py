@@ -14,7 +14,7 @@ METHODS = ("svdiff", "lora", "full")
 DEFAULT_LR = {"svdiff": 1e-3, "lora": 5e-4, "full": 5e-6}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DTYPES = ("fp32", "fp16", "bf16")
-UNMIX_WEIGHT = 1000.0
+UNMIX_WEIGHT = 50.0
 
 
 def _flag(p, name: str, **kw) -> None:
