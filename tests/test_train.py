@@ -166,7 +166,7 @@ def _run(base, out, *extra):
 def test_kill_9_then_resume_is_bit_exact(base, tmp_path):
     flags = (
         "--max_train_steps",
-        "24",
+        "120",
         "--checkpointing_steps",
         "4",
         "--save_dtype",
@@ -188,7 +188,7 @@ def test_kill_9_then_resume_is_bit_exact(base, tmp_path):
     deadline = time.time() + 120
     while not (tmp_path / "killed" / "checkpoint-8").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(random.Random(0).uniform(0.0, 0.5))  # somewhere after step 8, maybe while writing checkpoint 12
+    time.sleep(random.Random(0).uniform(0.0, 0.15))  # somewhere after step 8, maybe while writing a checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / WEIGHTS_NAME).exists(), "the run ended before it was killed"
@@ -200,7 +200,7 @@ def test_kill_9_then_resume_is_bit_exact(base, tmp_path):
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     summary = json.loads((tmp_path / "killed" / "train_summary.json").read_text())
-    assert 0 < summary["steps_this_run"] < 24
+    assert 0 < summary["steps_this_run"] < 120
 
 
 def test_two_processes_split_the_global_batch(base, tmp_path):
