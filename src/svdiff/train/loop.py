@@ -406,7 +406,7 @@ def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weig
         target = noise
     per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma:
-        per_example = per_example * _snr_weight(noise_scheduler, t, args.snr_gamma).to(per_example)
+        per_example = per_example * snr_weight(noise_scheduler, t, args.snr_gamma).to(per_example)
     extra = _unmix_term(args, batch, unmix, tokenizer, latents.shape[-2:])
     if not args.with_prior_preservation:
         return per_example.mean() + extra
@@ -427,7 +427,7 @@ def _unmix_term(args, batch, unmix, tokenizer, latent_size) -> torch.Tensor | fl
     return args.unmix_weight * unmix.loss([(b, left, right) for b in range(instances)], tuple(latent_size))
 
 
-def _snr_weight(noise_scheduler, t, gamma: float) -> torch.Tensor:
+def snr_weight(noise_scheduler, t, gamma: float) -> torch.Tensor:
     """Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v-prediction,
     written so that SNR = 0 (a zero-terminal-SNR schedule's last step) gives a finite weight."""
     a = noise_scheduler.alphas_cumprod.to(t.device)[t].double()

@@ -122,6 +122,15 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def sample_timesteps(n: int, total: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Training timesteps: uniform for shift 1; shift > 1 moves them towards the noisy end (u ↦ s·u / (1 + (s−1)·u),
+    as SD3 does), where a picture's layout and shapes are decided."""
+    if shift == 1:
+        return torch.randint(0, total, (n,), generator=generator)
+    u = torch.rand(n, generator=generator)
+    return (total * shift * u / (1 + (shift - 1) * u)).long().clamp(max=total - 1)
+
+
 def save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int) -> None:
     """Model and Adam state in safetensors (no pickle), plus the step, written atomically."""
     tensors = {f"{name}.{k}": v.contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
@@ -287,7 +296,7 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, vae, args, wo
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         z0 = latents[idx] * args.scaling_factor
         noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        t = sample_timesteps(len(idx), noise_scheduler.config.num_train_timesteps, args.timestep_shift, gen)
         z0, noise, t, ids = z0.to(args.device), noise.to(args.device), t.to(args.device), ids.to(args.device)
         zt = noise_scheduler.add_noise(z0, noise, t)
         for g in opt.param_groups:
@@ -359,6 +368,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--caption_dropout", type=float, default=0.1)
+    p.add_argument("--timestep_shift", type=float, default=1.0, help="> 1 trains more often at high noise")
     p.add_argument("--checkpoint_every", type=int, default=250)
     p.add_argument("--preview_every", type=int, default=1000, help="a multiple of --checkpoint_every")
     return p.parse_args(argv)
