@@ -162,3 +162,14 @@ def test_token_positions():
     prompt = "a photo of a sks heart on the left and a zwx star on the right"
     assert len(token_positions(tokenizer, prompt, "sks")) == 1
     assert token_positions(tokenizer, prompt, "sks") < token_positions(tokenizer, prompt, "zwx")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_cut_mix_unmix_works_for_the_baselines(tmp_path, method):
+    concepts = two_subjects(tmp_path, "heart_sks", "star_zwx")
+    args = quick(
+        None, tmp_path / method, concepts_list=str(concepts), cut_mix_unmix_prob=1.0, method=method, max_train_steps=2
+    )
+    assert Path(train(args)["weights"]).is_file()
+    losses = [v for _, v in json.loads((tmp_path / method / "loss.json").read_text())]
+    assert len(losses) == 2 and all(v == v for v in losses)
