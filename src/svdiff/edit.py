@@ -19,7 +19,7 @@ from .data.images import to_model_input
 from .errors import SvdiffError
 
 # Fine-tuning steps of `svdiff edit`; benchmarks/edit.py measures what they give on the embedded base.
-DEFAULT_EDIT_STEPS = 200
+DEFAULT_EDIT_STEPS = 400
 
 
 def slerp(alpha: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
