@@ -21,7 +21,7 @@ def test_a_short_run_on_the_embedded_base_fits_the_subject(tmp_path):
     load_shifts(pipe, summary["weights"], progress=False)
     fuse(pipe)
     after = subject_loss(pipe, photos, PROMPT)
-    assert after < 0.93 * before, (before, after)  # 0.189 → 0.167 when written
+    assert after < 0.95 * before, (before, after)  # 0.193 → 0.175 when written
     # The fit belongs to the prompt: under another prompt the same photos are denoised worse.
     assert subject_loss(pipe, photos, "a photo of a green square") > after
 

@@ -368,7 +368,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--caption_dropout", type=float, default=0.1)
-    p.add_argument("--timestep_shift", type=float, default=1.0, help="> 1 trains more often at high noise")
+    p.add_argument("--timestep_shift", type=float, default=3.0, help="> 1 trains more often at high noise")
     p.add_argument("--checkpoint_every", type=int, default=250)
     p.add_argument("--preview_every", type=int, default=1000, help="a multiple of --checkpoint_every")
     return p.parse_args(argv)
