@@ -45,6 +45,7 @@ def subject_loss(pipe, images, prompt: str, timesteps=range(50, 1000, 100), seed
     from diffusers import DDPMScheduler
 
     from .data.images import to_model_input
+    from .train.loop import training_target
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -57,8 +58,7 @@ def subject_loss(pipe, images, prompt: str, timesteps=range(50, 1000, 100), seed
         noise = torch.randn(latents.shape, generator=g).to(latents)
         tt = torch.full((len(images),), t, device=latents.device)
         pred = pipe.unet(scheduler.add_noise(latents, noise, tt), tt, context).sample
-        v = scheduler.config.prediction_type == "v_prediction"
-        target = scheduler.get_velocity(latents, noise, tt) if v else noise
+        target = training_target(scheduler, latents, noise, tt)
         losses.append(float(((pred.float() - target.float()) ** 2).mean()))
     return round(sum(losses) / len(losses), 5)
 

@@ -400,10 +400,7 @@ def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weig
         context = text_encoder(ids)[0]
     with unmix.capturing_maps() if unmix is not None else contextlib.nullcontext():
         pred = unet(noisy, t, context).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
+    target = training_target(noise_scheduler, latents, noise, t)
     per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma:
         per_example = per_example * snr_weight(noise_scheduler, t, args.snr_gamma).to(per_example)
@@ -412,6 +409,13 @@ def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weig
         return per_example.mean() + extra
     instance, prior = per_example.chunk(2)
     return instance.mean() + args.prior_loss_weight * prior.mean() + extra
+
+
+def training_target(noise_scheduler, latents, noise, t) -> torch.Tensor:
+    """What the UNet is trained to predict: the velocity for v-prediction, else the noise."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, t)
+    return noise
 
 
 def _unmix_term(args, batch, unmix, tokenizer, latent_size) -> torch.Tensor | float:
