@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test demo lint clean
+.PHONY: test demo bench bench-quick lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(STAMP)
 # The main job on the embedded tiny base: personalize an example subject, then before/after pictures and figures.
 demo: $(STAMP)
 	$(BIN)/svdiff demo --output_dir demo-output
+
+# The evidence report: every benchmark, the paper's claims checked (about an hour; bench-quick about 15 minutes).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/report.py --out docs/results/report
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/report.py --quick --out runs/bench-quick/report
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -6,7 +6,11 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+
+SUBJECTS = Path(__file__).parents[1] / "examples" / "subjects"
 
 
 def machine(device: str = "cpu") -> dict:
@@ -31,3 +35,73 @@ def emit(result: dict, out: str | None) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
     sys.stdout.flush()
+
+
+def card(name: str) -> dict:
+    return json.loads((SUBJECTS / name / "subject.json").read_text())
+
+
+def subject_phrase(name: str) -> str:
+    c = card(name)
+    return f"{c['identifier']} {c['class_word']}"
+
+
+def isolate(image: Image.Image, side: str) -> Image.Image:
+    """The image with the other half painted over in this half's border color."""
+    a = np.asarray(image.convert("RGB")).copy()
+    w = a.shape[1] // 2
+    keep = a[:, :w] if side == "left" else a[:, w:]
+    border = np.median(np.concatenate([keep[0], keep[-1], keep[:, 0], keep[:, -1]]), axis=0)
+    if side == "left":
+        a[:, w:] = border
+    else:
+        a[:, :w] = border
+    return Image.fromarray(a)
+
+
+def embed(judge, images) -> torch.Tensor:
+    from svdiff.world.judge import read
+
+    return torch.stack([r["embedding"] for r in read(judge, images)])
+
+
+def train_subject(runs: Path, name: str, method: str, steps: int, identifier: str | None = None) -> dict:
+    """Personalizes one example subject with prior preservation (the demo's recipe) and returns the run's summary.
+    `identifier` trains it under another subject's word (for interpolation, the paper's protocol). Runs are kept
+    in `runs` and reused; delete a folder to retrain it."""
+    from svdiff.train import train, train_args
+
+    c = card(name)
+    prompt = c["instance_prompt"] if identifier is None else c["instance_prompt"].replace(c["identifier"], identifier)
+    out = runs / f"{name}-as-{identifier}" if identifier else runs / name
+    out = out / f"{method}-{steps}-steps"
+    summary = out / "train_summary.json"
+    if not summary.is_file():
+        train(
+            train_args(
+                instance_data_dir=str(SUBJECTS / name),
+                instance_prompt=prompt,
+                with_prior_preservation=True,
+                class_data_dir=str(runs / f"class-{c['class_word']}"),
+                class_prompt=c["class_prompt"],
+                num_class_images=50,
+                sample_batch_size=25,
+                method=method,
+                max_train_steps=steps,
+                output_dir=str(out),
+                checkpointing_steps=0,
+                validation_steps=0,
+                num_validation_images=1,
+                report_to="none",
+                progress=False,
+            )
+        )
+    return json.loads(summary.read_text())
+
+
+def files_bytes(summary: dict) -> int:
+    """What a run has to ship: the shift or LoRA file, or every fine-tuned component's weights."""
+    weights = Path(summary["weights"])
+    if summary["method"] == "full":
+        return sum(f.stat().st_size for f in weights.parent.parent.glob("*/*.safetensors"))
+    return weights.stat().st_size

@@ -126,6 +126,8 @@ def main() -> None:
 
     def summarize(method, inversion, kinds):
         cells = [r for k in kinds for r in tally[(method, inversion, k)]]
+        if not cells:
+            return {"success": None, "kept": None, "edits": 0}
         return {
             "success": round(sum(s for s, _ in cells) / len(cells), 3),
             "kept": round(sum(k for _, k in cells) / len(cells), 3),

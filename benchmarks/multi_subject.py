@@ -25,12 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from common import emit, machine
+from common import SUBJECTS, card, embed, emit, isolate, machine, subject_phrase
 
-SUBJECTS = Path(__file__).parents[1] / "examples" / "subjects"
 PAIRS = {"same class": ("heart_sks", "heart_xyz"), "different class": ("heart_sks", "star_zwx")}
 CONFIGS = {
     "no Cut-Mix-Unmix": {"cut_mix_unmix_prob": 0.0},
@@ -46,28 +44,6 @@ PROMPTS = (
 )
 
 
-def card(name: str) -> dict:
-    return json.loads((SUBJECTS / name / "subject.json").read_text())
-
-
-def subject_phrase(name: str) -> str:
-    c = card(name)
-    return f"{c['identifier']} {c['class_word']}"
-
-
-def isolate(image: Image.Image, side: str) -> Image.Image:
-    """The image with the other half painted over in this half's border color."""
-    a = np.asarray(image.convert("RGB")).copy()
-    w = a.shape[1] // 2
-    keep = a[:, :w] if side == "left" else a[:, w:]
-    border = np.median(np.concatenate([keep[0], keep[-1], keep[:, 0], keep[:, -1]]), axis=0)
-    if side == "left":
-        a[:, w:] = border
-    else:
-        a[:, :w] = border
-    return Image.fromarray(a)
-
-
 def seam(image: Image.Image) -> bool:
     """A hard seam at the middle: across most rows (more than an object's height), a color jump between the two
     middle columns."""
@@ -75,12 +51,6 @@ def seam(image: Image.Image) -> bool:
     mid = a.shape[1] // 2
     jump = np.abs(a[:, mid] - a[:, mid - 1]).mean(axis=1)  # per row
     return bool((jump > 12).mean() > 0.6)
-
-
-def embed(judge, images) -> torch.Tensor:
-    from svdiff.world.judge import read
-
-    return torch.stack([r["embedding"] for r in read(judge, images)])
 
 
 def calibrate(judge, pair, refs, n: int = 64) -> float:
@@ -156,6 +126,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seeds", type=int, default=16)
     p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--runs", type=Path, default=Path("runs/multi_subject"))
     p.add_argument("--out", default="docs/results/multi_subject/multi_subject.json")
     p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
@@ -176,7 +147,8 @@ def main() -> None:
     judge = load(default_judge())
     pipe = load_pipeline(None)
     results, rows, labels = {}, [], []
-    for pair_name, pair in PAIRS.items():
+    for pair_name in args.pairs:
+        pair = PAIRS[pair_name]
         refs = {n: embed(judge, load_image_folder(SUBJECTS / n)) for n in pair}
         threshold = calibrate(judge, pair, refs)
         a, b = (subject_phrase(n) for n in pair)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import SvdiffError
@@ -43,39 +42,14 @@ def _base_flag(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_targets(args) -> int:
-    import torch
-
-    from .io import save_shift_file
-    from .models import base_name, load_components
-    from .spectral import PRESETS, find_targets
+    from .io import count_targets
+    from .spectral import PRESETS
 
     if args.list:
         for name, (_, text) in PRESETS.items():
             print(f"{name:12s} {text}")
         return 0
-    components = load_components(args.base, meta=True)
-    report = {"base": base_name(args.base), "preset": args.preset, "components": {}}
-    tensors = {}
-    for component, model in components.items():
-        targets = find_targets(model, args.preset, args.include, args.exclude)
-        report["components"][component] = {"tensors": len(targets), "values": sum(t.length for t in targets)}
-        tensors.update({f"{component}.{t.name}": torch.zeros(t.length) for t in targets})
-    report["values"] = sum(c["values"] for c in report["components"].values())
-    with tempfile.TemporaryDirectory() as tmp:  # real file sizes: write the (zero) shifts with real metadata
-        for dtype in ("fp16", "fp32"):
-            size = 0
-            if tensors:
-                prints = {c: {"shapes": "0" * 16, "probe": [0.0] * 64} for c in components}
-                path = save_shift_file(
-                    f"{tmp}/{dtype}.safetensors",
-                    tensors,
-                    base_model=report["base"],
-                    fingerprint=prints,
-                    preset=args.preset,
-                    dtype=dtype,
-                )
-                size = path.stat().st_size
-            report[f"file_bytes_{dtype}"] = size
+    report = count_targets(args.base, args.preset, args.include, args.exclude)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -406,6 +406,39 @@ def check_against(shift_file: ShiftFile, targets: dict[str, dict[str, int]], fin
 # --- inspecting ---
 
 
+def count_targets(base, preset: str, include=None, exclude=None) -> dict:
+    """How many shifts a preset trains on a base (a built-in architecture is built on the meta device, never
+    downloaded), per component and in all, and the real size of its shift file in fp16 and fp32."""
+    import tempfile
+
+    from svdiff.models import base_name, load_components
+
+    components = load_components(base, meta=True)
+    report = {"base": base_name(base), "preset": preset, "components": {}}
+    tensors = {}
+    for component, model in components.items():
+        targets = find_targets(model, preset, include, exclude)
+        report["components"][component] = {"tensors": len(targets), "values": sum(t.length for t in targets)}
+        tensors.update({f"{component}.{t.name}": torch.zeros(t.length) for t in targets})
+    report["values"] = sum(c["values"] for c in report["components"].values())
+    with tempfile.TemporaryDirectory() as tmp:  # real file sizes: write the (zero) shifts with real metadata
+        for dtype in ("fp16", "fp32"):
+            size = 0
+            if tensors:
+                prints = {c: {"shapes": "0" * 16, "probe": [0.0] * 64} for c in components}
+                path = save_shift_file(
+                    f"{tmp}/{dtype}.safetensors",
+                    tensors,
+                    base_model=report["base"],
+                    fingerprint=prints,
+                    preset=preset,
+                    dtype=dtype,
+                )
+                size = path.stat().st_size
+            report[f"file_bytes_{dtype}"] = size
+    return report
+
+
 def summarize(shift_file: ShiftFile, top: int = 10) -> dict:
     """A JSON-able account of a file: metadata, size, counts per component, the `top` layers δ moved most."""
     layers = []

@@ -1,0 +1,173 @@
+"""Combining subjects after training, spectral shifts against full fine-tuning deltas: Eq. 4 (two subjects trained
+apart, added) and Eq. 5 (two subjects trained under one prompt, interpolated), judged and drawn.
+
+    HF_HUB_OFFLINE=1 python benchmarks/combine.py [--seeds 8] [--steps 400]
+        [--out docs/results/combine/combine.json]
+
+svdiff adds or interpolates the shifts δ (`--shifts A --shifts B`, `--interpolate A B --alpha a`); full fine-tuning
+does the same to its weight deltas ΔW = W_tuned − W_base, the only way it has. Eq. 4 is judged on the two halves of
+"sks heart on the left and zwx star on the right" (both shapes in place; each half closer to its own subject's
+photos than to the other's); Eq. 5 by the judge's similarity to A's photos minus that to B's, which should climb
+with alpha. Runs are shared with benchmarks/single_subject.py (same --runs).
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from common import SUBJECTS, embed, emit, isolate, machine, train_subject
+
+METHODS = ("svdiff", "full")
+ADD = ("heart_sks", "star_zwx")
+ADD_PROMPTS = (
+    "a photo of sks heart on the left and zwx star on the right",
+    "a photo of zwx star on the right and sks heart on the left on a dark background",
+)
+INTERPOLATE = ("heart_sks", "heart_xyz")  # the second trained as "sks heart" too
+INTERPOLATE_PROMPTS = ("a photo of sks heart", "a photo of sks heart on the right on a beige background")
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class FullDeltas:
+    """Weight deltas of fully fine-tuned runs, applied to the base as W_base + Σ scale·ΔW."""
+
+    def __init__(self, pipe, summaries: dict):
+        self.pipe = pipe
+        self.base = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()} for n in self.names}
+        self.deltas = {}
+        for key, summary in summaries.items():
+            folder = Path(summary["weights"]).parent.parent
+            self.deltas[key] = {}
+            for n in self.names:
+                tuned = load_file(str(next((folder / n).glob("*.safetensors"))))
+                self.deltas[key][n] = {k: tuned[k] - self.base[n][k] for k in self.base[n]}
+
+    names = ("unet", "text_encoder")
+
+    def set(self, scales: dict) -> None:
+        for n in self.names:
+            state = {
+                k: v + sum(s * self.deltas[key][n][k] for key, s in scales.items()) for k, v in self.base[n].items()
+            }
+            getattr(self.pipe, n).load_state_dict(state)
+
+
+def add_scores(judge, images, refs) -> dict:
+    from svdiff.world.judge import read
+
+    present = sides = 0
+    for image in images:
+        slots = read(judge, [image])[0]["slots"]
+        present += all(
+            slots[s] is not None and slots[s]["shape"] == shape for s, shape in (("left", "heart"), ("right", "star"))
+        )
+        ok = 0
+        for k, side in enumerate(("left", "right")):
+            e = embed(judge, [isolate(image, side)])
+            sims = [float((e @ refs[n].T).mean()) for n in ADD]
+            ok += sims[k] > sims[1 - k]
+        sides += ok == 2
+    return {"both_present": round(present / len(images), 4), "both_sides_own_subject": round(sides / len(images), 4)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--runs", type=Path, default=Path("runs/subjects"))
+    p.add_argument("--out", default="docs/results/combine/combine.json")
+    p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
+    args = p.parse_args()
+
+    from svdiff.data.images import load_image_folder
+    from svdiff.models import unfuse, unload_shifts
+    from svdiff.pictures import grid
+    from svdiff.sample import apply_shifts, load_pipeline, sample
+    from svdiff.world import default_judge
+    from svdiff.world.judge import load
+
+    began = time.time()
+    judge = load(default_judge())
+    refs = {n: embed(judge, load_image_folder(SUBJECTS / n)) for n in {*ADD, *INTERPOLATE}}
+    runs = {
+        (m, key): train_subject(args.runs, name, m, args.steps, identifier=ident)
+        for m in METHODS
+        for key, name, ident in (("A", "heart_sks", None), ("B", "star_zwx", None), ("C", "heart_xyz", "sks"))
+    }
+
+    def draw(pipe, prompts):
+        images = []
+        for prompt in prompts:
+            images += sample(pipe, prompt, num_images=args.seeds, guidance_scale=args.guidance_scale, progress=False)
+        return images
+
+    pipe = load_pipeline(None)
+    full = FullDeltas(pipe, {k: s for (m, k), s in runs.items() if m == "full"})
+    results, rows, labels = {"add": {}, "interpolate": {}}, [], []
+
+    def setting(method: str, scales: dict):
+        """Puts the combination on the pipeline: shifts loaded and fused, or full deltas written into the weights."""
+        if method == "full":
+            full.set(scales)
+            return
+        shifts = [(runs[("svdiff", k)]["weights"], s) for k, s in scales.items()]
+        apply_shifts(pipe, shifts)
+
+    def clear(method: str):
+        if method == "full":
+            full.set({})
+        else:
+            unfuse(pipe)
+            unload_shifts(pipe)
+
+    for method in METHODS:
+        setting(method, {"A": 1.0, "B": 1.0})
+        images = draw(pipe, ADD_PROMPTS)
+        clear(method)
+        results["add"][method] = add_scores(judge, images, refs)
+        rows += images[: args.seeds]
+        labels.append(f"Eq. 4, {method}: sks heart + zwx star")
+
+        curve = []
+        for alpha in ALPHAS:
+            setting(method, {"A": alpha, "C": 1 - alpha})
+            images = draw(pipe, INTERPOLATE_PROMPTS)
+            clear(method)
+            e = embed(judge, images)
+            toward_a = float((e @ refs["heart_sks"].T).mean() - (e @ refs["heart_xyz"].T).mean())
+            curve.append({"alpha": alpha, "similarity_a_minus_b": round(toward_a, 4)})
+            rows += images[: args.seeds]
+            labels.append(f"Eq. 5, {method}: alpha {alpha:g}·A + {1 - alpha:g}·B")
+        values = [c["similarity_a_minus_b"] for c in curve]
+        results["interpolate"][method] = {
+            "curve": curve,
+            "monotone": all(a <= b for a, b in zip(values[:-1], values[1:], strict=True)),
+            "span": round(values[-1] - values[0], 4),
+        }
+        print(method, results["add"][method], results["interpolate"][method], flush=True)
+
+    picture = Path(args.picture or Path(args.out).with_suffix(".png"))
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    grid(rows, cols=args.seeds, labels=labels).save(picture)
+    emit(
+        {
+            "benchmark": "combine",
+            "machine": machine(),
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "add_prompts": list(ADD_PROMPTS),
+            "interpolate_prompts": list(INTERPOLATE_PROMPTS),
+            "guidance_scale": args.guidance_scale,
+            "results": results,
+            "picture": str(picture),
+            "minutes": round((time.time() - began) / 60, 1),
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

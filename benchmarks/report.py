@@ -1,0 +1,450 @@
+"""The evidence report: every benchmark run side by side, the paper's claims checked on the embedded tiny world, and
+svdiff's size, speed and memory against LoRA and full fine-tuning. `make bench` / `make bench-quick` run it.
+
+    HF_HUB_OFFLINE=1 python benchmarks/report.py [--quick | --smoke] [--out docs/results/report] [--runs runs/bench]
+
+Writes `report.md` (tables, pictures, each section's command and a plain verdict on the paper's claim) and
+`results.json` (every benchmark's JSON) into --out, beside the benchmarks' own JSON and PNG files. The full run
+takes about an hour on a 2-core CPU; --quick (fewer subjects, seeds and steps) about 15 minutes; --smoke (a few
+steps of everything, for CI) a few minutes and proves only that the pipeline of benchmarks runs. Trained runs are
+kept in --runs and reused, and a benchmark already run with the same command is not run again (its record is in
+--out/records/), so an interrupted report resumes; delete them to start afresh.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+# (key, title, script, {mode: arguments}); {out} is the report folder, {runs} the folder for trained runs.
+SECTIONS = (
+    ("world", "The embedded base", "world_quality.py", {"full": [], "quick": ["--quick"], "smoke": ["--quick"]}),
+    (
+        "storage",
+        "1. Storage",
+        "storage.py",
+        {"full": [], "quick": [], "smoke": ["--bases", "tiny"]},
+    ),
+    (
+        "single_subject",
+        "2. Single subject: svdiff vs full vs LoRA",
+        "single_subject.py",
+        {
+            "full": ["--runs", "{runs}/subjects"],
+            "quick": [
+                "--runs",
+                "{runs}/subjects",
+                "--subjects",
+                "2",
+                "--prompts",
+                "5",
+                "--seeds",
+                "2",
+                "--steps",
+                "200",
+            ],
+            "smoke": ["--runs", "{runs}/subjects", "--subjects", "1", "--prompts", "2", "--seeds", "1"]
+            + ["--steps", "2", "--methods", "svdiff", "lora"],
+        },
+    ),
+    (
+        "multi_subject",
+        "3a. Multi-subject: Cut-Mix-Unmix",
+        "multi_subject.py",
+        {
+            "full": ["--runs", "{runs}/multi_subject"],
+            "quick": ["--runs", "{runs}/multi_subject", "--steps", "300", "--seeds", "4", "--pairs", "same class"],
+            "smoke": ["--runs", "{runs}/multi_subject", "--steps", "2", "--seeds", "1", "--pairs", "same class"],
+        },
+    ),
+    (
+        "edit",
+        "3b. Single-image editing",
+        "edit.py",
+        {
+            "full": ["--runs", "{runs}/edit"],
+            "quick": ["--runs", "{runs}/edit", "--scenes", "4", "--steps", "200"],
+            "smoke": ["--runs", "{runs}/edit", "--scenes", "4", "--steps", "2", "--num_inference_steps", "4"],
+        },
+    ),
+    (
+        "combine",
+        "4. Combination (Eq. 4) and interpolation (Eq. 5)",
+        "combine.py",
+        {
+            "full": ["--runs", "{runs}/subjects"],
+            "quick": ["--runs", "{runs}/subjects", "--seeds", "4", "--steps", "200"],
+            "smoke": ["--runs", "{runs}/subjects", "--seeds", "1", "--steps", "2"],
+        },
+    ),
+    (
+        "svd_engine",
+        "5a. SVD of SD 1.5: engine vs per-layer torch.linalg.svd vs cache",
+        "svd_engine.py",
+        {"full": ["--per-shape", "2"], "quick": ["--per-shape", "1"], "smoke": ["--limit", "3"]},
+    ),
+    (
+        "step_flops",
+        "5b. Training-step FLOPs, SD 1.5 at 512 px",
+        "step_flops.py",
+        {"full": [], "quick": [], "smoke": []},
+    ),
+    (
+        "train_methods",
+        "5c. CPU training step: svdiff vs LoRA vs full",
+        "train_methods.py",
+        {"full": [], "quick": ["--steps", "3"], "smoke": ["--archs", "tiny", "--steps", "1"]},
+    ),
+    (
+        "compose",
+        "5d. Sampling with fused shifts vs the base",
+        "compose.py",
+        {"full": [], "quick": ["--repeats", "3"], "smoke": ["--repeats", "1", "--num_images", "2", "--steps", "2"]},
+    ),
+)
+
+
+def run_section(key: str, script: str, args: list[str], out: Path, runs: Path, mode: str) -> dict:
+    """Runs one benchmark into the report folder, or reuses the record of an earlier run of the same command
+    (so an interrupted report resumes where it stopped)."""
+    args = [a.format(out=out, runs=runs) for a in args]
+    if key == "compose":
+        args += ["--out-dir", str(out / "compose")]
+        json_path = out / "compose" / "compose.json"
+    else:
+        json_path = out / f"{key}.json"
+        args += ["--out", str(json_path)]
+    command = " ".join(["python", f"benchmarks/{script}", *args])
+    record_path = out / "records" / f"{key}.json"
+    if record_path.is_file() and json_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["command"] == command:
+            print(f"[{key}] reusing the earlier run of: {command}", file=sys.stderr, flush=True)
+            return record | {"result": json.loads(json_path.read_text())}
+    print(f"[{key}] {command}", file=sys.stderr, flush=True)
+    began = time.time()
+    done = subprocess.run([sys.executable, str(HERE / script), *args], stdout=subprocess.DEVNULL, cwd=HERE.parent)
+    if done.returncode:
+        raise SystemExit(f"benchmark {key} failed (exit {done.returncode}): {command}")
+    record = {"command": command, "seconds": round(time.time() - began, 1), "mode": mode}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record) + "\n")
+    return record | {"result": json.loads(json_path.read_text())}
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,d}"
+        return "–" if v is None else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(holds: bool, claim: str, detail: str) -> str:
+    return f"**Paper's claim — {claim}: {'holds here' if holds else 'does not hold here'}** ({detail})."
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 2**30:.2f} GiB"
+
+
+def render_world(r: dict) -> str:
+    base, pairs = r["base_unseen_single_object"], r["base_left_right_pairs"]
+    judge = r["judge_on_fresh_renders"]
+    return "\n\n".join(
+        [
+            "Everything below runs on the embedded tiny base, so its limits bound every figure: what the judge reads "
+            "and how well the base draws prompts it never saw.",
+            table(
+                ["", "shape", "color", "pattern", "place"],
+                [
+                    ["judge on fresh renders", judge["shape"], judge["color"], judge["pattern"], judge["position"]],
+                    ["base, unseen single objects", base["shape"], base["color"], base["pattern"], base["position"]],
+                ],
+            ),
+            f"Left/right pairs with both objects right: {pairs['both_correct']:.2f}. "
+            f"16 images, 25 DDIM steps: {r['sampling_16_images_25_ddim_steps_seconds']:.2f} s.",
+        ]
+    )
+
+
+def render_storage(r: dict) -> str:
+    rows = []
+    for base, row in r["bases"].items():
+        b32, b16 = row["bytes_fp32"], row["bytes_fp16"]
+        rows.append(
+            [
+                base,
+                mb(b16["svdiff_all"]),
+                mb(b32["svdiff_all"]),
+                mb(b16["svdiff_unet-ca-kv"]),
+                mb(b16["lora_r4"]),
+                mb(b32["custom_diffusion_kv"]),
+                mb(b32["full"]),
+                f"{row['full_over_svdiff_fp32']:,}×",
+            ]
+        )
+    text = [
+        table(
+            [
+                "base",
+                "svdiff all (fp16)",
+                "svdiff all (fp32)",
+                "svdiff unet-ca-kv (fp16)",
+                "LoRA r4 (fp16)",
+                "Custom Diffusion K/V (fp32)",
+                "full UNet + text encoder (fp32)",
+                "full / svdiff (fp32)",
+            ],
+            rows,
+        ),
+        "svdiff sizes are real shift files (metadata included); the others are parameter count × bytes per value. "
+        f"The paper: {r['paper']['svdiff_mb']} MB against {r['paper']['full_gb']} GB, ≈{r['paper']['ratio']:,}×; "
+        f"Custom Diffusion {r['paper']['custom_diffusion_mb']} MB.",
+    ]
+    if "sd15" in r["bases"]:
+        sd = r["bases"]["sd15"]
+        ours = sd["bytes_fp32"]["svdiff_all"]
+        text.append(
+            verdict(
+                ours < 2e6 and sd["full_over_svdiff_fp32"] > 2000,
+                "≈1.7 MB per subject, ≈2,200× smaller than a full checkpoint on SD 1.x",
+                f"SD 1.5: {mb(ours)} in fp32, {sd['full_over_svdiff_fp32']:,}× smaller",
+            )
+        )
+    return "\n\n".join(text)
+
+
+def render_single_subject(r: dict) -> str:
+    s = r["summary"]
+    methods = [m for m in ("base", "svdiff", "full", "lora") if m in s]
+    rows = [
+        [
+            m,
+            s[m]["subject_similarity"],
+            s[m]["prompt_accuracy"],
+            s[m].get("class_drift"),
+            s[m]["class_correct"],
+            mb(s[m]["bytes"]) if "bytes" in s[m] else "–",
+            s[m].get("train_minutes"),
+        ]
+        for m in methods
+    ]
+    text = [
+        f"{len(r['subjects'])} subjects × {len(r['prompts'])} novel-context prompts × {r['seeds']} seeds, "
+        f"{r['steps']} steps with prior preservation.",
+        table(
+            [
+                "method",
+                "subject similarity",
+                "prompt accuracy",
+                "class drift",
+                "class prompts drawn as the class",
+                "file",
+                "train min",
+            ],
+            rows,
+        ),
+        f"![single subject]({Path(r['picture']).name})",
+    ]
+    if "svdiff" in s and "full" in s:
+        sv, fu = s["svdiff"], s["full"]
+        text.append(
+            verdict(
+                sv["subject_similarity"] >= fu["subject_similarity"] - 0.05,
+                "svdiff's subject fidelity is close to full fine-tuning's",
+                f"similarity {sv['subject_similarity']:.3f} vs {fu['subject_similarity']:.3f}; "
+                "'close' means within 0.05",
+            )
+        )
+        text.append(
+            verdict(
+                sv["class_drift"] <= fu["class_drift"],
+                "svdiff drifts less from the class than full fine-tuning",
+                f"class prompts' rise in similarity to the subject {sv['class_drift']:+.3f} "
+                f"vs {fu['class_drift']:+.3f}",
+            )
+        )
+    return "\n\n".join(text)
+
+
+def render_multi_subject(r: dict) -> str:
+    rows = []
+    for pair, found in r["results"].items():
+        for config, c in found["configs"].items():
+            rows.append([pair, config, c["present"], c["disentangled"], c["blended"], c["stitched"]])
+    text = [
+        table(["pair", "training", "both present", "disentangled", "blended", "stitched"], rows),
+        f"![multi-subject]({Path(r['picture']).name})",
+    ]
+    if "same class" in r["results"]:
+        gain = r["results"]["same class"]["cut_mix_gain_points"]
+        text.append(verdict(gain >= 20, "Cut-Mix-Unmix disentangles two subjects of one class", f"{gain:+.1f} points"))
+    return "\n\n".join(text)
+
+
+def render_edit(r: dict) -> str:
+    rows = [
+        [
+            name,
+            c["all"]["success"],
+            c["non-structural (color, pattern)"]["kept"],
+            c["structural (shape, place)"]["success"],
+        ]
+        for name, c in r["results"].items()
+    ]
+    text = [
+        f"{r['scenes']} scenes, {r['fine_tune_steps']} fine-tuning steps each.",
+        table(["method", "edit success", "attributes kept (color/pattern edits)", "shape/place edits"], rows),
+        f"![edits]({Path(r['picture']).name})",
+    ]
+    sv = r["results"]["svdiff, with inversion"]["all"]["success"]
+    fu = r["results"]["full, with inversion"]["all"]["success"]
+    if sv is not None and fu is not None:
+        text.append(
+            verdict(sv >= fu, "svdiff edits a single image at least as well as full fine-tuning", f"{sv} vs {fu}")
+        )
+    return "\n\n".join(text)
+
+
+def render_combine(r: dict) -> str:
+    add, interp = r["results"]["add"], r["results"]["interpolate"]
+    rows = [
+        [
+            m,
+            add[m]["both_present"],
+            add[m]["both_sides_own_subject"],
+            " → ".join(f"{c['similarity_a_minus_b']:+.2f}" for c in interp[m]["curve"]),
+            "yes" if interp[m]["monotone"] else "no",
+        ]
+        for m in add
+    ]
+    text = [
+        table(
+            ["method", "Eq. 4: both present", "Eq. 4: each side its subject", "Eq. 5: A − B, α = 0 … 1", "monotone"],
+            rows,
+        ),
+        f"![combination]({Path(r['picture']).name})",
+    ]
+    if "svdiff" in interp:
+        text.append(
+            verdict(
+                interp["svdiff"]["monotone"] and interp["svdiff"]["span"] > 0,
+                "interpolating shifts moves the subject from B to A",
+                f"span {interp['svdiff']['span']:+.3f}",
+            )
+        )
+    return "\n\n".join(text)
+
+
+def render_svd_engine(r: dict) -> str:
+    sec, speed = r["seconds"], r["speedup_vs_naive"]
+    rows = [
+        ["per-layer torch.linalg.svd", sec["naive_torch_linalg_svd"], 1.0, r["max_reconstruction_error"]["naive"]],
+        ["svdiff engine", sec["engine"], speed["engine"], r["max_reconstruction_error"]["engine"]],
+        ["cache hit", sec["cache_hit"], speed["cache_hit"], None],
+    ]
+    return f"{r['matrices']} matrices ({r['timed']}).\n\n" + table(
+        ["", "seconds", "speed-up", "worst reconstruction error"], rows
+    )
+
+
+def render_step_flops(r: dict) -> str:
+    t = r["tflops_per_step"]
+    return table(
+        ["", "TFLOPs per step", "× frozen base"],
+        [
+            ["frozen base", t["frozen_base"], 1.0],
+            ["svdiff", t["svdiff"], r["ratio_to_frozen"]["svdiff"]],
+            ["naive rebuild", t["naive_rebuild"], r["ratio_to_frozen"]["naive_rebuild"]],
+        ],
+    )
+
+
+def render_train_methods(r: dict) -> str:
+    rows = [
+        [x["arch"], x["method"], x["step_seconds"], x["peak_rss_mb"], x.get("trained_parameters")] for x in r["results"]
+    ]
+    ratios = ", ".join(f"{k} {v}" for k, v in r["ratios"].items())
+    return (
+        table(["model", "method", "s / step", "peak memory (MB)", "trained parameters"], rows)
+        + f"\n\nRatios: {ratios}."
+    )
+
+
+def render_compose(r: dict) -> str:
+    return (
+        table(
+            ["", "value"],
+            [
+                ["sampling, fused / base", r["fused_over_base"]],
+                ["load + fuse (s)", r["load_and_fuse_seconds"]],
+                *[[f"LoRA export error at rank {k}", v] for k, v in r["export_relative_error_by_rank"].items()],
+            ],
+        )
+        + "\n\n![export error](compose/export_error.png)"
+    )
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer subjects, seeds and steps (about 15 minutes)")
+    mode.add_argument("--smoke", action="store_true", help="a few steps of everything: checks the pipeline runs")
+    p.add_argument("--out", type=Path, default=Path("docs/results/report"))
+    p.add_argument("--runs", type=Path, default=None, help="trained runs (default: runs/bench[-quick|-smoke])")
+    p.add_argument("--only", nargs="+", default=None, choices=[s[0] for s in SECTIONS], help="run only these")
+    args = p.parse_args()
+    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
+    runs = args.runs or Path("runs") / ("bench" if mode == "full" else f"bench-{mode}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    from common import machine
+
+    results = {"mode": mode, "machine": machine() | {"cpu_model": cpu_name()}, "sections": {}}
+    doc = [
+        f"# svdiff evidence report ({mode} run)",
+        f"Machine: {cpu_name()}, {results['machine']['cpu_count']} cores, torch {torch.__version__}, no GPU. "
+        f"Made by `python benchmarks/report.py{'' if mode == 'full' else ' --' + mode}`; every section names the "
+        "command that measured it, and its JSON is beside this file.",
+    ]
+    if mode != "full":
+        doc.append(f"**A {mode} run: its figures come from few samples and short training, not the full protocol.**")
+    for key, title, script, modes in SECTIONS:
+        if args.only and key not in args.only:
+            continue
+        record = run_section(key, script, modes[mode], args.out, runs, mode)
+        results["sections"][key] = record
+        render = globals()[f"render_{key}"]
+        doc += [f"## {title}", f"`{record['command']}` ({record['seconds'] / 60:.1f} min)", render(record["result"])]
+    results["minutes"] = round(sum(r["seconds"] for r in results["sections"].values()) / 60, 1)
+    doc.append(f"Total: {results['minutes']} min of benchmarks.")
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "report.md").write_text("\n\n".join(doc) + "\n")
+    print(f"wrote {args.out / 'report.md'} in {results['minutes']} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""One subject, three ways: spectral shifts against full fine-tuning and LoRA on the embedded tiny world, with the
+same recipe (the demo's: prior preservation, 400 steps), the same prompts and the same seeds.
+
+    HF_HUB_OFFLINE=1 python benchmarks/single_subject.py [--subjects 4] [--prompts 10] [--seeds 4] [--steps 400]
+        [--out docs/results/single_subject/single_subject.json]
+
+Per subject and method, the judge reads every generation of the novel-context prompts (places, backgrounds and a
+second object the subject never appeared with):
+  subject similarity   mean cosine similarity of the judge's identity embedding to the subject's photos;
+  prompt accuracy      the share of images where every attribute the prompt names is right;
+  class drift          class prompts ("a photo of a heart") after tuning: how much more they look like the
+                       subject than the base's do (similarity after − base), and the share still of the class;
+  size, minutes        what the run ships, and its training time on this machine.
+The base row is the untuned model given the same prompts.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from common import SUBJECTS, card, embed, emit, files_bytes, machine, train_subject
+
+NAMES = ("heart_sks", "star_zwx", "circle_qlo", "square_vyx")
+METHODS = ("svdiff", "full", "lora")
+CONTEXTS = (
+    "a photo of {s} on the left",
+    "a photo of {s} at the top",
+    "a photo of {s} on the right on a dark background",
+    "a photo of {s} at the bottom on a beige background",
+    "a photo of {s} in the center on a gray background",
+    "a photo of {s} on the left and a blue circle on the right",
+    "a photo of a red square on the left and {s} on the right",
+    "a photo of {s} at the top and a yellow triangle at the bottom",
+    "a photo of a green diamond at the top and {s} at the bottom",
+    "a photo of {s} on a dark background",
+)
+CLASS_CONTEXTS = ("{c}", "{c} on a dark background")
+
+
+def measure(pipe, judge, refs: torch.Tensor, prompts, class_prompts, seeds: int, guidance_scale: float) -> dict:
+    from svdiff.sample import sample
+    from svdiff.world.evaluate import score
+
+    def draw(prompt):
+        return sample(pipe, prompt, num_images=seeds, guidance_scale=guidance_scale, progress=False)
+
+    sims, correct, first = [], [], []
+    for prompt in prompts:
+        images = draw(prompt)
+        first.append(images[0])
+        results = score(judge, images, prompt)
+        correct += [r["all_correct"] for r in results]
+        sims.append(torch.stack([r["embedding"] for r in results]) @ refs.T)
+    class_sims, class_ok = [], []
+    for prompt in class_prompts:
+        results = score(judge, draw(prompt), prompt)
+        class_ok += [r["all_correct"] for r in results]
+        class_sims.append(torch.stack([r["embedding"] for r in results]) @ refs.T)
+    return {
+        "subject_similarity": round(float(torch.cat(sims).mean()), 4),
+        "prompt_accuracy": round(sum(correct) / len(correct), 4),
+        "class_similarity": round(float(torch.cat(class_sims).mean()), 4),
+        "class_correct": round(sum(class_ok) / len(class_ok), 4),
+        "pictures": first,
+    }
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return round(sum(r[key] for r in rows) / len(rows), 4)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--subjects", type=int, default=4, help=f"how many of {', '.join(NAMES)}")
+    p.add_argument("--prompts", type=int, default=10, help=f"how many novel-context prompts (at most {len(CONTEXTS)})")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--runs", type=Path, default=Path("runs/single_subject"))
+    p.add_argument("--out", default="docs/results/single_subject/single_subject.json")
+    p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
+    args = p.parse_args()
+
+    from svdiff.data.images import load_image_folder
+    from svdiff.pictures import grid
+    from svdiff.sample import apply_trained, load_pipeline
+    from svdiff.world import default_judge
+    from svdiff.world.judge import load
+
+    began = time.time()
+    judge = load(default_judge())
+    per_subject, rows, labels = {}, [], []
+    for name in NAMES[: args.subjects]:
+        c = card(name)
+        subject = f"{c['identifier']} {c['class_word']}"
+        prompts = [t.format(s=subject) for t in CONTEXTS[: args.prompts]]
+        class_prompts = [t.format(c=c["class_prompt"]) for t in CLASS_CONTEXTS]
+        photos = load_image_folder(SUBJECTS / name)
+        refs = embed(judge, photos)
+        own = refs @ refs.T
+        found = {"photos_similarity": round(float(own[~torch.eye(len(own), dtype=torch.bool)].mean()), 4)}
+        for method in ("base", *args.methods):
+            pipe = load_pipeline(None)
+            summary = None
+            if method != "base":
+                summary = train_subject(args.runs, name, method, args.steps)
+                apply_trained(pipe, summary["weights"], method)
+            m = measure(pipe, judge, refs, prompts, class_prompts, args.seeds, args.guidance_scale)
+            rows += m.pop("pictures")
+            labels.append(f"{name}, {method}")
+            if summary:
+                m |= {"bytes": files_bytes(summary), "train_minutes": summary["minutes"]}
+            found[method] = m
+            print(name, method, m, flush=True)
+        for method in args.methods:
+            drift = found[method]["class_similarity"] - found["base"]["class_similarity"]
+            found[method]["class_drift"] = round(drift, 4)
+        per_subject[name] = found
+
+    summary = {}
+    for method in ("base", *args.methods):
+        runs = [found[method] for found in per_subject.values()]
+        keys = ["subject_similarity", "prompt_accuracy", "class_similarity", "class_correct"]
+        if method != "base":
+            keys += ["class_drift", "bytes", "train_minutes"]
+        summary[method] = {k: mean(runs, k) for k in keys}
+    picture = Path(args.picture or Path(args.out).with_suffix(".png"))
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    grid(rows, cols=args.prompts, labels=labels).save(picture)
+    emit(
+        {
+            "benchmark": "single_subject",
+            "machine": machine(),
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "prompts": list(CONTEXTS[: args.prompts]),
+            "class_prompts": list(CLASS_CONTEXTS),
+            "guidance_scale": args.guidance_scale,
+            "summary": summary,
+            "subjects": per_subject,
+            "picture": str(picture),
+            "minutes": round((time.time() - began) / 60, 1),
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The evidence report's pipeline of benchmarks runs end to end (`benchmarks/report.py --smoke`, a few steps of
+everything) and writes a report with every section, its command and its JSON."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_smoke_report(tmp_path):
+    out = tmp_path / "report"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "benchmarks/report.py", "--smoke", "--out", str(out), "--runs", str(tmp_path / "runs")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    sections = results["sections"]
+    assert set(sections) == {
+        "world",
+        "storage",
+        "single_subject",
+        "multi_subject",
+        "edit",
+        "combine",
+        "svd_engine",
+        "step_flops",
+        "train_methods",
+        "compose",
+    }
+    for section in sections.values():
+        assert f"`{section['command']}`" in report
+    assert "smoke run" in report
+    # Real figures, not placeholders: the tiny base's shift file is far smaller than its full checkpoint ...
+    tiny = sections["storage"]["result"]["bases"]["tiny"]
+    assert 0 < tiny["bytes_fp16"]["svdiff_all"] < tiny["bytes_fp16"]["full"] / 50
+    # ... the trained methods really ran, and each picture the report shows exists.
+    single = sections["single_subject"]["result"]["summary"]
+    assert single["svdiff"]["bytes"] < single["lora"]["bytes"]
+    for line in report.splitlines():
+        if line.startswith("!["):
+            assert (out / line.split("(", 1)[1].rstrip(")")).is_file(), line
