@@ -1,5 +1,5 @@
-"""The evidence report's pipeline of benchmarks runs end to end (`benchmarks/report.py --smoke`, a few steps of
-everything) and writes a report with every section, its command and its JSON."""
+"""The evidence report's pipeline of benchmarks runs end to end (`svdiff bench --smoke`: benchmarks/report.py with
+a few steps of everything) and writes a report with every section, its command and its JSON."""
 
 import json
 import os
@@ -13,7 +13,7 @@ ROOT = Path(__file__).parents[1]
 def test_smoke_report(tmp_path):
     out = tmp_path / "report"
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "benchmarks/report.py", "--smoke", "--out", str(out), "--runs", str(tmp_path / "runs")]
+    cmd = [sys.executable, "-m", "svdiff", "bench", "--smoke", "--out", str(out), "--runs", str(tmp_path / "runs")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 

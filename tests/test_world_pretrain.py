@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from svdiff.world.pretrain import main, sample_timesteps
+from svdiff.world.pretrain import encode_scenes, main, make_vae, sample_timesteps
+from svdiff.world.render import Scene, WorldObject
 
 
 def test_timestep_shift():
@@ -13,6 +14,15 @@ def test_timestep_shift():
     shifted = sample_timesteps(20000, 1000, 3.0, g())
     assert shifted.min() >= 0 and shifted.max() <= 999
     assert abs((shifted >= 500).float().mean().item() - 0.75) < 0.02  # u > 1/4 lands in the noisier half
+
+
+def test_object_cells_of_the_latent_grid():
+    scene = Scene((WorldObject("square", "red", size="small", position="left"),), background="dark")
+    _, masks = encode_scenes(make_vae(), [scene], 1, "cpu")
+    assert masks.shape == (1, 1, 16, 16) and masks.dtype == torch.bool
+    rows, cols = masks[0, 0].nonzero(as_tuple=True)
+    # A 16-pixel square centred at (17, 32) of 64: about 4 cells wide, on the left, halfway down.
+    assert 4 <= len(rows) <= 36 and cols.max() < 8 and rows.min() >= 4 and rows.max() <= 11
 
 
 def test_a_few_steps_make_a_pipeline_and_a_second_call_resumes(tmp_path):
@@ -39,12 +49,14 @@ def test_a_few_steps_make_a_pipeline_and_a_second_call_resumes(tmp_path):
         "1000",
         "--timestep_shift",
         "3",
+        "--object_weight",
+        "5",
     ]
     main(flags)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     record = json.loads((tmp_path / "work" / "run.json").read_text())
-    assert record["steps"] == 2 and record["timestep_shift"] == 3.0
+    assert record["steps"] == 2 and record["timestep_shift"] == 3.0 and record["object_weight"] == 5.0
     before = (tmp_path / "work" / "denoiser.safetensors").read_bytes()
     main(flags)  # everything is checkpointed: nothing is trained again
     assert (tmp_path / "work" / "denoiser.safetensors").read_bytes() == before

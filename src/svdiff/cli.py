@@ -231,6 +231,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "report.py"
+    if not script.is_file():
+        raise SvdiffError("svdiff bench runs the benchmarks of a source checkout; benchmarks/report.py is not here")
+    flags = ["--quick"] if args.quick else ["--smoke"] if args.smoke else []
+    flags += ["--out", str(args.out.resolve())] if args.out else []
+    flags += ["--runs", str(args.runs.resolve())] if args.runs else []
+    return subprocess.run([sys.executable, str(script), *flags], cwd=script.parents[1]).returncode
+
+
 def cmd_edit(args) -> int:
     from .edit import edit_image
 
@@ -279,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from .edit import DEFAULT_EDIT_STEPS
+
+    p = sub.add_parser("bench", help="the evidence report: every benchmark, the paper's claims checked")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer subjects, seeds and steps (about 15 minutes)")
+    mode.add_argument("--smoke", action="store_true", help="a few steps of everything: checks the pipeline runs")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: docs/results/report)")
+    p.add_argument("--runs", type=Path, default=None, help="where trained runs are kept and reused")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("edit", help="edit one image by changing its caption (fine-tuned shifts, DDIM inversion)")
     p.add_argument("--image", required=True)

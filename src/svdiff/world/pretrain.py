@@ -162,11 +162,16 @@ def load_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer)
         return int(f.metadata()["step"])
 
 
+def object_mask(x: torch.Tensor, backgrounds: list[str]) -> torch.Tensor:
+    """1 where a pixel is not its scene's background color, else 0."""
+    bg = to_tensor([Image.new("RGB", (1, 1), BACKGROUNDS[b]) for b in backgrounds]).to(x.device)
+    return ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+
+
 def object_weights(x: torch.Tensor, backgrounds: list[str]) -> torch.Tensor:
     """Per-pixel loss weights, 10 on objects and 1 on background: objects cover a small part of the frame but
     carry everything a caption says, so the autoencoder should spend its effort there."""
-    bg = to_tensor([Image.new("RGB", (1, 1), BACKGROUNDS[b]) for b in backgrounds]).to(x.device)
-    return 1.0 + 9.0 * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    return 1.0 + 9.0 * object_mask(x, backgrounds)
 
 
 def random_crops(x: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
@@ -208,13 +213,17 @@ def train_vae(vae, args, work: Path) -> None:
 
 
 @torch.no_grad()
-def encode_scenes(vae, scenes, batch_size: int, device) -> torch.Tensor:
-    """Latent means of every training scene; the denoiser trains on these instead of re-encoding each step."""
-    chunks = []
+def encode_scenes(vae, scenes, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent means of every training scene (the denoiser trains on these instead of re-encoding each step), and
+    which latent cells hold part of an object."""
+    chunks, masks = [], []
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     for i in tqdm(range(0, len(scenes), batch_size), desc="encode"):
-        x = to_tensor([render(s)[0] for s in scenes[i : i + batch_size]]).to(device)
+        batch = scenes[i : i + batch_size]
+        x = to_tensor([render(s)[0] for s in batch]).to(device)
         chunks.append(vae.encode(x).latent_dist.mean.cpu())
-    return torch.cat(chunks)
+        masks.append(F.max_pool2d(object_mask(x, [s.background for s in batch]), factor).bool().cpu())
+    return torch.cat(chunks), torch.cat(masks)
 
 
 def training_scenes(seed: int, n: int) -> list:
@@ -272,7 +281,7 @@ def preview(vae, unet, text_encoder, tokenizer, shadows: dict, path: Path, devic
     grid(images, cols=6, labels=[p or "(empty prompt)" for p in PREVIEW_PROMPTS]).save(path)
 
 
-def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, vae, args, work: Path):
+def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, args, work: Path):
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -302,7 +311,12 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, vae, args, wo
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
         pred = unet(zt, t, text_encoder(ids).last_hidden_state).sample
-        loss = F.mse_loss(pred, noise_scheduler.get_velocity(z0, noise, t))
+        err = (pred - noise_scheduler.get_velocity(z0, noise, t)).square()
+        if args.object_weight == 1:
+            loss = err.mean()
+        else:  # as in the autoencoder: the objects carry what the caption says, the background little
+            w = 1 + (args.object_weight - 1) * masks[idx].float().to(args.device)
+            loss = (w * err).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -369,6 +383,7 @@ def parse_args(argv=None):
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--timestep_shift", type=float, default=3.0, help="> 1 trains more often at high noise")
+    p.add_argument("--object_weight", type=float, default=1.0, help="loss weight of latent cells holding an object")
     p.add_argument("--checkpoint_every", type=int, default=250)
     p.add_argument("--preview_every", type=int, default=2500, help="a multiple of --checkpoint_every")
     return p.parse_args(argv)
@@ -389,13 +404,13 @@ def main(argv=None) -> None:
     train_vae(vae, args, args.work_dir)
 
     scenes = training_scenes(args.seed, args.num_scenes)
-    latents = encode_scenes(vae, scenes, 256, args.device)
+    latents, masks = encode_scenes(vae, scenes, 256, args.device)
     args.scaling_factor = round(1.0 / latents.std().item(), 5)
     vae.register_to_config(scaling_factor=args.scaling_factor)
 
     unet.to(args.device)
     text_encoder.to(args.device)
-    train_denoiser(unet, text_encoder, tokenizer, latents, scenes, vae, args, args.work_dir)
+    train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, args, args.work_dir)
     assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir, args.out)
     minutes = (time.time() - began) / 60
     record = {
