@@ -94,7 +94,9 @@ def main() -> None:
     heart2 = train(args.runs, "heart_xyz_as_sks", "heart_xyz", "a photo of sks heart", "a photo of a heart", args.steps)
     star = train(args.runs, "star_zwx", "star_zwx", "a photo of zwx star", "a photo of a star", args.steps)
 
-    prompt = "a photo of sks heart"
+    # With a place: the base's pretraining captions always say more than a bare class, and a bare prompt often
+    # draws an empty background.
+    prompt = "a photo of sks heart in the center"
     rows = [
         (f"scale {s}", generate(work / f"scale-{s}.png", prompt, "--shifts", f"{heart}:{s}"))
         for s in ("0", "0.5", "1", "1.5")
