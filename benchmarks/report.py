@@ -67,7 +67,7 @@ SECTIONS = (
         "3b. Single-image editing",
         "edit.py",
         {
-            "full": ["--runs", "{runs}/edit"],
+            "full": ["--runs", "{runs}/edit", "--scenes", "12"],
             "quick": ["--runs", "{runs}/edit", "--scenes", "4", "--steps", "200"],
             "smoke": ["--runs", "{runs}/edit", "--scenes", "4", "--steps", "2", "--num_inference_steps", "4"],
         },
@@ -142,6 +142,8 @@ def run_section(key: str, script: str, args: list[str], out: Path, runs: Path, m
 def table(header: list[str], rows: list[list]) -> str:
     def cell(v):
         if isinstance(v, float):
+            if 0 < abs(v) < 1e-3:
+                return f"{v:.1e}"
             return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
         if isinstance(v, int):
             return f"{v:,d}"
@@ -261,6 +263,15 @@ def render_single_subject(r: dict) -> str:
     ]
     if "svdiff" in s and "full" in s:
         sv, fu = s["svdiff"], s["full"]
+        gains = {m: s[m]["subject_similarity"] - s["base"]["subject_similarity"] for m in methods if m != "base"}
+        if max(gains.values()) < 0.05:
+            text.append(
+                "**Paper's claims on fidelity and language drift: not testable on this run** — no method moved far "
+                "from the base (similarity gains over it: "
+                + ", ".join(f"{m} {g:+.3f}" for m, g in gains.items())
+                + ")."
+            )
+            return "\n\n".join(text)
         text.append(
             verdict(
                 sv["subject_similarity"] >= fu["subject_similarity"] - 0.05,
@@ -442,6 +453,9 @@ def main() -> None:
         record = results["sections"][key]
         render = globals()[f"render_{key}"]
         doc += [f"## {title}", f"`{record['command']}` ({record['seconds'] / 60:.1f} min)", render(record["result"])]
+    left_out = [title for key, title, _, _ in SECTIONS if key not in results["sections"]]
+    if left_out:
+        doc.append("Not in this report (run without `--only` to add them): " + "; ".join(left_out) + ".")
     results["minutes"] = round(sum(r["seconds"] for r in results["sections"].values()) / 60, 1)
     doc.append(f"Total: {results['minutes']} min of benchmarks.")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
