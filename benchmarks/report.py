@@ -352,9 +352,10 @@ def render_combine(r: dict) -> str:
     if "svdiff" in interp:
         text.append(
             verdict(
-                interp["svdiff"]["monotone"] and interp["svdiff"]["span"] > 0,
+                interp["svdiff"]["monotone"] and interp["svdiff"]["span"] > 0.05,
                 "interpolating shifts moves the subject from B to A",
-                f"span {interp['svdiff']['span']:+.3f}",
+                f"similarity to A minus to B moves by {interp['svdiff']['span']:+.3f} from α = 0 to 1; "
+                "holding needs a monotone climb of more than 0.05",
             )
         )
     return "\n\n".join(text)
