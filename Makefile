@@ -27,7 +27,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/svdiff demo --output_dir demo-output
 
-# The evidence report: every benchmark, the paper's claims checked (about an hour; bench-quick about 15 minutes).
+# The evidence report: every benchmark, the paper's claims checked (bench-quick: fewer subjects, seeds and steps).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/report.py --out docs/results/report
 

@@ -4,9 +4,10 @@ svdiff's size, speed and memory against LoRA and full fine-tuning. `make bench` 
     HF_HUB_OFFLINE=1 python benchmarks/report.py [--quick | --smoke] [--out docs/results/report] [--runs runs/bench]
 
 Writes `report.md` (tables, pictures, each section's command and a plain verdict on the paper's claim) and
-`results.json` (every benchmark's JSON) into --out, beside the benchmarks' own JSON and PNG files. The full run
-takes about an hour on a 2-core CPU; --quick (fewer subjects, seeds and steps) about 15 minutes; --smoke (a few
-steps of everything, for CI) a few minutes and proves only that the pipeline of benchmarks runs. Trained runs are
+`results.json` (every benchmark's JSON) into --out, beside the benchmarks' own JSON and PNG files. The full run's
+sections add up to about half an hour plus the edit benchmark on a 2-core CPU; --quick takes fewer subjects,
+seeds and steps; --smoke (a few steps of everything, for CI, about three minutes) proves only that the pipeline of
+benchmarks runs. Trained runs are
 kept in --runs and reused, and a benchmark already run with the same command is not run again (its record is in
 --out/records/), so an interrupted report resumes; delete them to start afresh.
 """
@@ -423,7 +424,7 @@ def cpu_name() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer subjects, seeds and steps (about 15 minutes)")
+    mode.add_argument("--quick", action="store_true", help="fewer subjects, seeds and steps")
     mode.add_argument("--smoke", action="store_true", help="a few steps of everything: checks the pipeline runs")
     p.add_argument("--out", type=Path, default=Path("docs/results/report"))
     p.add_argument("--runs", type=Path, default=None, help="trained runs (default: runs/bench[-quick|-smoke])")

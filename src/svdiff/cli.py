@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="the evidence report: every benchmark, the paper's claims checked")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer subjects, seeds and steps (about 15 minutes)")
+    mode.add_argument("--quick", action="store_true", help="fewer subjects, seeds and steps")
     mode.add_argument("--smoke", action="store_true", help="a few steps of everything: checks the pipeline runs")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: docs/results/report)")
     p.add_argument("--runs", type=Path, default=None, help="where trained runs are kept and reused")
