@@ -10,7 +10,8 @@ The judge scores each half of a picture on its own (the other half painted over 
   side right     a half's embedding is closer to its own subject's photos than to the other's and above the
                  identity threshold, calibrated on real renders of the pair (the 5th percentile of a real half's
                  similarity to its own subject);
-  disentangled   present and both sides right;
+  disentangled   present and each half closer to its own subject's photos than to the other's (no threshold:
+                 on weakly learned subjects no half passes it, and "side right" says how many do);
   blended        present, but both halves look most like the same subject;
   stitched       a hard seam at the middle: in more than 60% of the rows (taller than any object) the two middle
                  columns differ by over 12 levels of 255.

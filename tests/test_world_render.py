@@ -95,6 +95,27 @@ def test_shortened_captions_keep_shape_color_and_pairs_keep_places(seed):
         assert "on the left" in text or "at the top" in text
 
 
+def test_attribute_dropout_leaves_out_colors_and_patterns_but_never_the_class():
+    rng = random.Random(0)
+    scenes = [random_scene(rng, n_objects=1) for _ in range(400)]
+    texts = [caption(s, random.Random(i), attribute_dropout=0.3) for i, s in enumerate(scenes)]
+    assert all(s.objects[0].shape in t for s, t in zip(scenes, texts, strict=True))
+    no_color = sum(s.objects[0].color not in t for s, t in zip(scenes, texts, strict=True)) / len(scenes)
+    assert 0.2 < no_color < 0.4
+    neither = [t for s, t in zip(scenes, texts, strict=True) if s.objects[0].color not in t
+               and s.objects[0].pattern not in t]
+    assert len(neither) > 20
+
+
+def test_captions_without_attribute_dropout_are_those_base_v4_was_trained_on():
+    rng = random.Random(0)
+    scenes = [random_scene(rng) for _ in range(2)]
+    assert [caption(s, random.Random(i)) for i, s in enumerate(scenes)] == [
+        "a photo of a cyan checkered circle at the top and a green striped ring at the bottom on a beige background",
+        "a photo of a medium orange heart on the left and a blue striped cross on the right on a white background",
+    ]
+
+
 def test_held_out_triples_are_an_eighth_and_never_in_pretraining_scenes():
     triples = [(s, c, p) for s in SHAPES for c in COLORS for p in PATTERNS]
     assert sum(held_out(*t) for t in triples) == len(triples) // 8

@@ -191,25 +191,34 @@ def render(scene: Scene) -> tuple[Image.Image, Truth]:
     return canvas.resize((SIZE, SIZE), Image.BOX), truth
 
 
-def describe(obj: WorldObject, size: bool = False, pattern: bool = True) -> str:
+def describe(obj: WorldObject, size: bool = False, pattern: bool = True, color: bool = True) -> str:
     words = [obj.size] if size else []
-    words.append(obj.color)
+    if color:
+        words.append(obj.color)
     if pattern:
         words.append(obj.pattern)
     words.append(obj.shape)
     return " ".join(words)
 
 
-def caption(scene: Scene, rng: random.Random | None = None) -> str:
+def caption(scene: Scene, rng: random.Random | None = None, attribute_dropout: float = 0.0) -> str:
     """The scene's caption. With an rng, optional words (size, plain, position of a lone object, background) are
-    dropped at random so a model learns each word on its own; without one, the caption says everything."""
+    dropped at random so a model learns each word on its own; without one, the caption says everything.
+    `attribute_dropout` also drops an object's color, and its pattern, each with that probability, so that a
+    caption naming only the class ("a photo of a heart") still draws one."""
 
     def keep(p):
         return rng is None or rng.random() < p
 
     parts = []
     for obj in scene.objects:
-        text = describe(obj, size=keep(0.5), pattern=obj.pattern != "plain" or keep(0.5))
+        size = keep(0.5)
+        pattern = obj.pattern != "plain" or keep(0.5)
+        color = True
+        if attribute_dropout > 0:
+            color = keep(1 - attribute_dropout)
+            pattern = pattern and keep(1 - attribute_dropout)
+        text = describe(obj, size=size, pattern=pattern, color=color)
         if len(scene.objects) > 1 or keep(0.8):
             text += " " + POSITION_PHRASES[obj.position]
         parts.append(("an " if text[0] in "aeiou" else "a ") + text)
