@@ -300,7 +300,9 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, a
     for step in bar:
         rng = random.Random(f"{args.seed}-denoise-{step}")
         idx = [rng.randrange(len(scenes)) for _ in range(args.batch_size)]
-        prompts = ["" if rng.random() < args.caption_dropout else caption(scenes[i], rng, args.attribute_dropout) for i in idx]
+        prompts = [
+            "" if rng.random() < args.caption_dropout else caption(scenes[i], rng, args.attribute_dropout) for i in idx
+        ]
         ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         z0 = latents[idx] * args.scaling_factor
@@ -384,7 +386,10 @@ def parse_args(argv=None):
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--timestep_shift", type=float, default=3.0, help="> 1 trains more often at high noise")
     p.add_argument(
-        "--attribute_dropout", type=float, default=0.0, help="chance that a caption leaves out an object's color, and its pattern"
+        "--attribute_dropout",
+        type=float,
+        default=0.0,
+        help="chance that a caption leaves out an object's color, and its pattern",
     )
     p.add_argument("--object_weight", type=float, default=1.0, help="loss weight of latent cells holding an object")
     p.add_argument("--checkpoint_every", type=int, default=250)
