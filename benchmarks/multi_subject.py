@@ -2,7 +2,7 @@
 with it, and with it plus the Unmix loss; a same-class pair (two hearts) and a different-class pair.
 
     HF_HUB_OFFLINE=1 python benchmarks/multi_subject.py [--steps 800] [--seeds 16] [--runs runs/multi_subject]
-        [--out docs/results/multi_subject/multi_subject.json]
+        [--out docs/results/multi_subject/multi_subject.json] [--unmix_sweep W …] [--scale_sweep S …]
 
 Every generation uses prompts unlike the training templates (other phrasing and backgrounds) and the same seeds.
 The judge scores each half of a picture on its own (the other half painted over with this half's border color):
@@ -134,6 +134,9 @@ def main() -> None:
     p.add_argument(
         "--unmix_sweep", type=float, nargs="*", default=[], help="more Unmix weights for the same-class pair"
     )
+    p.add_argument(
+        "--scale_sweep", type=float, nargs="*", default=[], help="more collage scales for the same-class pair"
+    )
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder
@@ -155,11 +158,17 @@ def main() -> None:
         a, b = (subject_phrase(n) for n in pair)
         results[pair_name] = {"subjects": list(pair), "identity_threshold": round(threshold, 4), "configs": {}}
         configs = dict(CONFIGS)
-        if pair_name == "same class":  # the Unmix weight sweep that chose the default
+        if pair_name == "same class":  # the sweeps that chose the defaults
             configs.update(
                 {
                     f"Cut-Mix-Unmix, weight {w:g}": {"cut_mix_unmix_prob": 0.6, "unmix_weight": w}
                     for w in args.unmix_sweep
+                }
+            )
+            configs.update(
+                {
+                    f"Cut-Mix-Unmix, scale {c:g}": {"cut_mix_unmix_prob": 0.6, "cut_mix_scale": c}
+                    for c in args.scale_sweep
                 }
             )
         for config, settings in configs.items():

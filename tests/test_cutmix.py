@@ -35,6 +35,21 @@ def test_collage_puts_each_whole_image_at_half_scale_on_its_side():
         collage(solid(0, 15), solid(0, 15))
 
 
+def test_larger_collage_scale_keeps_the_middle_strip_of_a_larger_copy():
+    left = solid(-1.0)
+    left[:, 4:12, 4:12] = 1.0
+    out = collage(left, solid(0.5), scale=0.75)  # 12×12 copy: its middle 8 columns, rows 2…13
+    assert out.shape == (3, 16, 16) and torch.all(out[:, :, 8:] == 0.5)
+    assert torch.all(out[:, :2, :8] == -1.0) and torch.all(out[:, 14:, :8] == -1.0)
+    assert torch.all(out[:, 5:11, 1:7] == 1.0)  # the square, now 6 px wide, fills the strip but its edges
+    assert torch.all(out[:, 2:4, :8] == -1.0)
+    full = collage(left, solid(0.5), scale=1.0)  # the image's middle 8 columns, unscaled
+    assert torch.equal(full[:, :, :8], left[:, :, 4:12])
+    for bad in (0.4, 1.1):
+        with pytest.raises(ValueError):
+            collage(left, left, scale=bad)
+
+
 def test_prompts_name_each_subject_on_its_side():
     assert phrase("a photo of sks heart") == "sks heart" and phrase("a photo of a heart") == "heart"
     assert identifier("a photo of sks heart") == "sks"

@@ -238,6 +238,7 @@ def _broken_image_folder(tmp_path):
         ("output", "--output_dir"),
         ("mismatch", "does not match this run: preset"),
         ("prior", "--with_prior_preservation needs"),
+        ("collage", "--cut_mix_scale 2.0 is outside"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(base, tmp_path, capsys, case, message):
@@ -264,6 +265,8 @@ def test_bad_input_is_one_line_and_writes_nothing(base, tmp_path, capsys, case, 
         extra = ["--preset", "unet-ca", "--resume_from_checkpoint", "latest"]
     elif case == "prior":
         extra = ["--with_prior_preservation"]
+    elif case == "collage":
+        extra = ["--cut_mix_scale", "2"]
     before = sorted(out.rglob("*")) if out.exists() else None
     args = cli_args(base, out, "--max_train_steps", "2", *extra)
     args[args.index("--instance_data_dir") + 1] = str(data)

@@ -1,9 +1,11 @@
 """Cut-Mix-Unmix collages (SVDiff §3): two subjects side by side in one training image, with the prompt that says
 which stands where, and the regions each occupies (for the Unmix attention loss).
 
-The cut is fixed at the middle. Each side holds the whole of its subject's image at half scale, centred
-vertically, with the bands above and below filled by that image's border color: cutting a strip out of each
-image instead would often cut the subject itself, since subjects are not always in the middle of their photos.
+The cut is fixed at the middle. Each side holds its subject's image scaled by `scale` (`--cut_mix_scale`),
+centred vertically, with the bands above and below filled by that image's border color, and the middle R/2
+columns of it kept. At the default 0.5 that is the whole image: cutting a narrower strip out of a larger copy
+would often cut the subject itself, since subjects are not always in the middle of their photos; larger scales
+draw the subjects larger, at the risk of cutting those that stand off-centre.
 """
 
 from __future__ import annotations
@@ -45,23 +47,26 @@ def identifier(prompt: str) -> str:
     return phrase(prompt).split()[0]
 
 
-def _fit_half(image: torch.Tensor) -> torch.Tensor:
-    """3 × R × R → 3 × R × R/2: the image at half scale, centred vertically on its border color."""
+def _fit_half(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """3 × R × R → 3 × R × R/2: the middle R/2 columns of the image scaled by `scale`, centred vertically on its
+    border color."""
     _, size, _ = image.shape
-    half = size // 2
+    half, scaled = size // 2, round(size * scale)
     border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1).median(dim=1).values
     out = border[:, None, None].expand(3, size, half).clone()
-    small = F.interpolate(image[None], size=(half, half), mode="area")[0]
-    top = (size - half) // 2
-    out[:, top : top + half] = small
+    small = F.interpolate(image[None], size=(scaled, scaled), mode="area")[0]
+    left, top = (scaled - half) // 2, (size - scaled) // 2
+    out[:, top : top + scaled] = small[:, :, left : left + half]
     return out
 
 
-def collage(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Two model inputs (3 × R × R, R even) side by side in one."""
+def collage(left: torch.Tensor, right: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
+    """Two model inputs (3 × R × R, R even) side by side in one, each scaled by `scale` (0.5 … 1)."""
     if left.shape != right.shape or left.shape[-1] % 2:
         raise ValueError(f"collage needs two equal square inputs with an even side, got {left.shape}, {right.shape}")
-    return torch.cat([_fit_half(left), _fit_half(right)], dim=2)
+    if not 0.5 <= scale <= 1:
+        raise ValueError(f"collage scale {scale} is outside [0.5, 1]")
+    return torch.cat([_fit_half(left, scale), _fit_half(right, scale)], dim=2)
 
 
 def side_masks(height: int, width: int) -> torch.Tensor:

@@ -78,6 +78,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     _flag(
         g,
+        "cut_mix_scale",
+        type=float,
+        default=0.5,
+        help="scale of each image in a collage: 0.5 keeps the whole image on its half, up to 1 keeps its middle strip",
+    )
+    _flag(
+        g,
         "unmix_weight",
         type=float,
         default=UNMIX_WEIGHT,
@@ -182,6 +189,8 @@ def check(args: argparse.Namespace) -> None:
         raise SvdiffError(f"--resolution {args.resolution} is too small")
     if not 0.0 <= args.cut_mix_unmix_prob <= 1.0:
         raise SvdiffError(f"--cut_mix_unmix_prob {args.cut_mix_unmix_prob} is outside [0, 1]")
+    if not 0.5 <= args.cut_mix_scale <= 1.0:
+        raise SvdiffError(f"--cut_mix_scale {args.cut_mix_scale} is outside [0.5, 1]")
     if args.unmix_weight < 0:
         raise SvdiffError("--unmix_weight cannot be negative")
     if args.learning_rate is None:

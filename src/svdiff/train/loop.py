@@ -325,6 +325,7 @@ def _run_identity(args, concepts) -> dict:
         "train_text_encoder": args.train_text_encoder,
         "concepts": [c.instance_prompt for c in concepts],
         "cut_mix_unmix_prob": args.cut_mix_unmix_prob if len(concepts) > 1 else None,
+        "cut_mix_scale": args.cut_mix_scale if len(concepts) > 1 else None,
         "unmix_weight": args.unmix_weight if len(concepts) > 1 else None,
         "seed": args.seed,
     }
@@ -368,7 +369,7 @@ def _batch(args, chosen, step: int, micro: int, accelerator) -> dict:
                 to_model_input(pool[pick[which]], args.resolution, args.center_crop, args.random_flip, g)
                 for pool, pick in zip(pools, picks[j], strict=True)
             ]
-            images.append(parts[0] if len(parts) == 1 else collage(*parts))
+            images.append(parts[0] if len(parts) == 1 else collage(*parts, args.cut_mix_scale))
             prompts.append(prompt)
             gens.append(g)
     words = [identifier(c.instance_prompt) for c in chosen] if len(chosen) == 2 else None
