@@ -178,7 +178,13 @@ def render_world(r: dict) -> str:
                 ],
             ),
             f"Left/right pairs with both objects right: {pairs['both_correct']:.2f}. "
-            f"16 images, 25 DDIM steps: {r['sampling_16_images_25_ddim_steps_seconds']:.2f} s.",
+            + (
+                f'Bare class prompts ("a photo of a heart", what prior preservation asks for) drawn as their '
+                f"shape: {r['base_class_prompts']['shape']:.2f}. "
+                if "base_class_prompts" in r
+                else ""
+            )
+            + f"16 images, 25 DDIM steps: {r['sampling_16_images_25_ddim_steps_seconds']:.2f} s.",
         ]
     )
 

@@ -1,7 +1,7 @@
 """Quality of the embedded world, printed as JSON: judge accuracy on fresh renders, the base model on prompts it
 never saw (single objects, left/right pairs), and the time to draw 16 images.
 
-    HF_HUB_OFFLINE=1 python benchmarks/world_quality.py [--quick] [--guidance_scale 5] [--out FILE]
+    HF_HUB_OFFLINE=1 python benchmarks/world_quality.py [--quick] [--guidance_scale 5] [--base DIR] [--out FILE]
 """
 
 import argparse
@@ -18,10 +18,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--base", default=None, help="a pipeline folder (default: the shipped base)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     began = time.time()
-    figures = measure(quick=args.quick, seed=args.seed, guidance_scale=args.guidance_scale, threads=args.threads)
+    figures = measure(
+        quick=args.quick, seed=args.seed, guidance_scale=args.guidance_scale, threads=args.threads, base=args.base
+    )
     figures["machine"] = machine()
     figures["wall_seconds"] = round(time.time() - began, 1)
     emit(figures, args.out)

@@ -41,6 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--pictures", type=Path, default=None, help="also write base_samples.png here")
+    p.add_argument("--base", type=Path, default=None, help="a pipeline folder (default: the shipped base)")
     p.set_defaults(func=run_report)
 
 
@@ -120,9 +121,10 @@ def run_report(args) -> int:
 
     if args.pictures is not None:
         args.pictures.mkdir(parents=True, exist_ok=True)
-        base_sheet(args.pictures / "base_samples.png", guidance_scale=args.guidance_scale)
+        base_sheet(args.pictures / "base_samples.png", guidance_scale=args.guidance_scale, base=args.base)
         print(f"wrote {args.pictures / 'base_samples.png'}")
-    print(json.dumps(measure(quick=args.quick, seed=args.seed, guidance_scale=args.guidance_scale), indent=2))
+    figures = measure(quick=args.quick, seed=args.seed, guidance_scale=args.guidance_scale, base=args.base)
+    print(json.dumps(figures, indent=2))
     return 0
 
 

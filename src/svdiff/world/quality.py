@@ -69,6 +69,11 @@ def unseen_single_prompts(n: int, seed: int) -> list[str]:
     return prompts
 
 
+def class_prompts(n: int) -> list[str]:
+    """Bare class prompts ("a photo of a heart"): what prior preservation asks the base to draw."""
+    return [f"a photo of a {SHAPES[i % len(SHAPES)]}" for i in range(n)]
+
+
 def pair_prompts(n: int, seed: int) -> list[str]:
     """Left/right prompts: two different shapes, each with its color."""
     rng = random.Random(f"pairs-{seed}")
@@ -138,7 +143,8 @@ def sampling_seconds(pipe, guidance_scale: float, steps: int = 25, n: int = 16) 
     return round(time.perf_counter() - began, 2)
 
 
-def measure(quick: bool = False, seed: int = 0, guidance_scale: float = 5.0, threads: int = 2) -> dict:
+def measure(quick: bool = False, seed: int = 0, guidance_scale: float = 5.0, threads: int = 2, base=None) -> dict:
+    """The figures of `benchmarks/world_quality.py` for the shipped base, or for the pipeline folder `base`."""
     from diffusers import DiffusionPipeline
 
     from . import default_base, default_judge
@@ -147,10 +153,11 @@ def measure(quick: bool = False, seed: int = 0, guidance_scale: float = 5.0, thr
     torch.set_num_threads(threads)
     judge = load(default_judge())
     n_scenes, n_subjects, n_single, n_pairs = (200, 50, 40, 20) if quick else (2000, 200, 200, 100)
-    pipe = DiffusionPipeline.from_pretrained(default_base())
+    pipe = DiffusionPipeline.from_pretrained(base or default_base())
     pipe.set_progress_bar_config(disable=True)
     single = unseen_single_prompts(n_single, seed)
     pairs = pair_prompts(n_pairs, seed)
+    bare = class_prompts(n_pairs)
     return {
         "judge_on_fresh_renders": judge_accuracy(judge, n_scenes, seed),
         "judge_subject_similarity": subject_similarity(judge, n_subjects, seed),
@@ -158,6 +165,8 @@ def measure(quick: bool = False, seed: int = 0, guidance_scale: float = 5.0, thr
         | {"prompts": n_single},
         "base_left_right_pairs": pair_accuracy(judge, generate(pipe, pairs, guidance_scale, 25, seed + 1), pairs)
         | {"prompts": n_pairs},
+        "base_class_prompts": prompt_accuracy(judge, generate(pipe, bare, guidance_scale, 25, seed + 2), bare)
+        | {"prompts": len(bare)},
         "sampling_16_images_25_ddim_steps_seconds": sampling_seconds(pipe, guidance_scale),
         "settings": {
             "guidance_scale": guidance_scale,
@@ -178,14 +187,14 @@ SHOWCASE_PROMPTS = (
 )
 
 
-def base_sheet(path, guidance_scale: float = 5.0, per_prompt: int = 6) -> None:
+def base_sheet(path, guidance_scale: float = 5.0, per_prompt: int = 6, base=None) -> None:
     """A row of base-model samples per showcase prompt, seeds 0…per_prompt-1 in one batch."""
     from diffusers import DiffusionPipeline
 
     from ..pictures import grid
     from . import default_base
 
-    pipe = DiffusionPipeline.from_pretrained(default_base())
+    pipe = DiffusionPipeline.from_pretrained(base or default_base())
     pipe.set_progress_bar_config(disable=True)
     images = []
     for prompt in tqdm(SHOWCASE_PROMPTS, desc="showcase"):
