@@ -17,6 +17,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from svdiff.world import GUIDANCE_SCALE
+
 from common import SUBJECTS, embed, emit, isolate, machine, train_subject
 
 METHODS = ("svdiff", "full")
@@ -76,7 +78,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--runs", type=Path, default=Path("runs/subjects"))
     p.add_argument("--out", default="docs/results/combine/combine.json")
     p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")

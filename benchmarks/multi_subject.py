@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from svdiff.world import GUIDANCE_SCALE
+
 from common import SUBJECTS, card, embed, emit, isolate, machine, subject_phrase
 
 PAIRS = {"same class": ("heart_sks", "heart_xyz"), "different class": ("heart_sks", "star_zwx")}
@@ -126,7 +128,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seeds", type=int, default=16)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--runs", type=Path, default=Path("runs/multi_subject"))
     p.add_argument("--out", default="docs/results/multi_subject/multi_subject.json")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from svdiff.world import GUIDANCE_SCALE
+
 from common import SUBJECTS, card, embed, emit, files_bytes, machine, train_subject
 
 NAMES = ("heart_sks", "star_zwx", "circle_qlo", "square_vyx")
@@ -78,7 +80,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--runs", type=Path, default=Path("runs/single_subject"))
     p.add_argument("--out", default="docs/results/single_subject/single_subject.json")
     p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")

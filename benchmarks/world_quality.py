@@ -7,6 +7,7 @@ never saw (single objects, left/right pairs), and the time to draw 16 images.
 import argparse
 import time
 
+from svdiff.world import GUIDANCE_SCALE
 from svdiff.world.quality import measure
 
 from common import emit, machine
@@ -16,7 +17,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--base", default=None, help="a pipeline folder (default: the shipped base)")
     p.add_argument("--out", default=None, help="also write the JSON here")

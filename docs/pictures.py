@@ -51,8 +51,6 @@ def train(runs: Path, name: str, subject: str, prompt: str, class_prompt: str, s
             "0",
             "--checkpointing_steps",
             "0",
-            "--validation_guidance_scale",
-            "5",
             "--output_dir",
             str(out),
         )
@@ -66,8 +64,6 @@ def generate(path: Path, prompt: str, *flags: str) -> list[Image.Image]:
         prompt,
         "--num_images",
         str(SEEDS),
-        "--guidance_scale",
-        "5",
         *flags,
         "--output",
         str(path),

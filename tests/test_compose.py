@@ -79,6 +79,14 @@ def test_names_scale_zero_and_unload(files):
     assert _equal(_run(pipe), base)
 
 
+def test_a_folder_name_with_dots_names_the_set_with_underscores(tmp_path):
+    path = _subject_file(tmp_path, "sks-dog-v1.5", 1)
+    pipe = _pipe()
+    assert svdiff.load_shifts(pipe, path, cache=False, progress=False) == "sks-dog-v1_5"
+    with pytest.raises(svdiff.SvdiffError, match="cannot contain"):
+        svdiff.load_shifts(pipe, path, adapter_name="a.b", cache=False, progress=False)
+
+
 def test_two_files_add_and_interpolate_like_merged_files(tmp_path, files):
     pipe = _pipe()
     for f in files:

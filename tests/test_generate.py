@@ -10,7 +10,10 @@ from PIL import Image
 import svdiff
 from svdiff.cli import main
 from svdiff.io import save_shifts
-from svdiff.models import load_components
+from svdiff.models import default_guidance, load_components
+from svdiff.train import train_args
+from svdiff.train.args import check
+from svdiff.world import GUIDANCE_SCALE, default_base
 from svdiff.world.tokenizer import build_tokenizer
 from tiny_models import tiny_pipeline
 
@@ -93,3 +96,12 @@ def test_generate_bad_input(folder, tmp_path, capsys, extra, message):
     assert main(args) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
+
+
+def test_guidance_defaults_to_what_the_base_draws_best_at(folder):
+    assert default_guidance(None) == default_guidance(default_base()) == GUIDANCE_SCALE == 3.0
+    assert default_guidance(folder / "base") == default_guidance("runwayml/stable-diffusion-v1-5") == 7.5
+    for base, expected in ((None, 3.0), (str(folder / "base"), 7.5)):
+        args = train_args(instance_data_dir="-", instance_prompt="-", pretrained_model_name_or_path=base)
+        check(args)
+        assert args.validation_guidance_scale == expected

@@ -10,6 +10,7 @@ from svdiff.demo import judge_subject, run_demo, subject_loss
 from svdiff.models import fuse, load_shifts
 from svdiff.sample import load_pipeline, sample
 from svdiff.train import train
+from svdiff.world import GUIDANCE_SCALE
 from tiny_models import PROMPT, SUBJECT, quick
 
 
@@ -19,7 +20,9 @@ def test_a_short_run_on_the_embedded_base_fits_the_subject(tmp_path):
     prompts = [PROMPT + " on the left", PROMPT + " on the right on a beige background"]
 
     def draw(pipe):
-        return [im for p in prompts for im in sample(pipe, p, num_images=4, guidance_scale=5.0, progress=False)]
+        return [
+            im for p in prompts for im in sample(pipe, p, num_images=4, guidance_scale=GUIDANCE_SCALE, progress=False)
+        ]
 
     pipe = load_pipeline(None)
     before = subject_loss(pipe, photos, PROMPT)
@@ -29,9 +32,12 @@ def test_a_short_run_on_the_embedded_base_fits_the_subject(tmp_path):
     after = subject_loss(pipe, photos, PROMPT)
     judged_after = judge_subject(draw(pipe), photos, PROMPT)
     assert after < 0.95 * before, (before, after)  # 0.184 → 0.159 when written
-    # The same seeds now draw the subject: 0.075 → 0.387 similarity, hearts 0 → 7 of 8 when written.
+    # The same seeds now draw the subject: at guidance 3, similarity 0.171 → 0.379, hearts 4 → 7 of 8 when written.
     assert judged_after["similarity"] > judged_before["similarity"] + 0.15, (judged_before, judged_after)
-    assert judged_after["shape_correct"] >= judged_before["shape_correct"] + 0.5, (judged_before, judged_after)
+    assert judged_after["shape_correct"] >= max(0.75, judged_before["shape_correct"] + 0.25), (
+        judged_before,
+        judged_after,
+    )
     # The fit belongs to the prompt: under another prompt the same photos are denoised worse.
     assert subject_loss(pipe, photos, "a photo of a green square") > after
 

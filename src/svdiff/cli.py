@@ -120,6 +120,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .models import default_guidance
     from .pictures import grid
     from .sample import apply_shifts, load_pipeline, parse_shift_arg, sample
 
@@ -153,7 +154,7 @@ def cmd_generate(args) -> int:
                 num_images=args.num_images,
                 seed=args.seed,
                 num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
+                guidance_scale=default_guidance(args.base) if args.guidance_scale is None else args.guidance_scale,
                 negative_prompt=args.negative_prompt,
                 eta=args.eta,
             )
@@ -363,7 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_images", "--num-images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=25)
-    p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=7.5)
+    p.add_argument(
+        "--guidance_scale",
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="default: 3 on the embedded base, 7.5 on others",
+    )
     p.add_argument("--negative_prompt", "--negative-prompt", default=None)
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--eta", type=float, default=0.0)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import SvdiffError
+from .world import GUIDANCE_SCALE
 
 CONTEXTS = ("", " on the left", " at the top on a dark background", " on the right on a beige background")
 
@@ -69,7 +70,7 @@ def run_demo(
     max_train_steps: int = 400,
     num_class_images: int = 50,
     images_per_prompt: int = 4,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = GUIDANCE_SCALE,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:

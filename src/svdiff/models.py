@@ -94,6 +94,15 @@ def resolve_base(base: str | Path | None) -> str | Path:
     return default_base() if base is None else base
 
 
+def default_guidance(base: str | Path | None) -> float:
+    """Classifier-free guidance when none is given: what the embedded base draws best at, else SD's 7.5."""
+    from .world import BASE_DIR, GUIDANCE_SCALE
+
+    if base is None or Path(base).resolve() == BASE_DIR.resolve():
+        return GUIDANCE_SCALE
+    return 7.5
+
+
 def load_components(
     base: str | Path | None = None,
     *,
@@ -161,7 +170,9 @@ def load_shifts(target, path: str | Path, adapter_name: str | None = None, scale
     from .io import load_shifts as load_into
 
     path = Path(path)
-    name = adapter_name or (path.parent.name if path.name == WEIGHTS_NAME else path.stem) or "default"
+    name = adapter_name or (path.parent.name if path.name == WEIGHTS_NAME else path.stem).replace(".", "_") or "default"
+    if "." in name:  # torch's ParameterDict keys cannot hold one
+        raise SvdiffError(f"adapter name {name!r} cannot contain '.'")
     if name in shift_sets_of(target):
         raise SvdiffError(f"a shift set named {name!r} is already loaded; pass another adapter_name")
     shift_file = read_shift_file(path)

@@ -138,7 +138,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     _flag(g, "validation_prompt", action="append", default=None, help="repeatable (default: the instance prompt)")
     _flag(g, "num_validation_images", type=int, default=4)
     _flag(g, "validation_steps", type=int, default=100, help="0: only at the end")
-    _flag(g, "validation_guidance_scale", type=float, default=7.5)
+    _flag(
+        g, "validation_guidance_scale", type=float, default=None, help="default: 3 on the embedded base, 7.5 on others"
+    )
     _flag(g, "validation_inference_steps", type=int, default=25)
     _flag(g, "report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     _flag(g, "logging_dir", default="logs", help="under --output_dir")
@@ -195,6 +197,10 @@ def check(args: argparse.Namespace) -> None:
         raise SvdiffError("--unmix_weight cannot be negative")
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LR[args.method]
+    if args.validation_guidance_scale is None:
+        from ..models import default_guidance
+
+        args.validation_guidance_scale = default_guidance(args.pretrained_model_name_or_path)
     from ..spectral import PRESETS
 
     if args.preset not in PRESETS:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..data.images import image_files, open_images
 from ..errors import SvdiffError
+from . import GUIDANCE_SCALE
 
 
 def add_parser(subparsers) -> None:
@@ -39,7 +40,7 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("report", help="measure judge and base-model quality (prints JSON)")
     p.add_argument("--quick", action="store_true", help="fewer samples: a rough figure in a minute")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--pictures", type=Path, default=None, help="also write base_samples.png here")
     p.add_argument("--base", type=Path, default=None, help="a pipeline folder (default: the shipped base)")
     p.set_defaults(func=run_report)

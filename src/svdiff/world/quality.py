@@ -8,6 +8,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from . import GUIDANCE_SCALE
 from .evaluate import match, parse_prompt, score
 from .judge import nearest_slot, read
 from .render import COLORS, PATTERNS, POSITION_PHRASES, SHAPES, random_scene, render
@@ -143,7 +144,9 @@ def sampling_seconds(pipe, guidance_scale: float, steps: int = 25, n: int = 16) 
     return round(time.perf_counter() - began, 2)
 
 
-def measure(quick: bool = False, seed: int = 0, guidance_scale: float = 5.0, threads: int = 2, base=None) -> dict:
+def measure(
+    quick: bool = False, seed: int = 0, guidance_scale: float = GUIDANCE_SCALE, threads: int = 2, base=None
+) -> dict:
     """The figures of `benchmarks/world_quality.py` for the shipped base, or for the pipeline folder `base`."""
     from diffusers import DiffusionPipeline
 
@@ -187,7 +190,7 @@ SHOWCASE_PROMPTS = (
 )
 
 
-def base_sheet(path, guidance_scale: float = 5.0, per_prompt: int = 6, base=None) -> None:
+def base_sheet(path, guidance_scale: float = GUIDANCE_SCALE, per_prompt: int = 6, base=None) -> None:
     """A row of base-model samples per showcase prompt, seeds 0…per_prompt-1 in one batch."""
     from diffusers import DiffusionPipeline
 
