@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from svdiff.cli import main
+from svdiff.errors import SvdiffError
 from svdiff.io import WEIGHTS_NAME, read_shift_file
 from svdiff.train import train
 from tiny_models import PROMPT, SUBJECT, quick, save_tiny_pipeline
@@ -290,3 +291,14 @@ def test_unknown_scheduler_is_refused_by_the_parser(base, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(cli_args(base, tmp_path, "--lr_scheduler", "sometimes"))
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_a_setting_existed_still_resumes(tmp_path):
+    from svdiff.train import checkpoint
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / checkpoint.STATE).write_text(json.dumps({"run": {"method": "svdiff", "preset": "all"}}))
+    checkpoint.check_matches(ckpt, {"method": "svdiff", "preset": "all", "cut_mix_scale": 0.5})
+    with pytest.raises(SvdiffError, match="preset was 'all', now 'attn'"):
+        checkpoint.check_matches(ckpt, {"method": "svdiff", "preset": "attn"})

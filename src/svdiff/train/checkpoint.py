@@ -51,10 +51,11 @@ def read_state(path: Path) -> dict:
 
 
 def check_matches(path: Path, run: dict) -> None:
-    """Refuses a checkpoint made by a different run (another method, preset, base, subject…)."""
+    """Refuses a checkpoint made by a different run (another method, preset, base, subject…). A setting the
+    checkpoint does not record (it predates the setting) is not held against it."""
     saved = read_state(path)["run"]
     for key, value in run.items():
-        if saved.get(key) != value:
+        if key in saved and saved[key] != value:
             raise SvdiffError(f"checkpoint {path} does not match this run: {key} was {saved.get(key)!r}, now {value!r}")
 
 
