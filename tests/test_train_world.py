@@ -5,13 +5,14 @@ more like the subject's photos. And `svdiff demo` writes what it promises."""
 import json
 from pathlib import Path
 
+from svdiff.cli import main
 from svdiff.data.images import load_image_folder
 from svdiff.demo import judge_subject, run_demo, subject_loss
 from svdiff.models import fuse, load_shifts
 from svdiff.sample import load_pipeline, sample
 from svdiff.train import train
 from svdiff.world import GUIDANCE_SCALE
-from tiny_models import PROMPT, SUBJECT, quick
+from tiny_models import PROMPT, SUBJECT, quick, save_tiny_pipeline
 
 
 def test_a_short_run_on_the_embedded_base_fits_the_subject(tmp_path):
@@ -52,3 +53,13 @@ def test_demo_writes_pictures_shift_file_and_figures(tmp_path):
     assert result["subject_loss_before"] > 0 and result["subject_loss_after"] > 0
     for key in ("judge_before", "judge_after", "class_prompt_before", "class_prompt_after"):
         assert -1.0 <= result[key]["similarity"] <= 1.0 and 0.0 <= result[key]["shape_correct"] <= 1.0
+
+
+def test_demo_on_another_base(tmp_path, capsys):
+    base = save_tiny_pipeline(tmp_path)
+    out = tmp_path / "demo"
+    flags = ["--max_train_steps", "2", "--num_class_images", "1", "--output_dir", str(out)]
+    assert main(["demo", "--base", str(base), *flags]) == 0
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["base"] == str(base) and (out / "before_after.png").is_file()
+    assert "judge similarity" in capsys.readouterr().out

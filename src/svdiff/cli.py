@@ -210,7 +210,9 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    r = run_demo(args.output_dir, args.subject, args.max_train_steps, args.num_class_images, seed=args.seed)
+    r = run_demo(
+        args.output_dir, args.subject, args.max_train_steps, args.num_class_images, seed=args.seed, base=args.base
+    )
     before, after = r["judge_before"], r["judge_after"]
     print(
         f"trained {r['instance_prompt']!r} for {r['steps']} steps in {r['train_minutes']:.1f} min "
@@ -289,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_train_steps", "--max-train-steps", type=int, default=400)
     p.add_argument("--num_class_images", "--num-class-images", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--base",
+        default=None,
+        help="another pipeline of the shapes world, e.g. a candidate from `python -m svdiff.world.pretrain` "
+        "(default: the shipped one)",
+    )
     p.set_defaults(func=cmd_demo)
 
     from .edit import DEFAULT_EDIT_STEPS

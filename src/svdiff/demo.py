@@ -73,7 +73,10 @@ def run_demo(
     guidance_scale: float = GUIDANCE_SCALE,
     seed: int = 0,
     progress: bool = True,
+    base: str | Path | None = None,
 ) -> dict:
+    """Personalizes `subject` on `base` (a shapes-world pipeline folder; None: the shipped one) and writes the
+    before/after grid, the shift file and `demo_summary.json` into `output_dir`."""
     from .data.images import load_image_folder
     from .models import fuse, load_shifts
     from .pictures import grid
@@ -90,6 +93,7 @@ def run_demo(
     prompts = demo_prompts(instance_prompt, class_prompt)
     summary = train(
         train_args(
+            pretrained_model_name_or_path=None if base is None else str(base),
             instance_data_dir=str(subject),
             instance_prompt=instance_prompt,
             with_prior_preservation=True,
@@ -115,7 +119,7 @@ def run_demo(
         ]
 
     references = load_image_folder(subject)
-    pipe = load_pipeline(None)
+    pipe = load_pipeline(base)
     before = draw(pipe)
     loss_before = subject_loss(pipe, references, instance_prompt)
     load_shifts(pipe, summary["weights"], progress=False)
@@ -133,6 +137,7 @@ def run_demo(
     subject_before = [im for imgs in before[:-1] for im in imgs]
     subject_after = [im for imgs in after[:-1] for im in imgs]
     result = {
+        "base": str(base or "svdiff-tiny"),
         "subject": str(subject),
         "instance_prompt": instance_prompt,
         "steps": summary["steps"],
