@@ -4,12 +4,12 @@ svdiff's size, speed and memory against LoRA and full fine-tuning. `make bench` 
     HF_HUB_OFFLINE=1 python benchmarks/report.py [--quick | --smoke] [--out docs/results/report] [--runs runs/bench]
 
 Writes `report.md` (tables, pictures, each section's command and a plain verdict on the paper's claim) and
-`results.json` (every benchmark's JSON) into --out, beside the benchmarks' own JSON and PNG files. The full run's
-sections add up to about half an hour plus the edit benchmark on a 2-core CPU; --quick takes fewer subjects,
-seeds and steps; --smoke (a few steps of everything, for CI, about three minutes) proves only that the pipeline of
-benchmarks runs. Trained runs are
-kept in --runs and reused, and a benchmark already run with the same command is not run again (its record is in
---out/records/), so an interrupted report resumes; delete them to start afresh.
+`results.json` (every benchmark's JSON) into --out, beside the benchmarks' own JSON and PNG files. On a 2-core
+CPU the committed full report's sections took 36.9 minutes (some trained runs reused); --quick (fewer subjects,
+seeds and steps) took 11.8 minutes from an empty --runs; --smoke (a few steps of everything, for CI, about three
+minutes) proves only that the pipeline of benchmarks runs. Trained runs are kept in --runs and reused, and a
+benchmark already run with the same command is not run again (its record is in --out/records/), so an
+interrupted report resumes; delete them to start afresh.
 """
 
 import argparse

@@ -78,7 +78,7 @@ def run_demo(
     """Personalizes `subject` on `base` (a shapes-world pipeline folder; None: the shipped one) and writes the
     before/after grid, the shift file and `demo_summary.json` into `output_dir`."""
     from .data.images import load_image_folder
-    from .models import fuse, load_shifts
+    from .models import base_name, fuse, load_shifts
     from .pictures import grid
     from .sample import load_pipeline, sample
     from .train import train, train_args
@@ -137,7 +137,7 @@ def run_demo(
     subject_before = [im for imgs in before[:-1] for im in imgs]
     subject_after = [im for imgs in after[:-1] for im in imgs]
     result = {
-        "base": str(base or "svdiff-tiny"),
+        "base": base_name(base),
         "subject": str(subject),
         "instance_prompt": instance_prompt,
         "steps": summary["steps"],

@@ -30,6 +30,7 @@ from ..data.concepts import (
 from ..data.cutmix import collage, draw_concepts, identifier, pair_prompt
 from ..data.images import to_model_input
 from ..errors import SvdiffError
+from ..models import base_name
 from . import checkpoint
 from .args import check
 from .methods import prepare, save_result
@@ -317,7 +318,7 @@ def _run_identity(args, concepts) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     return {
         "method": args.method,
-        "base": str(args.pretrained_model_name_or_path or "svdiff-tiny"),
+        "base": base_name(args.pretrained_model_name_or_path),
         "preset": args.preset,
         "include": args.include,
         "exclude": args.exclude,

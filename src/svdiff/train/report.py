@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models import base_name
 from ..pictures import grid, line_chart
 
 
@@ -110,7 +111,7 @@ def write_model_card(output_dir: Path, args, concepts, summary: dict) -> Path:
     samples = Path(summary["samples"]).relative_to(output_dir)
     rate_1d = f" (1-D weights {args.learning_rate_1d:g})" if args.method == "svdiff" else ""
     text = f"""---
-base_model: {args.pretrained_model_name_or_path or "svdiff-tiny"}
+base_model: {base_name(args.pretrained_model_name_or_path)}
 library_name: svdiff
 tags:
 - text-to-image
