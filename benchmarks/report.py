@@ -386,7 +386,8 @@ def render_step_flops(r: dict) -> str:
         ["", "TFLOPs per step", "× frozen base"],
         [
             ["frozen base", t["frozen_base"], 1.0],
-            ["svdiff", t["svdiff"], r["ratio_to_frozen"]["svdiff"]],
+            ["svdiff (float32 factors)", t["svdiff"], r["ratio_to_frozen"]["svdiff"]],
+            ["svdiff (bf16 factors)", t["svdiff_bf16_factors"], r["ratio_to_frozen"]["svdiff_bf16_factors"]],
             ["naive rebuild", t["naive_rebuild"], r["ratio_to_frozen"]["naive_rebuild"]],
         ],
     )

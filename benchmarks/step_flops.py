@@ -1,6 +1,8 @@
 """FLOPs of one training step of the SD 1.5 UNet at 512 px, batch 2, counted with torch.utils.flop_counter on meta
-tensors (no memory, no weights): the frozen base, svdiff (per-call dispatch, the default), and a naive rebuild of
-every weight on every forward (what earlier implementations do). Also the memory the factors take.
+tensors (no memory, no weights): the frozen base, svdiff (per-call plans) with float32 factors (the default for
+float32 weights: convolutions then train through their factors, the "spectral" plan) and with bf16 factors (exact
+plans only), and a naive rebuild of every weight on every forward (what earlier implementations do). Also the
+memory the factors take.
 
     python benchmarks/step_flops.py [--resolution 512] [--batch 2] [--out results.json]
 
@@ -58,10 +60,13 @@ def main():
     unet = build_architecture("sd15", device="meta")["unet"]
     frozen = step_flops(unet, args.resolution, args.batch, grad_input=True)
 
-    params = svdiff.add_shifts(unet, cache=False, progress=False, factor_dtype=torch.bfloat16)
-    for p in params.values():
-        p.requires_grad_(True)
-    shifted = step_flops(unet, args.resolution, args.batch, grad_input=False)
+    shifted = {}
+    for name, dtype in (("svdiff_bf16_factors", torch.bfloat16), ("svdiff", torch.float32)):
+        svdiff.remove_shifts(unet)
+        params = svdiff.add_shifts(unet, cache=False, progress=False, factor_dtype=dtype)
+        for p in params.values():
+            p.requires_grad_(True)
+        shifted[name] = step_flops(unet, args.resolution, args.batch, grad_input=False)
 
     weight_bytes = sum(p.numel() * 4 for n, p in unet.named_parameters() if "spectral_shift" not in n)
     factors = [(s.U, s.S, s.Vh) for _, s in shifted_modules(unet).values() if not s.kind.is_vector]
@@ -81,8 +86,9 @@ def main():
             "resolution": args.resolution,
             "batch": args.batch,
             "targets": len(find_targets(build_architecture("sd15", device="meta")["unet"])),
-            "tflops_per_step": {"frozen_base": frozen / 1e12, "svdiff": shifted / 1e12, "naive_rebuild": naive / 1e12},
-            "ratio_to_frozen": {"svdiff": shifted / frozen, "naive_rebuild": naive / frozen},
+            "tflops_per_step": {"frozen_base": frozen / 1e12, **{k: v / 1e12 for k, v in shifted.items()}}
+            | {"naive_rebuild": naive / 1e12},
+            "ratio_to_frozen": {k: v / frozen for k, v in shifted.items()} | {"naive_rebuild": naive / frozen},
             "factor_memory_vs_fp32_weights": {
                 "bf16_factors": bf16_bytes / weight_bytes,
                 "fp32_factors": fp32_bytes / weight_bytes,

@@ -14,15 +14,26 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 @dataclass(frozen=True)
 class Plan:
-    """How one call applies W' = W + U·diag(d)·Vᵀ, every choice exact:
-    forward      "rebuild": the layer's op with W + ΔW, ΔW = (U·d)·Vᵀ;  "factored": op(x, W) + ((x·V)·d)·Uᵀ
-    grad_x       "rebuild": g through W + ΔW (rebuilt again);  "factored": g through W, plus ((g·U)·d)·Vᵀ
+    """How one call applies W' = W + U·diag(d)·Vᵀ:
+    forward      "rebuild": the layer's op with W + ΔW, ΔW = (U·d)·Vᵀ;  "factored": op(x, W) + ((x·V)·d)·Uᵀ;
+                 "spectral": ((x·V)·(σ + d))·Uᵀ, the base op not run at all
+    grad_x       "rebuild": g through W + ΔW (rebuilt again);  "factored": g through W, plus ((g·U)·d)·Vᵀ;
+                 "spectral": ((g·U)·(σ + d))·Vᵀ
     grad_delta   "weight": diag(Uᵀ·G·V) from the weight gradient G;  "factored": Σ (g·U) ⊙ (x·V)
+
+    Every choice but "spectral" is exact. "spectral" (forward and grad_x together) computes with U·diag(σ)·Vᵀ in
+    place of W, equal to it up to the factorization's round-off; it is only chosen while δ trains, with float32
+    or float64 factors and activations, so a δ of zero still reproduces the base layer bit for bit everywhere
+    else (inference, fused weights, low-precision runs). It spares a convolution's weight gradient: x·V is
+    V's convolution, which the forward computes anyway, and Σ (g·U) ⊙ (x·V) then costs almost nothing.
     """
 
     forward: str
     grad_x: str
     grad_delta: str
+
+
+SPECTRAL = Plan("spectral", "spectral", "factored")
 
 
 class Kind:
@@ -42,13 +53,15 @@ class Kind:
         """The cheapest exact way to apply the update in this call (see `Plan`), by FLOPs added to the frozen layer.
 
         With m × n the matrix, r its rank and t the tokens: rebuilding ΔW costs R = 2mnr, a product of
-        activations with U costs A = 2tmr and with V costs B = 2trn, the weight gradient G = 2tmn."""
+        activations with U costs A = 2tmr and with V costs B = 2trn, the weight gradient (or the base op) G = 2tmn."""
         m, n, r = shift.U.shape[0], shift.Vh.shape[1], shift.length
         t = self.tokens(module, x)
         need_x = x.requires_grad and torch.is_grad_enabled()
         R, A, B, G = 2 * m * n * r, 2 * t * m * r, 2 * t * r * n, 2 * t * m * n
 
         def cost(p: Plan) -> int:
+            if p.forward == "spectral":  # replaces the base op (and its x-gradient); g·U serves δ's gradient
+                return (A + B - G) * (2 if need_x else 1) + (0 if need_x else A)
             total = R if p.forward == "rebuild" else A + B
             if need_x:
                 total += R if p.grad_x == "rebuild" else A + B  # g·U (kept for δ) then (g·U·d)·Vᵀ
@@ -61,6 +74,9 @@ class Kind:
         choices = ("rebuild", "factored") if self.can_factor else ("rebuild",)
         grads = ("weight", "factored") if self.can_factor else ("weight",)
         plans = [Plan(f, gx, gd) for f in choices for gx in choices for gd in grads]
+        precise = (torch.float32, torch.float64)
+        if self.can_factor and train and shift.U.dtype in precise and x.dtype in precise:
+            plans.append(SPECTRAL)
         return min(plans, key=cost)
 
     def factored(self, module, shift, x, d):
@@ -87,8 +103,8 @@ class Linear(Kind):
     def down(self, module, shift, x):  # x·V
         return x @ shift.Vh.to(x.dtype).T
 
-    def up(self, module, shift, h):  # h·Uᵀ
-        return h @ shift.U.to(h.dtype).T
+    def up(self, module, shift, h, bias=None):  # h·Uᵀ (+ bias)
+        return F.linear(h, shift.U.to(h.dtype), None if bias is None else bias.to(h.dtype))
 
     def up_transpose(self, module, shift, g):  # g·U
         return g @ shift.U.to(g.dtype)
@@ -191,8 +207,8 @@ class Conv(Kind):
             module.dilation,
         )
 
-    def up(self, module, shift, h):  # 1×1 convolution with U
-        return self._conv()(h, self._pointwise(shift.U, h.dtype))
+    def up(self, module, shift, h, bias=None):  # 1×1 convolution with U (+ bias)
+        return self._conv()(h, self._pointwise(shift.U, h.dtype), None if bias is None else bias.to(h.dtype))
 
     def up_transpose(self, module, shift, g):  # 1×1 convolution with Uᵀ
         return self._conv()(g, self._pointwise(shift.U.T, g.dtype))

@@ -10,9 +10,10 @@ held in low precision (their error only touches the small update). 1-D norm weig
 The update is applied the way that costs fewest FLOPs for this call (`kinds.Plan`): rebuild ΔW = (U·d)·Vᵀ and run
 the layer's op with W + ΔW (cheap when many tokens share one weight), or work on activations,
 y = op(x, W) + ((x·V)·d)·Uᵀ (cheap for big matrices applied to few tokens); the backward makes the same kind of
-choice for x's gradient and for δ's, diag(Uᵀ·G·V) from the weight gradient G or Σ (g·U) ⊙ (x·V). One autograd
-function does all of it and keeps only x, d and x·V for backward, so training holds no out × in tensor beyond the
-base weight.
+choice for x's gradient and for δ's, diag(Uᵀ·G·V) from the weight gradient G or Σ (g·U) ⊙ (x·V). While δ trains
+with float32 factors, a layer may also run on its factors alone, y = ((x·V)·(σ + d))·Uᵀ (see `kinds.Plan`). One
+autograd function does all of it and keeps only x, d and x·V for backward, so training holds no out × in tensor
+beyond the base weight.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class _Shifted(torch.autograd.Function):
         h = None
         if plan.forward == "rebuild":
             y = kind.forward(module, x, weight + shift.delta_weight(d, weight))
+        elif plan.forward == "spectral":
+            h = kind.down(module, shift, x)
+            y = kind.up(module, shift, kind.scale(h, shift.S + d), bias)
         else:
             h = kind.down(module, shift, x)
             y = kind.forward(module, x, weight) + kind.up(module, shift, kind.scale(h, d))
@@ -132,9 +136,14 @@ class _Shifted(torch.autograd.Function):
         w = module.weight
         if need_x and plan.grad_x == "rebuild":
             w = w + shift.delta_weight(d, w)
-        gx, gw, gb = kind.backward(module, grad, x, w, need_x, need_w or weight_gd, need_b)
-        gu = None
-        if need_x and plan.grad_x == "factored":
+        base_x = need_x and plan.grad_x != "spectral"  # x's gradient through the base op
+        gx = gw = gb = gu = None
+        if base_x or need_w or weight_gd or need_b:
+            gx, gw, gb = kind.backward(module, grad, x, w, base_x, need_w or weight_gd, need_b)
+        if need_x and plan.grad_x == "spectral":
+            gu = kind.up_transpose(module, shift, grad)
+            gx = kind.down_transpose(module, shift, kind.scale(gu, shift.S + d), x)
+        elif need_x and plan.grad_x == "factored":
             gu = kind.up_transpose(module, shift, grad)
             gx = gx + kind.down_transpose(module, shift, kind.scale(gu, d), x)
         gd = None
