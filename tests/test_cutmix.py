@@ -45,6 +45,11 @@ def test_larger_collage_scale_keeps_the_middle_strip_of_a_larger_copy():
     assert torch.all(out[:, 2:4, :8] == -1.0)
     full = collage(left, solid(0.5), scale=1.0)  # the image's middle 8 columns, unscaled
     assert torch.equal(full[:, :, :8], left[:, :, 4:12])
+    aside = solid(-1.0)
+    aside[:, 5:9, 10:14] = 1.0  # a subject off-centre, right of the middle strip: the strip follows it
+    out = collage(aside, solid(0.5), scale=1.0)
+    assert torch.equal(out[:, :, :8], aside[:, :, 6:14])  # nearest the middle of the windows that hold it all
+    assert torch.equal(collage(solid(-1.0), solid(0.5), scale=1.0)[:, :, :8], solid(-1.0)[:, :, 4:12])
     for bad in (0.4, 1.1):
         with pytest.raises(ValueError):
             collage(left, left, scale=bad)

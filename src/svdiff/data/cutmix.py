@@ -2,10 +2,10 @@
 which stands where, and the regions each occupies (for the Unmix attention loss).
 
 The cut is fixed at the middle. Each side holds its subject's image scaled by `scale` (`--cut_mix_scale`),
-centred vertically, with the bands above and below filled by that image's border color, and the middle R/2
-columns of it kept. At the default 0.5 that is the whole image: cutting a narrower strip out of a larger copy
-would often cut the subject itself, since subjects are not always in the middle of their photos; larger scales
-draw the subjects larger, at the risk of cutting those that stand off-centre.
+centred vertically, with the bands above and below filled by that image's border color, and R/2 columns of it
+kept. At the default 0.5 that is the whole image. Larger scales draw the subjects larger and keep a strip of the
+copy: the one that holds most of what differs from the image's border color (the subject, in a photo of one),
+the middle one when nothing stands out — so a subject that stands off-centre is followed rather than cut.
 """
 
 from __future__ import annotations
@@ -48,16 +48,27 @@ def identifier(prompt: str) -> str:
 
 
 def _fit_half(image: torch.Tensor, scale: float) -> torch.Tensor:
-    """3 × R × R → 3 × R × R/2: the middle R/2 columns of the image scaled by `scale`, centred vertically on its
-    border color."""
+    """3 × R × R → 3 × R × R/2: R/2 columns of the image scaled by `scale` (where its subject is), centred
+    vertically on its border color."""
     _, size, _ = image.shape
     half, scaled = size // 2, round(size * scale)
     border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1).median(dim=1).values
     out = border[:, None, None].expand(3, size, half).clone()
     small = F.interpolate(image[None], size=(scaled, scaled), mode="area")[0]
-    left, top = (scaled - half) // 2, (size - scaled) // 2
+    top = (size - scaled) // 2
+    left = _subject_strip((small - border[:, None, None]).abs().sum(dim=(0, 1)), half)
     out[:, top : top + scaled] = small[:, :, left : left + half]
     return out
+
+
+def _subject_strip(mass: torch.Tensor, width: int) -> int:
+    """The first column of the `width`-wide window holding the most of `mass` (per column); of equal windows, the
+    one nearest the middle."""
+    cum = torch.cat([mass.new_zeros(1), mass.double().cumsum(0)])
+    sums = cum[width:] - cum[:-width]
+    centre = (mass.numel() - width) / 2
+    best = sums >= sums.max() - 1e-6 * (1 + sums.max())
+    return min((abs(k - centre), k) for k in best.nonzero().flatten().tolist())[1]
 
 
 def collage(left: torch.Tensor, right: torch.Tensor, scale: float = 0.5) -> torch.Tensor:

@@ -81,7 +81,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         "cut_mix_scale",
         type=float,
         default=0.5,
-        help="scale of each image in a collage: 0.5 keeps the whole image on its half, up to 1 keeps its middle strip",
+        help="scale of each image in a collage: 0.5 keeps the whole image, up to 1 keeps the strip its subject is in",
     )
     _flag(
         g,
