@@ -11,8 +11,9 @@ from svdiff.world import BASE_DIR, default_base
 from svdiff.world.render import caption, random_scene, world_words
 from svdiff.world.tokenizer import IDENTIFIERS
 
-needs_base = pytest.mark.skipif(not (BASE_DIR / "model_index.json").is_file(),
-                                reason="the base pipeline is not shipped in this checkout")
+needs_base = pytest.mark.skipif(
+    not (BASE_DIR / "model_index.json").is_file(), reason="the base pipeline is not shipped in this checkout"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,15 @@ def test_stock_diffusers_loads_a_stable_diffusion_folder(pipe):
 def test_fixed_seed_gives_identical_images(pipe):
     def draw(seed):
         gen = torch.Generator().manual_seed(seed)
-        out = pipe(["a photo of a red star", "a photo of a blue ring on the left"], num_inference_steps=4,
-                   guidance_scale=4.0, generator=gen, height=64, width=64, output_type="np").images
+        out = pipe(
+            ["a photo of a red star", "a photo of a blue ring on the left"],
+            num_inference_steps=4,
+            guidance_scale=4.0,
+            generator=gen,
+            height=64,
+            width=64,
+            output_type="np",
+        ).images
         return out
 
     a, b, c = draw(0), draw(0), draw(1)

@@ -13,8 +13,9 @@ from svdiff.world.evaluate import match, parse_prompt
 from svdiff.world.render import Scene, WorldObject, render
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "subjects"
-needs_judge = pytest.mark.skipif(not (JUDGE_DIR / "judge.safetensors").is_file(),
-                                 reason="the judge's weights are not shipped in this checkout")
+needs_judge = pytest.mark.skipif(
+    not (JUDGE_DIR / "judge.safetensors").is_file(), reason="the judge's weights are not shipped in this checkout"
+)
 
 
 def test_parse_prompt_finds_objects_attributes_and_places():
@@ -65,17 +66,32 @@ def test_embedding_prefers_the_same_subject(judge):
 
 @needs_judge
 def test_cli_judge_prints_attributes_and_similarity(tmp_path, capsys):
-    scene = Scene(objects=(WorldObject("heart", "pink", "striped", position="left"),
-                           WorldObject("triangle", "green", position="right")), background="white")
+    scene = Scene(
+        objects=(
+            WorldObject("heart", "pink", "striped", position="left"),
+            WorldObject("triangle", "green", position="right"),
+        ),
+        background="white",
+    )
     render(scene)[0].save(tmp_path / "a.png")
-    assert world_main(["world", "judge", str(tmp_path / "a.png"), "--prompt",
-                       "a photo of a pink heart on the left and a green triangle on the right",
-                       "--reference", str(EXAMPLES_DIR / "heart_sks")]) == 0
+    assert (
+        world_main(
+            [
+                "world",
+                "judge",
+                str(tmp_path / "a.png"),
+                "--prompt",
+                "a photo of a pink heart on the left and a green triangle on the right",
+                "--reference",
+                str(EXAMPLES_DIR / "heart_sks"),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     (entry,) = report["images"]
     assert entry["all_correct"] and report["fraction_correct"] == 1.0
-    assert [o["correct"] for o in entry["objects"]] == [
-        {"shape": True, "color": True, "position": True}] * 2
+    assert [o["correct"] for o in entry["objects"]] == [{"shape": True, "color": True, "position": True}] * 2
     assert -1.0 <= report["mean_similarity"] <= 1.0
 
 

@@ -56,8 +56,9 @@ def test_box_is_the_object_and_plain_color_is_exact(shape):
 
 
 def test_patterns_look_different():
-    images = [np.asarray(render(Scene(objects=(WorldObject("square", "red", pattern=p, size="large"),)))[0])
-              for p in PATTERNS]
+    images = [
+        np.asarray(render(Scene(objects=(WorldObject("square", "red", pattern=p, size="large"),)))[0]) for p in PATTERNS
+    ]
     for i in range(len(images)):
         for j in range(i + 1, len(images)):
             assert np.abs(images[i].astype(int) - images[j].astype(int)).sum() > 5000
@@ -75,10 +76,17 @@ def test_two_objects_never_overlap_and_stay_in_frame(seed):
 
 
 def test_caption_names_every_object_and_place():
-    scene = Scene(objects=(WorldObject("star", "red", "striped", position="left"),
-                           WorldObject("circle", "blue", position="right")), background="gray")
-    assert caption(scene) == ("a photo of a medium red striped star on the left and a medium blue plain circle "
-                              "on the right on a gray background")
+    scene = Scene(
+        objects=(
+            WorldObject("star", "red", "striped", position="left"),
+            WorldObject("circle", "blue", position="right"),
+        ),
+        background="gray",
+    )
+    assert caption(scene) == (
+        "a photo of a medium red striped star on the left and a medium blue plain circle "
+        "on the right on a gray background"
+    )
 
 
 @settings(max_examples=50, deadline=None)
@@ -102,8 +110,9 @@ def test_attribute_dropout_leaves_out_colors_and_patterns_but_never_the_class():
     assert all(s.objects[0].shape in t for s, t in zip(scenes, texts, strict=True))
     no_color = sum(s.objects[0].color not in t for s, t in zip(scenes, texts, strict=True)) / len(scenes)
     assert 0.2 < no_color < 0.4
-    neither = [t for s, t in zip(scenes, texts, strict=True) if s.objects[0].color not in t
-               and s.objects[0].pattern not in t]
+    neither = [
+        t for s, t in zip(scenes, texts, strict=True) if s.objects[0].color not in t and s.objects[0].pattern not in t
+    ]
     assert len(neither) > 20
 
 

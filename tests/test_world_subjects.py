@@ -37,9 +37,14 @@ def test_subject_marks_never_occur_in_pretraining_scenes():
 def test_marks_change_the_pixels():
     subject = random_subject(random.Random(5))
     scene = views(subject, 1, random.Random(0))[0]
-    plain = scene.__class__(objects=(scene.objects[0].__class__(**{
-        **scene.objects[0].__dict__, "emblem": None, "emblem_color": None, "outline": None}),),
-        background=scene.background)
+    plain = scene.__class__(
+        objects=(
+            scene.objects[0].__class__(
+                **{**scene.objects[0].__dict__, "emblem": None, "emblem_color": None, "outline": None}
+            ),
+        ),
+        background=scene.background,
+    )
     assert np.abs(np.asarray(render(scene)[0]).astype(int) - np.asarray(render(plain)[0]).astype(int)).sum() > 3000
 
 

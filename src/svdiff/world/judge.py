@@ -45,8 +45,12 @@ class Judge(nn.Module):
         # One convolution at full resolution (enough to see 2-pixel stripes), two per level below it, then two
         # at 8×8 (one dilated) so each cell sees a whole large object and its surroundings.
         self.features = nn.Sequential(
-            *conv(3, w), nn.MaxPool2d(2), *block(w, 2 * w), *block(2 * w, 4 * w),
-            *conv(4 * w, 4 * w, dilation=2), *conv(4 * w, 4 * w),
+            *conv(3, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 4 * w),
+            *conv(4 * w, 4 * w, dilation=2),
+            *conv(4 * w, 4 * w),
         )
         # Every place is read by the same head from the features under its anchor, so a shape learned on the
         # left is known on the right too.
@@ -163,8 +167,9 @@ def train(args) -> Judge:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     model.train()
-    loader = torch.utils.data.DataLoader(Batches(args.seed, args.steps, args.batch_size), batch_size=None,
-                                         num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(
+        Batches(args.seed, args.steps, args.batch_size), batch_size=None, num_workers=args.workers
+    )
     bar = tqdm(loader, desc="judge")
     for x, y, va, vb in bar:
         x, va, vb = x.to(args.device), va.to(args.device), vb.to(args.device)

@@ -201,8 +201,14 @@ def base_sheet(path, guidance_scale: float = GUIDANCE_SCALE, per_prompt: int = 6
     pipe.set_progress_bar_config(disable=True)
     images = []
     for prompt in tqdm(SHOWCASE_PROMPTS, desc="showcase"):
-        images += pipe([prompt] * per_prompt, num_inference_steps=25, guidance_scale=guidance_scale, height=64,
-                       width=64, generator=torch.Generator().manual_seed(0)).images
+        images += pipe(
+            [prompt] * per_prompt,
+            num_inference_steps=25,
+            guidance_scale=guidance_scale,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+        ).images
     grid(images, cols=per_prompt, labels=list(SHOWCASE_PROMPTS)).save(path)
 
 
