@@ -124,6 +124,9 @@ class Conv(Kind):
         self.dims = len(module.kernel_size)
         # The factored path needs a plain convolution with V's filters followed by a 1×1 convolution with U.
         self.can_factor = not self.transposed and module.groups == 1
+        # A 1×1 convolution with stride 1 and no padding is one matrix product over all positions.
+        ones = all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
+        self.pointwise = ones and (isinstance(module.padding, str) or not any(module.padding))
 
     def to_matrix(self, w):
         return (w.transpose(0, 1) if self.transposed else w).flatten(1)
@@ -188,17 +191,20 @@ class Conv(Kind):
     def _filters(self, module, shift, dtype):
         return shift.Vh.to(dtype).reshape(shift.length, *module.weight.shape[1:])
 
-    def _pointwise(self, u, dtype):
-        return u.to(dtype).reshape(*u.shape, *(1,) * self.dims)
-
-    def _conv(self):
-        return (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+    def _mix(self, mat, h, bias=None):
+        """A 1×1 convolution with the matrix `mat` (out × in channels): one matrix product over all positions."""
+        y = torch.matmul(mat.to(h.dtype), h.flatten(2))
+        if bias is not None:
+            y = y + bias.to(h.dtype)[:, None]
+        return y.view(h.shape[0], mat.shape[0], *h.shape[2:])
 
     def scale(self, h, d):
         return h * d.to(h.dtype).reshape(1, -1, *(1,) * self.dims)
 
     def down(self, module, shift, x):  # convolution with V's filters
-        return self._conv()(
+        if self.pointwise:
+            return self._mix(shift.Vh, x)
+        return (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1](
             x,
             self._filters(module, shift, x.dtype),
             None,
@@ -208,12 +214,14 @@ class Conv(Kind):
         )
 
     def up(self, module, shift, h, bias=None):  # 1×1 convolution with U (+ bias)
-        return self._conv()(h, self._pointwise(shift.U, h.dtype), None if bias is None else bias.to(h.dtype))
+        return self._mix(shift.U, h, bias)
 
     def up_transpose(self, module, shift, g):  # 1×1 convolution with Uᵀ
-        return self._conv()(g, self._pointwise(shift.U.T, g.dtype))
+        return self._mix(shift.U.T, g)
 
     def down_transpose(self, module, shift, gh, x):
+        if self.pointwise:
+            return self._mix(shift.Vh.T, gh)
         filters = self._filters(module, shift, gh.dtype)
         return torch.ops.aten.convolution_backward(
             gh,
