@@ -1,7 +1,8 @@
 """Step time and peak memory of training with svdiff vs LoRA vs full fine-tuning, side by side in one run, on the
 embedded tiny base and on the SD 1.5 architecture (random weights) at small latents.
 
-    python benchmarks/train_methods.py [--archs tiny sd15] [--steps 5] [--sd15_resolution 256] [--out FILE]
+    python benchmarks/train_methods.py [--archs tiny sd15] [--steps 5] [--tiny_steps 50] [--sd15_resolution 256]
+        [--out FILE]
 
 Each (architecture, method) runs in its own process, so peak memory (max RSS on the CPU, max allocated on a GPU)
 is its own. A step is what `svdiff train` does per step, minus the VAE and data loading (the same for every
@@ -96,7 +97,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=["tiny", "sd15"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed steps on SD 1.5")
+    p.add_argument("--tiny_steps", type=int, default=50, help="timed steps on the embedded base (milliseconds each)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tiny_resolution", type=int, default=64)
     p.add_argument("--sd15_resolution", type=int, default=256, help="SD 1.5 at 256 px: 32×32 latents")
@@ -119,7 +121,7 @@ def main() -> None:
                 arch,
                 method,
                 "--steps",
-                str(args.steps),
+                str(args.tiny_steps if arch == "tiny" else args.steps),
                 "--batch",
                 str(args.batch),
                 "--tiny_resolution",

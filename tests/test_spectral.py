@@ -132,7 +132,7 @@ def test_gradcheck_every_plan(name, plan):
     x = make_x().double().requires_grad_(True)
     x = shift.kind.prepare(layer, x)
     d = (torch.randn(shift.length, dtype=torch.float64) * 0.3).requires_grad_(True)
-    f = lambda x, d: _Shifted.apply(x, d, layer.weight, layer.bias, shift, layer, plan)  # noqa: E731
+    f = lambda x, total: _Shifted.apply(x, total, layer.weight, layer.bias, shift, layer, plan)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, d))
 
 

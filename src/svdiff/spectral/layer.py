@@ -57,7 +57,7 @@ class SpectralShift(nn.Module):
         terms = self.active()
         if not terms:
             return None
-        total = terms[0][0] * terms[0][1]
+        total = terms[0][0] if terms[0][1] == 1.0 else terms[0][0] * terms[0][1]
         for delta, scale in terms[1:]:
             total = total + delta * scale
         return total
@@ -88,47 +88,51 @@ class SpectralShift(nn.Module):
         return self
 
     def forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        d = self.d()
-        if d is None:
+        total = self.combined()
+        if total is None:
             return type(module).forward(module, x, *args, **kwargs)
         if self.kind.is_vector:
-            return self.kind.forward(module, x, module.weight + d.to(module.weight.dtype))
+            return self.kind.forward(module, x, module.weight + total.to(module.weight.dtype))
         if isinstance(self.kind, Embedding):  # a lookup: the update is looked up too
+            d = F.relu(self.S + total) - self.S
             return type(module).forward(module, x, *args, **kwargs) + self.kind.factored(module, self, x, d)
         unbatched = isinstance(self.kind, Conv) and x.dim() == self.kind.dims + 1
         x = self.kind.prepare(module, x.unsqueeze(0) if unbatched else x)
-        train = d.requires_grad and torch.is_grad_enabled()
+        train = total.requires_grad and torch.is_grad_enabled()
         key = (x.shape, x.requires_grad and torch.is_grad_enabled(), train)
         plan = self._plans.get(key)
         if plan is None:  # the choice depends on shapes and on what needs a gradient only: made once per kind of call
             plan = self._plans[key] = self.kind.plan(module, self, x, train)
-        y = _Shifted.apply(x, d, module.weight, module.bias, self, module, plan)
+        y = _Shifted.apply(x, total, module.weight, module.bias, self, module, plan)
         return y.squeeze(0) if unbatched else y
 
 
 class _Shifted(torch.autograd.Function):
-    """y = op(x, W + U·diag(d)·Vᵀ) computed and differentiated as `plan` says. Only x, d and (for a factored
-    forward) x·V are kept for backward: never an out × in tensor beyond the base weight."""
+    """y = op(x, W + U·diag(d)·Vᵀ), d = ReLU(σ + total) − σ, computed and differentiated as `plan` says (the ReLU
+    inside, so a layer adds one node to the autograd graph). Only x, d, σ + d and (for a factored forward) x·V are
+    kept for backward: never an out × in tensor beyond the base weight."""
 
     @staticmethod
-    def forward(ctx, x, d, weight, bias, shift: SpectralShift, module: nn.Module, plan: Plan):
+    def forward(ctx, x, total, weight, bias, shift: SpectralShift, module: nn.Module, plan: Plan):
         kind = shift.kind
+        shifted = F.relu(shift.S + total)  # σ + d
+        d = shifted - shift.S
         h = None
         if plan.forward == "rebuild":
             y = kind.forward(module, x, weight + shift.delta_weight(d, weight))
         elif plan.forward == "spectral":
             h = kind.down(module, shift, x)
-            y = kind.up(module, shift, kind.scale(h, shift.S + d), bias)
+            y = kind.up(module, shift, kind.scale(h, shifted), bias)
         else:
             h = kind.down(module, shift, x)
             y = kind.forward(module, x, weight) + kind.up(module, shift, kind.scale(h, d))
-        ctx.save_for_backward(x, d, h if plan.grad_delta == "factored" else None)
+        ctx.save_for_backward(x, d, shifted, h if plan.grad_delta == "factored" else None)
         ctx.shift, ctx.module, ctx.plan = shift, module, plan
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, d, h = ctx.saved_tensors
+        x, d, shifted, h = ctx.saved_tensors
         shift, module, plan = ctx.shift, ctx.module, ctx.plan
         kind = shift.kind
         need_x, need_d, need_w, need_b = ctx.needs_input_grad[:4]
@@ -142,7 +146,7 @@ class _Shifted(torch.autograd.Function):
             gx, gw, gb = kind.backward(module, grad, x, w, base_x, need_w or weight_gd, need_b)
         if need_x and plan.grad_x == "spectral":
             gu = kind.up_transpose(module, shift, grad)
-            gx = kind.down_transpose(module, shift, kind.scale(gu, shift.S + d), x)
+            gx = kind.down_transpose(module, shift, kind.scale(gu, shifted), x)
         elif need_x and plan.grad_x == "factored":
             gu = kind.up_transpose(module, shift, grad)
             gx = gx + kind.down_transpose(module, shift, kind.scale(gu, d), x)
@@ -155,4 +159,6 @@ class _Shifted(torch.autograd.Function):
             gu = kind.up_transpose(module, shift, grad) if gu is None else gu
             h = kind.down(module, shift, x.to(gu.dtype)) if h is None else h
             gd = kind.channel_sum((gu * h).float())
+        if gd is not None:
+            gd = torch.where(shifted > 0, gd, 0.0)  # through the ReLU
         return gx, gd, gw if need_w else None, gb, None, None, None

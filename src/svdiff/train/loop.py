@@ -266,7 +266,8 @@ def _optimizer(args, groups):
         except ImportError:
             raise SvdiffError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    # foreach: one batched update for all of δ's small tensors (torch picks the per-tensor loop on CPUs otherwise)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def _lr_scheduler(args, optimizer):
