@@ -1,8 +1,8 @@
 """Step time and peak memory of training with svdiff vs LoRA vs full fine-tuning, side by side in one run, on the
 embedded tiny base and on the SD 1.5 architecture (random weights) at small latents.
 
-    python benchmarks/train_methods.py [--archs tiny sd15] [--steps 5] [--tiny_steps 50] [--sd15_resolution 256]
-        [--out FILE]
+    python benchmarks/train_methods.py [--archs tiny sd15] [--steps 5] [--tiny_steps 50] [--rounds 3]
+        [--sd15_resolution 256] [--out FILE]
 
 Each (architecture, method) runs in its own process, so peak memory (max RSS on the CPU, max allocated on a GPU)
 is its own. A step is what `svdiff train` does per step, minus the VAE and data loading (the same for every
@@ -93,12 +93,40 @@ def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, dev
     return out
 
 
+def one_process(args, arch: str, method: str) -> dict:
+    """One (architecture, method) timed in a process of its own, so its peak memory is its own."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__)),
+        "--one",
+        arch,
+        method,
+        "--steps",
+        str(args.tiny_steps if arch == "tiny" else args.steps),
+        "--batch",
+        str(args.batch),
+        "--tiny_resolution",
+        str(args.tiny_resolution),
+        "--sd15_resolution",
+        str(args.sd15_resolution),
+        "--device",
+        args.device,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{arch}/{method} failed:\n{done.stderr[-2000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=["tiny", "sd15"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--steps", type=int, default=5, help="timed steps on SD 1.5")
     p.add_argument("--tiny_steps", type=int, default=50, help="timed steps on the embedded base (milliseconds each)")
+    p.add_argument("--rounds", type=int, default=3, help="every method runs once per round; medians are reported")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tiny_resolution", type=int, default=64)
     p.add_argument("--sd15_resolution", type=int, default=256, help="SD 1.5 at 256 px: 32×32 latents")
@@ -111,31 +139,18 @@ def main() -> None:
         resolution = args.tiny_resolution if arch == "tiny" else args.sd15_resolution
         print(json.dumps(run_one(arch, method, args.steps, resolution, args.batch, args.device)))
         return
+    runs = []
+    for _ in range(args.rounds):  # methods alternate, so a slow spell of the machine touches each of them
+        runs += [one_process(args, arch, method) for arch in args.archs for method in args.methods]
     rows = []
     for arch in args.archs:
         for method in args.methods:
-            cmd = [
-                sys.executable,
-                str(Path(__file__)),
-                "--one",
-                arch,
-                method,
-                "--steps",
-                str(args.tiny_steps if arch == "tiny" else args.steps),
-                "--batch",
-                str(args.batch),
-                "--tiny_resolution",
-                str(args.tiny_resolution),
-                "--sd15_resolution",
-                str(args.sd15_resolution),
-                "--device",
-                args.device,
-            ]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{arch}/{method} failed:\n{done.stderr[-2000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+            mine = [r for r in runs if r["arch"] == arch and r["method"] == method]
+            times = [r["step_seconds"] for r in mine]
+            peak = max(r["peak_rss_mb"] for r in mine)
+            rows.append(
+                mine[0] | {"step_seconds": statistics.median(times), "round_step_seconds": times, "peak_rss_mb": peak}
+            )
     ratios = {}
     for arch in args.archs:
         step = {r["method"]: r["step_seconds"] for r in rows if r["arch"] == arch}

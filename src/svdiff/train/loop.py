@@ -266,8 +266,9 @@ def _optimizer(args, groups):
         except ImportError:
             raise SvdiffError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    # foreach: one batched update for all of δ's small tensors (torch picks the per-tensor loop on CPUs otherwise)
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    # Shifts and LoRA train hundreds of small tensors: one batched (foreach) update for all of them, where torch
+    # would loop over them on a CPU. Full fine-tuning keeps torch's choice: batching its big tensors costs memory.
+    return torch.optim.AdamW(groups, foreach=None if args.method == "full" else True, **kwargs)
 
 
 def _lr_scheduler(args, optimizer):
