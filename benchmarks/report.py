@@ -99,7 +99,11 @@ SECTIONS = (
         "train_methods",
         "5c. CPU training step: svdiff vs LoRA vs full",
         "train_methods.py",
-        {"full": [], "quick": ["--steps", "3", "--rounds", "1"], "smoke": ["--archs", "tiny", "--tiny_steps", "1", "--rounds", "1"]},
+        {
+            "full": [],
+            "quick": ["--steps", "3", "--rounds", "1"],
+            "smoke": ["--archs", "tiny", "--tiny_steps", "1", "--rounds", "1"],
+        },
     ),
     (
         "compose",
