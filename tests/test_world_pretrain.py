@@ -3,6 +3,7 @@
 import json
 
 import torch
+from safetensors import safe_open
 
 from svdiff.world.pretrain import encode_scenes, main, make_vae, sample_timesteps
 from svdiff.world.render import Scene, WorldObject
@@ -57,6 +58,13 @@ def test_a_few_steps_make_a_pipeline_and_a_second_call_resumes(tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     record = json.loads((tmp_path / "work" / "run.json").read_text())
     assert record["steps"] == 2 and record["timestep_shift"] == 3.0 and record["object_weight"] == 5.0
-    before = (tmp_path / "work" / "denoiser.safetensors").read_bytes()
+    assert record["minutes"] is not None and set(record["phase_minutes"]) == {"autoencoder", "encoding", "denoiser"}
+    ckpt = tmp_path / "work" / "denoiser.safetensors"
+    before = ckpt.read_bytes()
+    with safe_open(str(ckpt), "pt") as f:
+        worked = float(f.metadata()["seconds"])  # the work that reached the checkpoint, kept across resumes
+    assert worked > 0
     main(flags)  # everything is checkpointed: nothing is trained again
-    assert (tmp_path / "work" / "denoiser.safetensors").read_bytes() == before
+    assert ckpt.read_bytes() == before
+    again = json.loads((tmp_path / "work" / "run.json").read_text())
+    assert again["minutes"] is not None and again["phase_minutes"]["denoiser"] >= round(worked / 60, 1)

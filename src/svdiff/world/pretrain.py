@@ -131,19 +131,21 @@ def sample_timesteps(n: int, total: int, shift: float, generator: torch.Generato
     return (total * shift * u / (1 + (shift - 1) * u)).long().clamp(max=total - 1)
 
 
-def save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Model and Adam state in safetensors (no pickle), plus the step, written atomically."""
+def save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int, seconds: float) -> None:
+    """Model and Adam state in safetensors (no pickle), plus the step and the seconds of work that reached it (over
+    every resumed run), written atomically."""
     tensors = {f"{name}.{k}": v.contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
     for i, group in enumerate(optimizer.param_groups):
         for j, p in enumerate(group["params"]):
             for k, v in optimizer.state.get(p, {}).items():
                 tensors[f"optim.{i}.{j}.{k}"] = torch.as_tensor(v).reshape(-1).contiguous()
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    save_file(tensors, str(tmp), metadata={"step": str(step), "seconds": f"{seconds:.1f}"})
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer) -> int:
+def load_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer) -> tuple[int, float | None]:
+    """The step a checkpoint reached and its seconds of work (None for a checkpoint that predates keeping them)."""
     from safetensors import safe_open
 
     tensors = load_file(str(path))
@@ -159,7 +161,21 @@ def load_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer)
                 state["exp_avg_sq"] = state["exp_avg_sq"].view_as(p)
                 optimizer.state[p] = state
     with safe_open(str(path), "pt") as f:
-        return int(f.metadata()["step"])
+        meta = f.metadata()
+    return int(meta["step"]), float(meta["seconds"]) if "seconds" in meta else None
+
+
+class Clock:
+    """Seconds of work on one phase: those of the checkpoint it resumed from plus this run's."""
+
+    def __init__(self, earlier: float | None):
+        self.earlier, self.began = earlier, time.time()
+
+    def seconds(self) -> float:
+        return (self.earlier or 0.0) + time.time() - self.began
+
+    def total(self) -> float | None:
+        return None if self.earlier is None else self.seconds()
 
 
 def object_mask(x: torch.Tensor, backgrounds: list[str]) -> torch.Tensor:
@@ -183,11 +199,13 @@ def random_crops(x: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor
     return torch.stack([im[:, i : i + size, j : j + size] for im, (i, j) in zip(x, corners, strict=True)])
 
 
-def train_vae(vae, args, work: Path) -> None:
-    """Object-weighted reconstruction (L1 + MSE) with a tiny KL term, on windows of freshly rendered scenes."""
+def train_vae(vae, args, work: Path) -> float | None:
+    """Object-weighted reconstruction (L1 + MSE) with a tiny KL term, on windows of freshly rendered scenes.
+    Returns the phase's seconds of work (None when it resumed from a checkpoint that predates keeping them)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt = work / "vae.safetensors"
-    start = load_checkpoint(ckpt, {"vae": vae}, opt) if ckpt.exists() else 0
+    start, earlier = load_checkpoint(ckpt, {"vae": vae}, opt) if ckpt.exists() else (0, 0.0)
+    clock = Clock(earlier)
     vae.train()
     bar = tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps)
     for step in bar:
@@ -208,8 +226,9 @@ def train_vae(vae, args, work: Path) -> None:
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.vae_steps:
-            save_checkpoint(ckpt, {"vae": vae}, opt, step + 1)
+            save_checkpoint(ckpt, {"vae": vae}, opt, step + 1, clock.seconds())
     vae.eval()
+    return clock.total()
 
 
 @torch.no_grad()
@@ -288,12 +307,13 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, a
     ema_unet, ema_text = EMA(unet, args.ema_decay), EMA(text_encoder, args.ema_decay)
     ckpt = work / "denoiser.safetensors"
     modules = {"unet": unet, "text_encoder": text_encoder}
-    start = 0
+    start, earlier = 0, 0.0
     if ckpt.exists():
-        start = load_checkpoint(ckpt, modules, opt)
+        start, earlier = load_checkpoint(ckpt, modules, opt)
         shadows = load_file(str(work / "ema.safetensors"))
         ema_unet.shadow = {k[5:]: v for k, v in shadows.items() if k.startswith("unet.")}
         ema_text.shadow = {k[13:]: v for k, v in shadows.items() if k.startswith("text_encoder.")}
+    clock = Clock(earlier)
     unet.train()
     text_encoder.train()
     bar = tqdm(range(start, args.steps), desc="unet+text", initial=start, total=args.steps)
@@ -327,7 +347,7 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, a
         ema_text.update(text_encoder, step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-            save_checkpoint(ckpt, modules, opt, step + 1)
+            save_checkpoint(ckpt, modules, opt, step + 1, clock.seconds())
             shadows = {f"unet.{k}": v for k, v in ema_unet.shadow.items()}
             shadows.update({f"text_encoder.{k}": v for k, v in ema_text.shadow.items()})
             save_file({k: v.contiguous() for k, v in shadows.items()}, str(work / "ema.safetensors"))
@@ -347,6 +367,7 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, a
     text_encoder.load_state_dict(ema_text.shadow)
     unet.eval()
     text_encoder.eval()
+    return clock.total()
 
 
 def assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir: Path, out: Path) -> StableDiffusionPipeline:
@@ -409,8 +430,9 @@ def main(argv=None) -> None:
     tokenizer = build_tokenizer(tokenizer_dir)
     vae, unet, text_encoder = make_vae(), make_unet(), make_text_encoder(tokenizer)
     vae.to(args.device)
-    train_vae(vae, args, args.work_dir)
+    vae_seconds = train_vae(vae, args, args.work_dir)
 
+    encoding = time.time()
     scenes = training_scenes(args.seed, args.num_scenes)
     latents, masks = encode_scenes(vae, scenes, 256, args.device)
     args.scaling_factor = round(1.0 / latents.std().item(), 5)
@@ -418,11 +440,17 @@ def main(argv=None) -> None:
 
     unet.to(args.device)
     text_encoder.to(args.device)
-    train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, args, args.work_dir)
+    encode_seconds = time.time() - encoding
+    denoiser_seconds = train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, args, args.work_dir)
     assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir, args.out)
     minutes = (time.time() - began) / 60
+    phases = {"autoencoder": vae_seconds, "encoding": encode_seconds, "denoiser": denoiser_seconds}
+    known = None not in phases.values()
     record = {
-        "minutes": round(minutes, 1),
+        # Work over every resumed run (None where a checkpoint predates keeping it); this run's wall time beside it.
+        "minutes": round(sum(phases.values()) / 60, 1) if known else None,
+        "phase_minutes": {k: None if v is None else round(v / 60, 1) for k, v in phases.items()},
+        "minutes_this_run": round(minutes, 1),
         "threads": args.threads,
         "device": args.device,
         **{k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "device", "threads")},
