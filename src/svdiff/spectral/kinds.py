@@ -50,7 +50,7 @@ class Kind:
         return x
 
     def plan(self, module, shift, x: torch.Tensor, train: bool) -> Plan:
-        """The cheapest exact way to apply the update in this call (see `Plan`), by FLOPs added to the frozen layer.
+        """The cheapest way to apply the update in this call (see `Plan`), by FLOPs added to the frozen layer.
 
         With m × n the matrix, r its rank and t the tokens: rebuilding ΔW costs R = 2mnr, a product of
         activations with U costs A = 2tmr and with V costs B = 2trn, the weight gradient (or the base op) G = 2tmn."""
