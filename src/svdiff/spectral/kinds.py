@@ -126,7 +126,7 @@ class Conv(Kind):
         self.can_factor = not self.transposed and module.groups == 1
         # A 1×1 convolution with stride 1 and no padding is one matrix product over all positions.
         ones = all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
-        self.pointwise = ones and (isinstance(module.padding, str) or not any(module.padding))
+        self.pointwise = self.can_factor and ones and (isinstance(module.padding, str) or not any(module.padding))
 
     def to_matrix(self, w):
         return (w.transpose(0, 1) if self.transposed else w).flatten(1)

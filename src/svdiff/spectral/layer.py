@@ -12,8 +12,8 @@ the layer's op with W + ΔW (cheap when many tokens share one weight), or work o
 y = op(x, W) + ((x·V)·d)·Uᵀ (cheap for big matrices applied to few tokens); the backward makes the same kind of
 choice for x's gradient and for δ's, diag(Uᵀ·G·V) from the weight gradient G or Σ (g·U) ⊙ (x·V). While δ trains
 with float32 factors, a layer may also run on its factors alone, y = ((x·V)·(σ + d))·Uᵀ (see `kinds.Plan`). One
-autograd function does all of it and keeps only x, d and x·V for backward, so training holds no out × in tensor
-beyond the base weight.
+autograd function does all of it and keeps only x, d, σ + d and x·V for backward, so training holds no out × in
+tensor beyond the base weight.
 """
 
 from __future__ import annotations
@@ -67,7 +67,12 @@ class SpectralShift(nn.Module):
         total = self.combined()
         if total is None or self.kind.is_vector:
             return total
-        return F.relu(self.S + total) - self.S
+        return self.spectrum(total)[1]
+
+    def spectrum(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shifted singular values σ + d = ReLU(σ + total), and d."""
+        shifted = F.relu(self.S + total)
+        return shifted, shifted - self.S
 
     def delta_weight(self, d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """ΔW in the shape and dtype of the base weight `like`."""
@@ -94,7 +99,7 @@ class SpectralShift(nn.Module):
         if self.kind.is_vector:
             return self.kind.forward(module, x, module.weight + total.to(module.weight.dtype))
         if isinstance(self.kind, Embedding):  # a lookup: the update is looked up too
-            d = F.relu(self.S + total) - self.S
+            d = self.spectrum(total)[1]
             return type(module).forward(module, x, *args, **kwargs) + self.kind.factored(module, self, x, d)
         unbatched = isinstance(self.kind, Conv) and x.dim() == self.kind.dims + 1
         x = self.kind.prepare(module, x.unsqueeze(0) if unbatched else x)
@@ -115,8 +120,7 @@ class _Shifted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, total, weight, bias, shift: SpectralShift, module: nn.Module, plan: Plan):
         kind = shift.kind
-        shifted = F.relu(shift.S + total)  # σ + d
-        d = shifted - shift.S
+        shifted, d = shift.spectrum(total)
         h = None
         if plan.forward == "rebuild":
             y = kind.forward(module, x, weight + shift.delta_weight(d, weight))
