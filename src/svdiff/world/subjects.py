@@ -82,10 +82,11 @@ def load_subject(folder: str | Path) -> WorldObject:
 
 
 # The example set in examples/subjects/: (folder, class, identifier, seed). Two hearts, so that multi-subject
-# work has to keep apart two subjects of one class, as the paper's dog and panda case does.
+# work has to keep apart two subjects of one class, as the paper's dog and panda case does; of different colors
+# and patterns (pink striped, blue dotted), so that a blend of the two shows in a 64-pixel picture.
 EXAMPLES = (
     ("heart_sks", "heart", "sks", 11),
-    ("heart_xyz", "heart", "xyz", 12),
+    ("heart_xyz", "heart", "xyz", 35),
     ("star_zwx", "star", "zwx", 13),
     ("square_vyx", "square", "vyx", 14),
     ("circle_qlo", "circle", "qlo", 15),
