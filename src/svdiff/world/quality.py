@@ -1,6 +1,7 @@
 """The world's quality figures: how well the judge reads fresh renders, and how well the base model draws prompts
 it never saw. `svdiff world report` and `benchmarks/world_quality.py` print them."""
 
+import itertools
 import json
 import random
 import time
@@ -13,6 +14,7 @@ from .evaluate import match, parse_prompt, score
 from .judge import nearest_slot, read
 from .render import COLORS, PATTERNS, POSITION_PHRASES, SHAPES, random_scene, render
 from .subjects import random_subject, views
+from .tokenizer import IDENTIFIERS
 
 
 def judge_accuracy(model, n_scenes: int, seed: int) -> dict:
@@ -144,6 +146,27 @@ def sampling_seconds(pipe, guidance_scale: float, steps: int = 25, n: int = 16) 
     return round(time.perf_counter() - began, 2)
 
 
+def text_separation(pipe) -> dict:
+    """How far apart the text encoder puts prompts that differ in one word: an identifier ("a photo of sks heart"
+    against "a photo of xyz heart") and, for scale, a color ("a photo of a pink heart" against "… blue heart"):
+    the mean distance between the encoder's outputs relative to their size, over every pair. Fine-tuning binds
+    two subjects to two identifiers only as well as the encoder tells the identifiers apart."""
+
+    def spread(prompts: list[str]) -> float:
+        ids = pipe.tokenizer(
+            prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
+        with torch.no_grad():
+            e = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].flatten(1).float()
+        pairs = list(itertools.combinations(range(len(prompts)), 2))
+        return round(sum(float((e[i] - e[j]).norm() / e[i].norm()) for i, j in pairs) / len(pairs), 4)
+
+    return {
+        "identifiers": spread([f"a photo of {w} heart" for w in IDENTIFIERS]),
+        "colors": spread([f"a photo of a {c} heart" for c in COLORS]),
+    }
+
+
 def measure(
     quick: bool = False, seed: int = 0, guidance_scale: float = GUIDANCE_SCALE, threads: int = 2, base=None
 ) -> dict:
@@ -170,6 +193,7 @@ def measure(
         | {"prompts": n_pairs},
         "base_class_prompts": prompt_accuracy(judge, generate(pipe, bare, guidance_scale, 25, seed + 2), bare)
         | {"prompts": len(bare)},
+        "text_separation": text_separation(pipe),
         "sampling_16_images_25_ddim_steps_seconds": sampling_seconds(pipe, guidance_scale),
         "settings": {
             "guidance_scale": guidance_scale,
