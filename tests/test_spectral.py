@@ -22,7 +22,11 @@ def _layers():
         "linear-tall": (nn.Linear(6, 20), lambda: torch.randn(4, 6)),
         "conv1d": (nn.Conv1d(5, 8, 3, padding=1), lambda: torch.randn(2, 5, 11)),
         "conv2d-k1": (nn.Conv2d(6, 4, 1), lambda: torch.randn(2, 6, 5, 5)),
+        "conv2d-k1-one-image": (nn.Conv2d(4, 6, 1), lambda: torch.randn(1, 4, 5, 5)),
         "conv2d-k3": (nn.Conv2d(3, 9, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 9, 9)),
+        # more output positions than kinds.UNFOLD_POSITIONS: V's convolution through torch's convolution
+        "conv2d-k3-many-positions": (nn.Conv2d(3, 5, 3, padding=1), lambda: torch.randn(1, 3, 9, 9)),
+        "conv2d-k3-dilated": (nn.Conv2d(4, 6, 3, padding=2, dilation=2), lambda: torch.randn(1, 4, 7, 6)),
         "conv2d-same-reflect": (
             nn.Conv2d(4, 5, 3, padding="same", padding_mode="reflect"),
             lambda: torch.randn(1, 4, 6, 7),

@@ -34,6 +34,9 @@ class Plan:
 
 
 SPECTRAL = Plan("spectral", "spectral", "factored")
+# Convolutions with V's filters over at most this many output positions run as a product of unfolded patches on a
+# CPU (`Conv._unfolds`).
+UNFOLD_POSITIONS = 64
 
 
 class Kind:
@@ -98,19 +101,19 @@ class Linear(Kind):
         return gx, gw, gb
 
     def scale(self, h, d):
-        return h * d.to(h.dtype)
+        return h * _cast(d, h.dtype)
 
     def down(self, module, shift, x):  # x·V
-        return x @ shift.Vh.to(x.dtype).T
+        return F.linear(x, _cast(shift.Vh, x.dtype))
 
     def up(self, module, shift, h, bias=None):  # h·Uᵀ (+ bias)
-        return F.linear(h, shift.U.to(h.dtype), None if bias is None else bias.to(h.dtype))
+        return F.linear(h, _cast(shift.U, h.dtype), None if bias is None else _cast(bias, h.dtype))
 
     def up_transpose(self, module, shift, g):  # g·U
-        return g @ shift.U.to(g.dtype)
+        return g @ _cast(shift.U, g.dtype)
 
     def down_transpose(self, module, shift, gh, x):  # gradient of x·V with respect to x
-        return gh @ shift.Vh.to(gh.dtype)
+        return gh @ _cast(shift.Vh, gh.dtype)
 
     def channel_sum(self, h):
         return h.reshape(-1, h.shape[-1]).sum(0)
@@ -193,17 +196,40 @@ class Conv(Kind):
 
     def _mix(self, mat, h, bias=None):
         """A 1×1 convolution with the matrix `mat` (out × in channels): one matrix product over all positions."""
-        y = torch.matmul(mat.to(h.dtype), h.flatten(2))
+        y = _per_image(_cast(mat, h.dtype), h.flatten(2))
         if bias is not None:
-            y = y + bias.to(h.dtype)[:, None]
+            y = y + _cast(bias, h.dtype)[:, None]
         return y.view(h.shape[0], mat.shape[0], *h.shape[2:])
 
     def scale(self, h, d):
-        return h * d.to(h.dtype).reshape(1, -1, *(1,) * self.dims)
+        return h * _cast(d, h.dtype).reshape(1, -1, *(1,) * self.dims)
+
+    def _unfolds(self, module, x) -> bool:
+        """Whether V's convolution runs as one matrix product over unfolded patches: 2-D, on a CPU, over at most
+        UNFOLD_POSITIONS output positions (all images together). There oneDNN, torch's CPU convolution, re-lays out
+        the whole filter bank on every call, which costs 2–4× the product at SD's 8×8 and 4×4 layers."""
+        return self.dims == 2 and x.device.type == "cpu" and self.tokens(module, x) <= UNFOLD_POSITIONS
+
+    def _patches(self, module):
+        return {
+            "kernel_size": module.kernel_size,
+            "dilation": module.dilation,
+            "padding": self._padding(module),
+            "stride": module.stride,
+        }
 
     def down(self, module, shift, x):  # convolution with V's filters
         if self.pointwise:
             return self._mix(shift.Vh, x)
+        if self._unfolds(module, x):
+            h = _per_image(_cast(shift.Vh, x.dtype), F.unfold(x, **self._patches(module)))
+            size = [
+                (n + 2 * p - d * (k - 1) - 1) // s + 1
+                for n, k, d, p, s in zip(
+                    x.shape[-2:], module.kernel_size, module.dilation, self._padding(module), module.stride, strict=True
+                )
+            ]
+            return h.view(x.shape[0], shift.length, *size)
         return (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1](
             x,
             self._filters(module, shift, x.dtype),
@@ -222,6 +248,9 @@ class Conv(Kind):
     def down_transpose(self, module, shift, gh, x):
         if self.pointwise:
             return self._mix(shift.Vh.T, gh)
+        if self._unfolds(module, x):  # the adjoint of unfolding is folding
+            patches = _per_image(_cast(shift.Vh, gh.dtype).T, gh.flatten(2))
+            return F.fold(patches, x.shape[-2:], **self._patches(module))
         filters = self._filters(module, shift, gh.dtype)
         return torch.ops.aten.convolution_backward(
             gh,
@@ -239,6 +268,17 @@ class Conv(Kind):
 
     def channel_sum(self, h):
         return h.transpose(0, 1).reshape(h.shape[1], -1).sum(1)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype. On every layer's path, where even a no-op `.to()` costs a call."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _per_image(mat: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """mat · flat[b] for every image b of flat (B × in × positions). One image is a plain matrix product:
+    torch.matmul would broadcast it to a batched product, slower on CPUs."""
+    return (mat @ flat[0])[None] if flat.shape[0] == 1 else torch.matmul(mat, flat)
 
 
 class Embedding(Kind):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import SpectralBasis
-from .kinds import Conv, Embedding, Kind, Plan
+from .kinds import SPECTRAL, Conv, Embedding, Kind, Plan
 
 
 class SpectralShift(nn.Module):
@@ -67,12 +67,11 @@ class SpectralShift(nn.Module):
         total = self.combined()
         if total is None or self.kind.is_vector:
             return total
-        return self.spectrum(total)[1]
+        return self.spectrum(total) - self.S
 
-    def spectrum(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shifted singular values σ + d = ReLU(σ + total), and d."""
-        shifted = F.relu(self.S + total)
-        return shifted, shifted - self.S
+    def spectrum(self, total: torch.Tensor) -> torch.Tensor:
+        """The shifted singular values σ + d = ReLU(σ + total)."""
+        return F.relu(self.S + total)
 
     def delta_weight(self, d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """ΔW in the shape and dtype of the base weight `like`."""
@@ -99,7 +98,7 @@ class SpectralShift(nn.Module):
         if self.kind.is_vector:
             return self.kind.forward(module, x, module.weight + total.to(module.weight.dtype))
         if isinstance(self.kind, Embedding):  # a lookup: the update is looked up too
-            d = self.spectrum(total)[1]
+            d = self.spectrum(total) - self.S
             return type(module).forward(module, x, *args, **kwargs) + self.kind.factored(module, self, x, d)
         unbatched = isinstance(self.kind, Conv) and x.dim() == self.kind.dims + 1
         x = self.kind.prepare(module, x.unsqueeze(0) if unbatched else x)
@@ -120,7 +119,8 @@ class _Shifted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, total, weight, bias, shift: SpectralShift, module: nn.Module, plan: Plan):
         kind = shift.kind
-        shifted, d = shift.spectrum(total)
+        shifted = shift.spectrum(total)
+        d = None if plan == SPECTRAL else shifted - shift.S  # a layer run on its factors alone needs only σ + d
         h = None
         if plan.forward == "rebuild":
             y = kind.forward(module, x, weight + shift.delta_weight(d, weight))
