@@ -116,7 +116,7 @@ def test_attribute_dropout_leaves_out_colors_and_patterns_but_never_the_class():
     assert len(neither) > 20
 
 
-def test_captions_without_attribute_dropout_are_those_base_v4_was_trained_on():
+def test_captions_without_attribute_dropout_are_those_the_shipped_base_was_trained_on():
     rng = random.Random(0)
     scenes = [random_scene(rng) for _ in range(2)]
     assert [caption(s, random.Random(i)) for i, s in enumerate(scenes)] == [

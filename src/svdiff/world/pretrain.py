@@ -412,7 +412,7 @@ def parse_args(argv=None):
         default=0.0,
         help="chance that a caption leaves out an object's color, and its pattern",
     )
-    p.add_argument("--object_weight", type=float, default=1.0, help="loss weight of latent cells holding an object")
+    p.add_argument("--object_weight", type=float, default=2.5, help="loss weight of latent cells holding an object")
     p.add_argument("--checkpoint_every", type=int, default=250)
     p.add_argument("--preview_every", type=int, default=2500, help="a multiple of --checkpoint_every")
     return p.parse_args(argv)
