@@ -1,7 +1,7 @@
 """The two ways svdiff runs a convolution with V's filters (the "spectral" plan's x·V and its x-gradient) on a CPU,
 side by side per layer shape: torch's convolution (oneDNN) and one matrix product over unfolded patches (im2col,
-`F.unfold`/`F.fold`). What sets `svdiff.spectral.kinds.UNFOLD_POSITIONS`, the number of output positions up to
-which svdiff unfolds.
+`F.unfold`/`F.fold`). What sets `svdiff.spectral.kinds.UNFOLD_POSITIONS` and `UNFOLD_VALUES`: svdiff unfolds
+over at most that many output positions with at least that many filter values.
 
     python benchmarks/conv_paths.py [--repeats 10] [--out docs/results/core/conv_paths.json]
 
@@ -49,11 +49,15 @@ def measure(c_in: int, c_out: int, side: int, stride: int, repeats: int) -> dict
     module, shift = next(iter(shifted_modules(conv).values()))
     kind = shift.kind
     x = torch.randn(1, c_in, side, side)
-    out = {"shape": f"{c_in}→{c_out}, {side}×{side}, stride {stride}", "positions": kind.tokens(module, x)}
+    out = {
+        "shape": f"{c_in}→{c_out}, {side}×{side}, stride {stride}",
+        "positions": kind.tokens(module, x),
+        "filter_values": shift.Vh.numel(),
+    }
     g = torch.randn_like(kind.down(module, shift, x))  # a gradient of V's convolution's output
     results = {}
-    for path, limit in (("convolution", 0), ("unfolded", 1 << 30)):
-        kinds.UNFOLD_POSITIONS = limit
+    for path, (positions, values) in (("convolution", (0, 1 << 62)), ("unfolded", (1 << 62, 0))):
+        kinds.UNFOLD_POSITIONS, kinds.UNFOLD_VALUES = positions, values
         h = kind.down(module, shift, x)
         results[path] = (h, kind.down_transpose(module, shift, g, x))
         out[f"{path}_forward_ms"] = round(timed(lambda: kind.down(module, shift, x), repeats), 3)
@@ -74,13 +78,16 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    limit = kinds.UNFOLD_POSITIONS
+    rule = kinds.UNFOLD_POSITIONS, kinds.UNFOLD_VALUES
     rows = {model: [measure(*shape, args.repeats) for shape in shapes] for model, shapes in SHAPES.items()}
-    kinds.UNFOLD_POSITIONS = limit
+    kinds.UNFOLD_POSITIONS, kinds.UNFOLD_VALUES = rule
+    for row in (r for layers in rows.values() for r in layers):
+        row["svdiff_unfolds"] = row["positions"] <= rule[0] and row["filter_values"] >= rule[1]
     emit(
         {
             "benchmark": "conv_paths",
-            "unfold_positions": limit,
+            "unfold_positions": rule[0],
+            "unfold_values": rule[1],
             "layers": rows,
             "settings": vars(args),
             "machine": machine(),

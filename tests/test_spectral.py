@@ -123,7 +123,16 @@ def _force(monkeypatch, plan: Plan):
     )
 
 
-MATRIX_LAYERS = ["linear-wide", "linear-tall", "conv1d", "conv2d-k1", "conv2d-k3", "conv2d-same-reflect"]
+MATRIX_LAYERS = [
+    "linear-wide",
+    "linear-tall",
+    "conv1d",
+    "conv2d-k1",
+    "conv2d-k1-one-image",
+    "conv2d-k3",
+    "conv2d-k3-dilated",
+    "conv2d-same-reflect",
+]
 
 
 @pytest.mark.parametrize("name", MATRIX_LAYERS)
@@ -181,6 +190,41 @@ def test_every_plan_agrees(monkeypatch, name):
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _unfold(monkeypatch, on: bool):
+    """Make V's convolutions run as products of unfolded patches (on) or through torch's convolution (off)."""
+    monkeypatch.setattr(kinds_mod, "UNFOLD_POSITIONS", 1 << 62)
+    monkeypatch.setattr(kinds_mod, "UNFOLD_VALUES", 0 if on else 1 << 62)
+
+
+@pytest.mark.parametrize("name", ["conv2d-k3", "conv2d-k3-dilated", "conv2d-same-reflect", "conv2d-k3-many-positions"])
+def test_unfolded_convolution_matches_torch(monkeypatch, name):
+    _force(monkeypatch, SPECTRAL)
+    results = []
+    for on in (False, True):
+        _unfold(monkeypatch, on)
+        base, layer, params, make_x = _shifted(name)
+        _randomize(params)
+        x = make_x().requires_grad_(True)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        results.append((y.detach(), x.grad, next(iter(params.values())).grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["conv2d-k3", "conv2d-k3-dilated"])
+def test_gradcheck_unfolded_convolution(monkeypatch, name):
+    _unfold(monkeypatch, True)
+    layer, make_x = _layers()[name]
+    layer = layer.double()
+    svdiff.add_shifts(layer, cache=False, progress=False)
+    shift = layer.spectral_shift
+    x = make_x().double().requires_grad_(True)
+    d = (torch.randn(shift.length, dtype=torch.float64) * 0.3).requires_grad_(True)
+    f = lambda x, total: _Shifted.apply(x, total, layer.weight, layer.bias, shift, layer, SPECTRAL)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, d))
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=str)

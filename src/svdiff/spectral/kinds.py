@@ -34,9 +34,10 @@ class Plan:
 
 
 SPECTRAL = Plan("spectral", "spectral", "factored")
-# Convolutions with V's filters over at most this many output positions run as a product of unfolded patches on a
-# CPU (`Conv._unfolds`).
+# On a CPU, a convolution with V's filters over at most UNFOLD_POSITIONS output positions and with at least
+# UNFOLD_VALUES filter values runs as a product of unfolded patches (`Conv._unfolds`; benchmarks/conv_paths.py).
 UNFOLD_POSITIONS = 64
+UNFOLD_VALUES = 1 << 23
 
 
 class Kind:
@@ -204,11 +205,17 @@ class Conv(Kind):
     def scale(self, h, d):
         return h * _cast(d, h.dtype).reshape(1, -1, *(1,) * self.dims)
 
-    def _unfolds(self, module, x) -> bool:
-        """Whether V's convolution runs as one matrix product over unfolded patches: 2-D, on a CPU, over at most
-        UNFOLD_POSITIONS output positions (all images together). There oneDNN, torch's CPU convolution, re-lays out
-        the whole filter bank on every call, which costs 2–4× the product at SD's 8×8 and 4×4 layers."""
-        return self.dims == 2 and x.device.type == "cpu" and self.tokens(module, x) <= UNFOLD_POSITIONS
+    def _unfolds(self, module, shift, x) -> bool:
+        """Whether V's convolution runs as one matrix product over unfolded patches: 2-D, on a CPU, a large filter
+        bank over few output positions (all images together). There oneDNN, torch's CPU convolution, re-lays out
+        the whole bank on every call, which costs 1.6–4× the product at SD's deepest layers (8×8 and 4×4 at
+        256 px); smaller banks it keeps in cache, and it is faster."""
+        return (
+            self.dims == 2
+            and x.device.type == "cpu"
+            and shift.Vh.numel() >= UNFOLD_VALUES
+            and self.tokens(module, x) <= UNFOLD_POSITIONS
+        )
 
     def _patches(self, module):
         return {
@@ -221,7 +228,7 @@ class Conv(Kind):
     def down(self, module, shift, x):  # convolution with V's filters
         if self.pointwise:
             return self._mix(shift.Vh, x)
-        if self._unfolds(module, x):
+        if self._unfolds(module, shift, x):
             h = _per_image(_cast(shift.Vh, x.dtype), F.unfold(x, **self._patches(module)))
             size = [
                 (n + 2 * p - d * (k - 1) - 1) // s + 1
@@ -248,7 +255,7 @@ class Conv(Kind):
     def down_transpose(self, module, shift, gh, x):
         if self.pointwise:
             return self._mix(shift.Vh.T, gh)
-        if self._unfolds(module, x):  # the adjoint of unfolding is folding
+        if self._unfolds(module, shift, x):  # the adjoint of unfolding is folding
             patches = _per_image(_cast(shift.Vh, gh.dtype).T, gh.flatten(2))
             return F.fold(patches, x.shape[-2:], **self._patches(module))
         filters = self._filters(module, shift, gh.dtype)
