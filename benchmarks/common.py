@@ -41,11 +41,6 @@ def card(name: str) -> dict:
     return json.loads((SUBJECTS / name / "subject.json").read_text())
 
 
-def subject_phrase(name: str) -> str:
-    c = card(name)
-    return f"{c['identifier']} {c['class_word']}"
-
-
 def isolate(image: Image.Image, side: str) -> Image.Image:
     """The image with the other half painted over in this half's border color."""
     a = np.asarray(image.convert("RGB")).copy()

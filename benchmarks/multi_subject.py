@@ -3,6 +3,7 @@ with it, and with it plus the Unmix loss; a same-class pair (two hearts) and a d
 
     HF_HUB_OFFLINE=1 python benchmarks/multi_subject.py [--steps 800] [--seeds 16] [--runs runs/multi_subject]
         [--out docs/results/multi_subject/multi_subject.json] [--unmix_sweep W …] [--scale_sweep S …]
+        [--identifiers WORD1 WORD2]
 
 Every generation uses prompts unlike the training templates (other phrasing and backgrounds) and the same seeds.
 The judge scores each half of a picture on its own (the other half painted over with this half's border color):
@@ -30,7 +31,7 @@ from PIL import Image
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import SUBJECTS, card, embed, emit, isolate, machine, subject_phrase
+from common import SUBJECTS, card, embed, emit, isolate, machine
 
 PAIRS = {"same class": ("heart_sks", "heart_xyz"), "different class": ("heart_sks", "star_zwx")}
 CONFIGS = {
@@ -97,15 +98,26 @@ def score(judge, images, pair, refs, threshold) -> dict:
     return {k: round(v / len(images), 4) for k, v in counts.items()}
 
 
-def train_pair(runs: Path, pair, config: str, settings: dict, steps: int) -> tuple[Path, float]:
+def phrases(pair, identifiers=None) -> list[str]:
+    """What names each subject of the pair: "sks heart", or with other identifiers "green heart"."""
+    words = identifiers or [card(n)["identifier"] for n in pair]
+    return [f"{w} {card(n)['class_word']}" for w, n in zip(words, pair, strict=True)]
+
+
+def train_pair(runs: Path, pair, config: str, settings: dict, steps: int, identifiers=None) -> tuple[Path, float]:
     from svdiff.train import train, train_args
 
-    out = runs / f"{'+'.join(pair)}" / config.replace(" ", "_")
+    out = (
+        runs
+        / f"{'+'.join(pair)}"
+        / (config.replace(" ", "_") + ("_as_" + "_".join(identifiers) if identifiers else ""))
+    )
     weights = out / "svdiff_weights.safetensors"
     if not weights.is_file():
         out.mkdir(parents=True, exist_ok=True)
         concepts = [
-            {"instance_prompt": card(n)["instance_prompt"], "instance_data_dir": str(SUBJECTS / n)} for n in pair
+            {"instance_prompt": f"a photo of {phrase}", "instance_data_dir": str(SUBJECTS / n)}
+            for phrase, n in zip(phrases(pair, identifiers), pair, strict=True)
         ]
         (out / "concepts.json").write_text(json.dumps(concepts))
         train(
@@ -139,6 +151,12 @@ def main() -> None:
     p.add_argument(
         "--scale_sweep", type=float, nargs="*", default=[], help="more collage scales for the same-class pair"
     )
+    p.add_argument(
+        "--identifiers",
+        nargs=2,
+        metavar=("WORD1", "WORD2"),
+        help="name the pair's subjects with these words instead of their identifiers (e.g. words the base knows)",
+    )
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder
@@ -157,7 +175,7 @@ def main() -> None:
         pair = PAIRS[pair_name]
         refs = {n: embed(judge, load_image_folder(SUBJECTS / n)) for n in pair}
         threshold = calibrate(judge, pair, refs)
-        a, b = (subject_phrase(n) for n in pair)
+        a, b = phrases(pair, args.identifiers)
         results[pair_name] = {"subjects": list(pair), "identity_threshold": round(threshold, 4), "configs": {}}
         configs = dict(CONFIGS)
         if pair_name == "same class":  # the sweeps that chose the defaults
@@ -174,7 +192,7 @@ def main() -> None:
                 }
             )
         for config, settings in configs.items():
-            weights, minutes = train_pair(args.runs, pair, config, settings, args.steps)
+            weights, minutes = train_pair(args.runs, pair, config, settings, args.steps, args.identifiers)
             load_shifts(pipe, weights, "pair", progress=False)
             fuse(pipe)
             images = []
@@ -207,6 +225,7 @@ def main() -> None:
             "machine": machine(),
             "steps": args.steps,
             "seeds": args.seeds,
+            "identifiers": args.identifiers,
             "prompts": list(PROMPTS),
             "guidance_scale": args.guidance_scale,
             "unmix_weight": UNMIX_WEIGHT,
