@@ -3,7 +3,7 @@ with it, and with it plus the Unmix loss; a same-class pair (two hearts) and a d
 
     HF_HUB_OFFLINE=1 python benchmarks/multi_subject.py [--steps 800] [--seeds 16] [--runs runs/multi_subject]
         [--out docs/results/multi_subject/multi_subject.json] [--unmix_sweep W …] [--scale_sweep S …]
-        [--identifiers WORD1 WORD2]
+        [--prob_sweep P …] [--identifiers WORD1 WORD2]
 
 Every generation uses prompts unlike the training templates (other phrasing and backgrounds) and the same seeds.
 The judge scores each half of a picture on its own (the other half painted over with this half's border color):
@@ -152,6 +152,9 @@ def main() -> None:
         "--scale_sweep", type=float, nargs="*", default=[], help="more collage scales for the same-class pair"
     )
     p.add_argument(
+        "--prob_sweep", type=float, nargs="*", default=[], help="more collage probabilities for the same-class pair"
+    )
+    p.add_argument(
         "--identifiers",
         nargs=2,
         metavar=("WORD1", "WORD2"),
@@ -191,6 +194,7 @@ def main() -> None:
                     for c in args.scale_sweep
                 }
             )
+            configs.update({f"Cut-Mix-Unmix, prob {q:g}": {"cut_mix_unmix_prob": q} for q in args.prob_sweep})
         for config, settings in configs.items():
             weights, minutes = train_pair(args.runs, pair, config, settings, args.steps, args.identifiers)
             load_shifts(pipe, weights, "pair", progress=False)
