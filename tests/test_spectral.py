@@ -135,9 +135,8 @@ MATRIX_LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("name", MATRIX_LAYERS)
-@pytest.mark.parametrize("plan", PLANS, ids=str)
-def test_gradcheck_every_plan(name, plan):
+def _gradcheck(name, plan):
+    """gradcheck of the layer's autograd function under `plan`, in float64, with respect to x and δ."""
     layer, make_x = _layers()[name]
     layer = layer.double()
     svdiff.add_shifts(layer, cache=False, progress=False)
@@ -146,7 +145,13 @@ def test_gradcheck_every_plan(name, plan):
     x = shift.kind.prepare(layer, x)
     d = (torch.randn(shift.length, dtype=torch.float64) * 0.3).requires_grad_(True)
     f = lambda x, total: _Shifted.apply(x, total, layer.weight, layer.bias, shift, layer, plan)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x, d))
+    return torch.autograd.gradcheck(f, (x, d))
+
+
+@pytest.mark.parametrize("name", MATRIX_LAYERS)
+@pytest.mark.parametrize("plan", PLANS, ids=str)
+def test_gradcheck_every_plan(name, plan):
+    assert _gradcheck(name, plan)
 
 
 @pytest.mark.parametrize("name", MATRIX_LAYERS + ["embedding", "layernorm", "groupnorm", "conv-transpose2d"])
@@ -176,17 +181,22 @@ def test_gradcheck_delta_through_module(name):
     torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-6)
 
 
+def _outputs_and_grads(name):
+    """A shifted layer with random δ run forward and backward: its output and the gradients of x and δ."""
+    base, layer, params, make_x = _shifted(name)
+    _randomize(params)
+    x = make_x().requires_grad_(True)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    return y.detach(), x.grad, next(iter(params.values())).grad
+
+
 @pytest.mark.parametrize("name", MATRIX_LAYERS + ["conv-transpose2d"])
 def test_every_plan_agrees(monkeypatch, name):
     results = []
     for plan in PLANS:
         _force(monkeypatch, plan)
-        base, layer, params, make_x = _shifted(name)
-        _randomize(params)
-        x = make_x().requires_grad_(True)
-        y = layer(x)
-        y.pow(2).sum().backward()
-        results.append((y.detach(), x.grad, next(iter(params.values())).grad))
+        results.append(_outputs_and_grads(name))
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -204,12 +214,7 @@ def test_unfolded_convolution_matches_torch(monkeypatch, name):
     results = []
     for on in (False, True):
         _unfold(monkeypatch, on)
-        base, layer, params, make_x = _shifted(name)
-        _randomize(params)
-        x = make_x().requires_grad_(True)
-        y = layer(x)
-        y.pow(2).sum().backward()
-        results.append((y.detach(), x.grad, next(iter(params.values())).grad))
+        results.append(_outputs_and_grads(name))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -217,14 +222,7 @@ def test_unfolded_convolution_matches_torch(monkeypatch, name):
 @pytest.mark.parametrize("name", ["conv2d-k3", "conv2d-k3-dilated"])
 def test_gradcheck_unfolded_convolution(monkeypatch, name):
     _unfold(monkeypatch, True)
-    layer, make_x = _layers()[name]
-    layer = layer.double()
-    svdiff.add_shifts(layer, cache=False, progress=False)
-    shift = layer.spectral_shift
-    x = make_x().double().requires_grad_(True)
-    d = (torch.randn(shift.length, dtype=torch.float64) * 0.3).requires_grad_(True)
-    f = lambda x, total: _Shifted.apply(x, total, layer.weight, layer.bias, shift, layer, SPECTRAL)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x, d))
+    assert _gradcheck(name, SPECTRAL)
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=str)

@@ -193,7 +193,7 @@ class Conv(Kind):
         )
 
     def _filters(self, module, shift, dtype):
-        return shift.Vh.to(dtype).reshape(shift.length, *module.weight.shape[1:])
+        return _cast(shift.Vh, dtype).reshape(shift.length, *module.weight.shape[1:])
 
     def _mix(self, mat, h, bias=None):
         """A 1×1 convolution with the matrix `mat` (out × in channels): one matrix product over all positions."""
@@ -217,7 +217,7 @@ class Conv(Kind):
             and self.tokens(module, x) <= UNFOLD_POSITIONS
         )
 
-    def _patches(self, module):
+    def _patches(self, module):  # F.unfold's arguments, in this order
         return {
             "kernel_size": module.kernel_size,
             "dilation": module.dilation,
@@ -229,12 +229,11 @@ class Conv(Kind):
         if self.pointwise:
             return self._mix(shift.Vh, x)
         if self._unfolds(module, shift, x):
-            h = _per_image(_cast(shift.Vh, x.dtype), F.unfold(x, **self._patches(module)))
+            patches = self._patches(module)
+            h = _per_image(_cast(shift.Vh, x.dtype), F.unfold(x, **patches))
             size = [
                 (n + 2 * p - d * (k - 1) - 1) // s + 1
-                for n, k, d, p, s in zip(
-                    x.shape[-2:], module.kernel_size, module.dilation, self._padding(module), module.stride, strict=True
-                )
+                for n, k, d, p, s in zip(x.shape[-2:], *patches.values(), strict=True)
             ]
             return h.view(x.shape[0], shift.length, *size)
         return (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1](
