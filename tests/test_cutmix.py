@@ -7,7 +7,16 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from svdiff.data.cutmix import collage, draw_concepts, identifier, pair_prompt, phrase, side_masks
+from svdiff.data.cutmix import (
+    border_color,
+    collage,
+    draw_concepts,
+    identifier,
+    nearest_background,
+    pair_prompt,
+    phrase,
+    side_masks,
+)
 from svdiff.errors import SvdiffError
 from svdiff.sample import load_pipeline
 from svdiff.train import train
@@ -53,6 +62,44 @@ def test_larger_collage_scale_keeps_the_middle_strip_of_a_larger_copy():
     for bad in (0.4, 1.1):
         with pytest.raises(ValueError):
             collage(left, left, scale=bad)
+
+
+def test_the_right_image_is_the_one_whose_border_is_nearest():
+    from PIL import Image
+
+    def photo(color):
+        im = Image.new("RGB", (16, 16), color)
+        im.paste((255, 0, 0), (4, 4, 12, 12))  # a subject in the middle does not count
+        return im
+
+    candidates = [photo((0, 0, 0)), photo((200, 200, 200)), photo((120, 120, 120))]
+    assert nearest_background(photo((190, 200, 210)), candidates) == 1
+    assert nearest_background(photo((100, 120, 130)), candidates) == 2
+    assert torch.allclose(border_color(photo((0, 0, 255))), torch.tensor([-1.0, -1.0, 1.0]))
+
+
+def test_collage_batches_pair_photos_on_the_same_background():
+    from types import SimpleNamespace
+
+    from svdiff.data.concepts import Concept
+    from svdiff.data.images import load_image_folder
+    from svdiff.train.loop import _batch
+
+    concepts = [
+        Concept(f"a photo of {n}", SUBJECTS / n, instance_images=load_image_folder(SUBJECTS / n))
+        for n in ("heart_sks", "star_zwx")
+    ]
+    accelerator = SimpleNamespace(num_processes=1, process_index=0)
+    for match in (True, False):
+        args = SimpleNamespace(
+            seed=0, train_batch_size=1, with_prior_preservation=False, resolution=64, center_crop=True,
+            random_flip=False, cut_mix_scale=0.5, cut_mix_match_background=match,
+        )  # fmt: skip
+        seams = 0
+        for step in range(12):
+            pixels = _batch(args, concepts, step, 0, accelerator)["pixels"][0]
+            seams += not torch.equal(border_color(pixels[:, :, :32]), border_color(pixels[:, :, 32:]))
+        assert (seams == 0) if match else (seams > 4)  # each subject has one photo per background
 
 
 def test_prompts_name_each_subject_on_its_side():

@@ -13,8 +13,10 @@ from __future__ import annotations
 import random
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 LEFT_RIGHT = "a photo of a {left} on the left and a {right} on the right"
 AND = "a photo of a {left} and a {right}"
@@ -47,12 +49,26 @@ def identifier(prompt: str) -> str:
     return phrase(prompt).split()[0]
 
 
+def border_color(image: torch.Tensor | Image.Image) -> torch.Tensor:
+    """The median color of an image's outermost pixels, in [-1, 1] (a model input's range)."""
+    if isinstance(image, Image.Image):
+        image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    return torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1).median(dim=1).values
+
+
+def nearest_background(image: Image.Image, candidates: list[Image.Image]) -> int:
+    """Which candidate's border color is nearest `image`'s (the first of equals): the partner that makes the
+    least seam in a collage."""
+    target = border_color(image)
+    return min(range(len(candidates)), key=lambda i: float((border_color(candidates[i]) - target).abs().sum()))
+
+
 def _fit_half(image: torch.Tensor, scale: float) -> torch.Tensor:
     """3 × R × R → 3 × R × R/2: R/2 columns of the image scaled by `scale` (where its subject is), centred
     vertically on its border color."""
     _, size, _ = image.shape
     half, scaled = size // 2, round(size * scale)
-    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1).median(dim=1).values
+    border = border_color(image)
     out = border[:, None, None].expand(3, size, half).clone()
     small = F.interpolate(image[None], size=(scaled, scaled), mode="area")[0]
     top = (size - scaled) // 2

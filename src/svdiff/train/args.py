@@ -85,6 +85,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     _flag(
         g,
+        "cut_mix_match_background",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pair each collage's left image with the right subject's image whose border color is nearest",
+    )
+    _flag(
+        g,
         "unmix_weight",
         type=float,
         default=UNMIX_WEIGHT,

@@ -27,7 +27,7 @@ from ..data.concepts import (
     missing_class_images,
     read_concepts,
 )
-from ..data.cutmix import collage, draw_concepts, identifier, pair_prompt
+from ..data.cutmix import collage, draw_concepts, identifier, nearest_background, pair_prompt
 from ..data.images import to_model_input
 from ..errors import SvdiffError
 from ..models import base_name
@@ -329,6 +329,7 @@ def _run_identity(args, concepts) -> dict:
         "concepts": [c.instance_prompt for c in concepts],
         "cut_mix_unmix_prob": args.cut_mix_unmix_prob if len(concepts) > 1 else None,
         "cut_mix_scale": args.cut_mix_scale if len(concepts) > 1 else None,
+        "cut_mix_match_background": args.cut_mix_match_background if len(concepts) > 1 else None,
         "unmix_weight": args.unmix_weight if len(concepts) > 1 else None,
         "seed": args.seed,
     }
@@ -357,6 +358,15 @@ def _batch(args, chosen, step: int, micro: int, accelerator) -> dict:
         [(rng.randrange(len(c.instance_images)), rng.randrange(max(1, len(c.class_images)))) for c in chosen]
         for _ in range(size)
     ]
+    if len(chosen) == 2 and args.cut_mix_match_background:  # the right image: the one whose border is nearest
+        a, b = chosen
+        for pick in picks:
+            pick[1] = (
+                nearest_background(a.instance_images[pick[0][0]], b.instance_images),
+                nearest_background(a.class_images[pick[0][1]], b.class_images)
+                if a.class_images and b.class_images
+                else 0,
+            )
     mine = range(
         accelerator.process_index * args.train_batch_size, (accelerator.process_index + 1) * args.train_batch_size
     )
