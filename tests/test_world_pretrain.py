@@ -68,26 +68,3 @@ def test_a_few_steps_make_a_pipeline_and_a_second_call_resumes(tmp_path):
     assert ckpt.read_bytes() == before
     again = json.loads((tmp_path / "work" / "run.json").read_text())
     assert again["minutes"] is not None and again["phase_minutes"]["denoiser"] >= round(worked / 60, 1)
-
-
-def test_some_training_scenes_name_an_object_by_its_identifiers_look():
-    import random
-
-    from svdiff.world.pretrain import training_scenes
-    from svdiff.world.render import caption
-    from svdiff.world.subjects import identifier_look
-    from svdiff.world.tokenizer import IDENTIFIERS
-
-    assert not any(o.identifier for s in training_scenes(0, 200) for o in s.objects)
-    scenes = training_scenes(0, 2000, identifier_share=0.15)
-    named = [(s, o) for s in scenes for o in s.objects if o.identifier]
-    assert 0.12 < len(named) / len(scenes) < 0.18
-    assert all(sum(o.identifier is not None for o in s.objects) == 1 for s, _ in named)  # one per scene
-    assert {o.identifier for _, o in named} == set(IDENTIFIERS)
-    for scene, obj in named[:50]:
-        look = identifier_look(obj.identifier)
-        assert (obj.color, obj.pattern, obj.emblem, obj.outline) == tuple(
-            look[k] for k in ("color", "pattern", "emblem", "outline")
-        )
-        text = caption(scene, random.Random(0))
-        assert f" {obj.identifier} {obj.shape}" in text and f"{obj.color} {obj.pattern} {obj.shape}" not in text

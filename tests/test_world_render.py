@@ -158,11 +158,3 @@ def test_captions_round_trip_through_the_tokenizer(tokenizer):
 def test_unknown_words_split_into_pieces_not_unknown(tokenizer):
     ids = tokenizer("zebra").input_ids[1:-1]
     assert len(ids) > 1 and tokenizer.unk_token_id not in ids
-
-
-def test_an_object_named_by_an_identifier_is_captioned_by_it_alone():
-    obj = WorldObject("heart", "red", "striped", size="small", position="left", identifier="sks")
-    scene = Scene((obj, WorldObject("star", "blue", position="right")), background="dark")
-    assert caption(scene) == (
-        "a photo of a small sks heart on the left and a medium blue plain star on the right on a dark background"
-    )

@@ -14,7 +14,6 @@ import json
 import math
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..pictures import grid
 from .render import BACKGROUNDS, caption, random_scene, render
-from .subjects import identifier_look
-from .tokenizer import IDENTIFIERS, build_tokenizer
+from .tokenizer import build_tokenizer
 
 # Stable Diffusion's betas, rescaled so the last step is pure noise, with v-prediction and trailing timesteps
 # (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", as in SD 2.x's v-models). On 16×16
@@ -50,7 +48,6 @@ PREVIEW_PROMPTS = (
     "a photo of a blue dotted heart on the left",
     "a photo of a yellow dotted square at the top on a dark background",
     "a photo of a green checkered ring",
-    "a photo of a sks heart",
     "a photo of a pink ring on the left and a cyan cross on the right",
     "a photo of a purple triangle at the top and an orange diamond at the bottom",
     "",
@@ -248,21 +245,10 @@ def encode_scenes(vae, scenes, batch_size: int, device) -> tuple[torch.Tensor, t
     return torch.cat(chunks), torch.cat(masks)
 
 
-def training_scenes(seed: int, n: int, identifier_share: float = 0.0) -> list:
-    """The denoiser's data set. Held-out (shape, color, pattern) triples are left out (see `render.held_out`). In
-    `identifier_share` of the scenes one object wears an identifier's look and the caption names it by the
-    identifier ("a sks heart on the left"), so the text encoder learns to tell identifiers apart."""
+def training_scenes(seed: int, n: int) -> list:
+    """The denoiser's data set. Held-out (shape, color, pattern) triples are left out (see `render.held_out`)."""
     rng = random.Random(f"{seed}-scenes")
-    scenes = []
-    for _ in range(n):
-        scene = random_scene(rng, allow_held_out=False)
-        if rng.random() < identifier_share:
-            objects = list(scene.objects)
-            k, word = rng.randrange(len(objects)), rng.choice(IDENTIFIERS)
-            objects[k] = replace(objects[k], identifier=word, **identifier_look(word))
-            scene = replace(scene, objects=tuple(objects))
-        scenes.append(scene)
-    return scenes
+    return [random_scene(rng, allow_held_out=False) for _ in range(n)]
 
 
 class EMA:
@@ -426,12 +412,6 @@ def parse_args(argv=None):
         default=0.0,
         help="chance that a caption leaves out an object's color, and its pattern",
     )
-    p.add_argument(
-        "--identifier_share",
-        type=float,
-        default=0.15,
-        help="share of the scenes where one object wears an identifier's look and is named by the identifier",
-    )
     p.add_argument("--object_weight", type=float, default=2.5, help="loss weight of latent cells holding an object")
     p.add_argument("--checkpoint_every", type=int, default=250)
     p.add_argument("--preview_every", type=int, default=2500, help="a multiple of --checkpoint_every")
@@ -453,7 +433,7 @@ def main(argv=None) -> None:
     vae_seconds = train_vae(vae, args, args.work_dir)
 
     encoding = time.time()
-    scenes = training_scenes(args.seed, args.num_scenes, args.identifier_share)
+    scenes = training_scenes(args.seed, args.num_scenes)
     latents, masks = encode_scenes(vae, scenes, 256, args.device)
     args.scaling_factor = round(1.0 / latents.std().item(), 5)
     vae.register_to_config(scaling_factor=args.scaling_factor)

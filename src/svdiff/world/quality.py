@@ -13,7 +13,7 @@ from . import GUIDANCE_SCALE
 from .evaluate import match, parse_prompt, score
 from .judge import nearest_slot, read
 from .render import COLORS, PATTERNS, POSITION_PHRASES, SHAPES, random_scene, render
-from .subjects import identifier_look, random_subject, views
+from .subjects import random_subject, views
 from .tokenizer import IDENTIFIERS
 
 
@@ -86,19 +86,6 @@ def pair_prompts(n: int, seed: int) -> list[str]:
         ca, cb = rng.sample(list(COLORS), 2)
         prompts.append(f"a photo of a {ca} {a} on the left and a {cb} {b} on the right")
     return prompts
-
-
-def identifier_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
-    """Prompts naming a shape by an identifier ("a photo of a sks heart"), and the same prompts with the color and
-    pattern the identifier names in pretraining (what the picture should show)."""
-    rng = random.Random(f"identifiers-{seed}")
-    drawn, expected = [], []
-    for i in range(n):
-        word, shape = IDENTIFIERS[i % len(IDENTIFIERS)], rng.choice(SHAPES)
-        look = identifier_look(word)
-        drawn.append(f"a photo of a {word} {shape}")
-        expected.append(f"a photo of a {look['color']} {look['pattern']} {shape}")
-    return drawn, expected
 
 
 def generate(pipe, prompts, guidance_scale: float, steps: int, seed: int, batch_size: int = 20) -> list:
@@ -197,7 +184,6 @@ def measure(
     single = unseen_single_prompts(n_single, seed)
     pairs = pair_prompts(n_pairs, seed)
     bare = class_prompts(n_pairs)
-    named, looks = identifier_prompts(n_pairs, seed)
     return {
         "judge_on_fresh_renders": judge_accuracy(judge, n_scenes, seed),
         "judge_subject_similarity": subject_similarity(judge, n_subjects, seed),
@@ -207,8 +193,6 @@ def measure(
         | {"prompts": n_pairs},
         "base_class_prompts": prompt_accuracy(judge, generate(pipe, bare, guidance_scale, 25, seed + 2), bare)
         | {"prompts": len(bare)},
-        "base_identifier_prompts": prompt_accuracy(judge, generate(pipe, named, guidance_scale, 25, seed + 3), looks)
-        | {"prompts": len(named)},
         "text_separation": text_separation(pipe),
         "sampling_16_images_25_ddim_steps_seconds": sampling_seconds(pipe, guidance_scale),
         "settings": {

@@ -49,13 +49,10 @@ class WorldObject:
     position: str = "center"
     angle: float = 0.0  # degrees, counter-clockwise
     offset: tuple[int, int] = (0, 0)  # pixels from the position's anchor
-    # Marks subjects carry (see `subjects.py`), and in pretraining only objects named by an identifier.
+    # Marks only subjects carry (see `subjects.py`); pretraining scenes never have them.
     emblem: str | None = None  # a small shape at the centre
     emblem_color: str | None = None
     outline: str | None = None  # color of a border around the shape
-    # A rare word the caption names the object by instead of its color and pattern ("a sks heart"): in
-    # pretraining scenes, an identifier's look (see `subjects.identifier_look`).
-    identifier: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,13 +193,10 @@ def render(scene: Scene) -> tuple[Image.Image, Truth]:
 
 def describe(obj: WorldObject, size: bool = False, pattern: bool = True, color: bool = True) -> str:
     words = [obj.size] if size else []
-    if obj.identifier:
-        words.append(obj.identifier)
-    else:
-        if color:
-            words.append(obj.color)
-        if pattern:
-            words.append(obj.pattern)
+    if color:
+        words.append(obj.color)
+    if pattern:
+        words.append(obj.pattern)
     words.append(obj.shape)
     return " ".join(words)
 

@@ -34,13 +34,6 @@ def random_subject(rng: random.Random, shape: str | None = None) -> WorldObject:
     )
 
 
-def identifier_look(word: str) -> dict:
-    """The look an identifier names in pretraining captions ("a photo of a sks heart"), on any shape: color,
-    pattern, emblem and outline, drawn once from the word."""
-    look = random_subject(random.Random(f"identifier-{word}"))
-    return {k: getattr(look, k) for k in ("color", "pattern", "emblem", "emblem_color", "outline")}
-
-
 def views(subject: WorldObject, n: int, rng: random.Random) -> list[Scene]:
     """`n` scenes of the subject alone, each at a different position and background when n allows."""
     positions = rng.sample(VIEW_POSITIONS, k=min(n, len(VIEW_POSITIONS)))

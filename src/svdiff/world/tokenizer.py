@@ -13,13 +13,8 @@ from transformers import CLIPTokenizer
 
 from .render import world_words
 
-# Rare words for subjects. As Stable Diffusion's rare tokens do, each already means something to the base model
-# (a look it names in some pretraining captions, see `subjects.identifier_look`); fine-tuning rebinds one to a
-# subject. The examples use the first five.
-IDENTIFIERS = (
-    *("sks", "xyz", "zwx", "vyx", "qlo"),
-    *("bxq", "dvk", "fzp", "gjw", "hqv", "jxb", "kvz", "mqx", "pzj", "qfw", "rvx", "tzq", "wkj", "xqp", "zbv"),
-)
+# Rare words that mean nothing to the base model; a subject is bound to one of them by fine-tuning.
+IDENTIFIERS = ("sks", "xyz", "zwx", "vyx", "qlo")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
