@@ -365,7 +365,7 @@ def _batch(args, chosen, step: int, micro: int, accelerator) -> dict:
                 nearest_background(a.instance_images[pick[0][0]], b.instance_images),
                 nearest_background(a.class_images[pick[0][1]], b.class_images)
                 if a.class_images and b.class_images
-                else 0,
+                else pick[1][1],
             )
     mine = range(
         accelerator.process_index * args.train_batch_size, (accelerator.process_index + 1) * args.train_batch_size
