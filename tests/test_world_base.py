@@ -87,8 +87,9 @@ def test_text_separation_reads_the_encoder(pipe):
 
     sep = text_separation(pipe)
     assert 0.1 < sep["colors"] < 2, sep  # a color word moves the encoding a lot
-    # identifiers the encoder never saw in pretraining barely move it (0.046 against 0.38 on the shipped base, v7)
-    assert 0 < sep["identifiers"] < sep["colors"], sep
+    # identifiers, in no pretraining caption, move it less even at a word's size (0.113 against 0.38 on base v7.1;
+    # 0.046 on v7, where they kept their initial size)
+    assert 0.08 < sep["identifiers"] < sep["colors"], sep
 
 
 @needs_base

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
 from svdiff.world.pretrain import encode_scenes, main, make_vae, sample_timesteps
-from svdiff.world.render import Scene, WorldObject
+from svdiff.world.render import Scene, WorldObject, world_words
+from svdiff.world.tokenizer import IDENTIFIERS
 
 
 def test_timestep_shift():
@@ -59,6 +61,13 @@ def test_a_few_steps_make_a_pipeline_and_a_second_call_resumes(tmp_path):
     record = json.loads((tmp_path / "work" / "run.json").read_text())
     assert record["steps"] == 2 and record["timestep_shift"] == 3.0 and record["object_weight"] == 5.0
     assert record["minutes"] is not None and set(record["phase_minutes"]) == {"autoencoder", "encoding", "denoiser"}
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    ids = pipe.tokenizer.convert_tokens_to_ids
+    identifiers = table[[ids(w + "</w>") for w in IDENTIFIERS]].norm(dim=1)
+    words = table[[ids(w + "</w>") for w in world_words()]].norm(dim=1)
+    # identifiers, in no caption, are scaled to a trained word's size
+    assert torch.allclose(identifiers, torch.tensor(record["identifier_norm"]), rtol=1e-4)
+    assert record["identifier_norm"] == pytest.approx(float(words.median()), rel=1e-4)
     ckpt = tmp_path / "work" / "denoiser.safetensors"
     before = ckpt.read_bytes()
     with safe_open(str(ckpt), "pt") as f:

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..pictures import grid
-from .render import BACKGROUNDS, caption, random_scene, render
-from .tokenizer import build_tokenizer
+from .render import BACKGROUNDS, caption, random_scene, render, world_words
+from .tokenizer import IDENTIFIERS, build_tokenizer
 
 # Stable Diffusion's betas, rescaled so the last step is pure noise, with v-prediction and trailing timesteps
 # (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", as in SD 2.x's v-models). On 16×16
@@ -370,6 +370,20 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, a
     return clock.total()
 
 
+def voice_identifiers(text_encoder, tokenizer) -> float:
+    """Identifiers are in no caption, so their embeddings keep their initial size, a third of a trained word's: the
+    encoder barely hears them and encodes "sks heart" as it does "xyz heart". A real model's rare word is a trained
+    word like any other, so each identifier keeps its random direction, scaled to the median norm of the world's
+    words (which it returns)."""
+    table = text_encoder.get_input_embeddings().weight
+    words = [tokenizer.convert_tokens_to_ids(w + "</w>") for w in world_words()]
+    rows = [tokenizer.convert_tokens_to_ids(w + "</w>") for w in IDENTIFIERS]
+    norm = table[words].detach().norm(dim=1).median()
+    with torch.no_grad():
+        table[rows] *= (norm / table[rows].norm(dim=1))[:, None]
+    return round(float(norm), 5)
+
+
 def assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir: Path, out: Path) -> StableDiffusionPipeline:
     """A stock Stable Diffusion folder; the tokenizer keeps CLIP's vocab.json/merges.txt beside tokenizer.json."""
     pipe = StableDiffusionPipeline(
@@ -442,6 +456,7 @@ def main(argv=None) -> None:
     text_encoder.to(args.device)
     encode_seconds = time.time() - encoding
     denoiser_seconds = train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, args, args.work_dir)
+    args.identifier_norm = voice_identifiers(text_encoder, tokenizer)
     assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir, args.out)
     minutes = (time.time() - began) / 60
     phases = {"autoencoder": vae_seconds, "encoding": encode_seconds, "denoiser": denoiser_seconds}
