@@ -154,11 +154,16 @@ def test_unmix_loss_is_zero_inside_its_region_and_positive_when_attention_leaks(
     leaking = probs.clone()
     leaking[:, :, ~left_pixels, 1] = 0.2
     loss = fake_unmix([leaking]).loss([(0, [1], [2])], (h, w))
-    assert loss == pytest.approx(0.2**2 / 2)  # half the pixels at 0.2, squared, averaged over all
+    # token 1: 0.5 on the left, 0.2 on the right, mean 0.35; half the pixels at 0.2 / 0.35, squared, averaged
+    assert loss == pytest.approx((0.2 / 0.35) ** 2 / 2)
+    # The loss reads where a token looks, not how strongly: attending less everywhere does not lower it.
+    fainter = leaking.clone()
+    fainter[..., 1] *= 0.01
+    assert fake_unmix([fainter]).loss([(0, [1], [2])], (h, w)) == pytest.approx(loss)
     # Maps at a coarser layer (2×2 of a 4×4 latent) are compared with masks at their own size.
     coarse = torch.zeros((1, heads, 4, tokens))
-    coarse[:, :, [1, 3], 1] = 1.0  # right column
-    assert fake_unmix([coarse]).loss([(0, [1], [2])], (h, w)) == pytest.approx(0.5)
+    coarse[:, :, [1, 3], 1] = 1.0  # right column: twice the mean there
+    assert fake_unmix([coarse]).loss([(0, [1], [2])], (h, w)) == pytest.approx(2.0**2 / 2)
     assert fake_unmix([probs]).loss([None], (h, w)) == 0  # no collage in the batch
 
 

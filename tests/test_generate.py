@@ -105,3 +105,14 @@ def test_guidance_defaults_to_what_the_base_draws_best_at(folder):
         args = train_args(instance_data_dir="-", instance_prompt="-", pretrained_model_name_or_path=base)
         check(args)
         assert args.validation_guidance_scale == expected
+
+
+def test_collage_scale_defaults_to_the_base(folder):
+    # the embedded base draws pairs at its subjects' photo size; elsewhere each photo is kept whole
+    for base, expected in ((None, 1.0), (str(folder / "base"), 0.5)):
+        args = train_args(instance_data_dir="-", instance_prompt="-", pretrained_model_name_or_path=base)
+        check(args)
+        assert args.cut_mix_scale == expected
+    args = train_args(instance_data_dir="-", instance_prompt="-", cut_mix_scale=0.75)
+    check(args)
+    assert args.cut_mix_scale == 0.75

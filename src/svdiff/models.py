@@ -94,13 +94,24 @@ def resolve_base(base: str | Path | None) -> str | Path:
     return default_base() if base is None else base
 
 
+def is_embedded_base(base: str | Path | None) -> bool:
+    from .world import BASE_DIR
+
+    return base is None or Path(base).resolve() == BASE_DIR.resolve()
+
+
 def default_guidance(base: str | Path | None) -> float:
     """Classifier-free guidance when none is given: what the embedded base draws best at, else SD's 7.5."""
-    from .world import BASE_DIR, GUIDANCE_SCALE
+    from .world import GUIDANCE_SCALE
 
-    if base is None or Path(base).resolve() == BASE_DIR.resolve():
-        return GUIDANCE_SCALE
-    return 7.5
+    return GUIDANCE_SCALE if is_embedded_base(base) else 7.5
+
+
+def default_cut_mix_scale(base: str | Path | None) -> float:
+    """The collage scale when none is given: on the embedded base 1, each subject at its photo's size (it fills a
+    third of the frame, the size the base draws a pair at, and half-size subjects are a few latent cells); else
+    0.5, each photo whole, since a real subject often fills its frame."""
+    return 1.0 if is_embedded_base(base) else 0.5
 
 
 def load_components(

@@ -14,7 +14,7 @@ METHODS = ("svdiff", "lora", "full")
 DEFAULT_LR = {"svdiff": 1e-3, "lora": 5e-4, "full": 5e-6}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DTYPES = ("fp32", "fp16", "bf16")
-UNMIX_WEIGHT = 50.0
+UNMIX_WEIGHT = 0.2
 
 
 def _flag(p, name: str, **kw) -> None:
@@ -80,8 +80,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         g,
         "cut_mix_scale",
         type=float,
-        default=0.5,
-        help="scale of each image in a collage: 0.5 keeps the whole image, up to 1 keeps the strip its subject is in",
+        default=None,
+        help="scale of each image in a collage: 0.5 keeps the whole image, up to 1 keeps the strip its subject is in "
+        "(default: 1 on the embedded base, 0.5 on others)",
     )
     _flag(
         g,
@@ -198,6 +199,10 @@ def check(args: argparse.Namespace) -> None:
         raise SvdiffError(f"--resolution {args.resolution} is too small")
     if not 0.0 <= args.cut_mix_unmix_prob <= 1.0:
         raise SvdiffError(f"--cut_mix_unmix_prob {args.cut_mix_unmix_prob} is outside [0, 1]")
+    if args.cut_mix_scale is None:
+        from ..models import default_cut_mix_scale
+
+        args.cut_mix_scale = default_cut_mix_scale(args.pretrained_model_name_or_path)
     if not 0.5 <= args.cut_mix_scale <= 1.0:
         raise SvdiffError(f"--cut_mix_scale {args.cut_mix_scale} is outside [0.5, 1]")
     if args.unmix_weight < 0:

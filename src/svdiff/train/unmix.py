@@ -1,6 +1,8 @@
 """The Unmix regularizer (SVDiff §3.4): on a Cut-Mix collage, each subject's identifier token should attend to
 its own side only. An attention processor keeps the cross-attention probabilities of a few layers; the loss is
-the mean square of each identifier's attention over the other subject's half.
+the mean square of each identifier's attention over the other subject's half, the attention taken relative to its
+mean over the picture: on the raw probabilities the loss falls as well when the identifiers are attended to less
+everywhere, and training takes that way, until "sks" and "xyz" draw the same picture.
 
 Which layers: the cross-attention layers whose maps are at most half the latent side (SD 1.x/2.x at 512 px: the
 32×32, 16×16 and 8×8 ones; the embedded base: 8×8 and 4×4). Coarse maps are where a layout is decided; the finest
@@ -97,7 +99,8 @@ class Unmix:
 
     def loss(self, tokens: list[tuple[int, list[int], list[int]] | None], latent_size: tuple[int, int]) -> torch.Tensor:
         """Mean over watched layers and collage examples of MSE(A_left ⊙ M_right, 0) + MSE(A_right ⊙ M_left, 0),
-        A being an identifier's attention (mean over heads and its tokens) and M a half of the picture.
+        A being an identifier's attention (mean over heads and its tokens) divided by its mean over the picture,
+        and M a half of the picture.
         `tokens[b]` is (b, left identifier positions, right identifier positions) for a collage example."""
         maps, self.sink[:] = list(self.sink), []
         examples = [t for t in tokens if t is not None]
@@ -110,10 +113,16 @@ class Unmix:
             h, w = latent_size[0] // s, latent_size[1] // s
             left_mask, right_mask = side_masks(h, w).flatten(1).to(probs)
             for b, left, right in examples:
-                a_left = probs[b][..., left].mean(dim=(0, 2))  # pixels
-                a_right = probs[b][..., right].mean(dim=(0, 2))
+                a_left = _relative(probs[b][..., left].mean(dim=(0, 2)))  # pixels
+                a_right = _relative(probs[b][..., right].mean(dim=(0, 2)))
                 total = total + (a_left * right_mask).square().mean() + (a_right * left_mask).square().mean()
         return total / (len(maps) * len(examples))
+
+
+def _relative(attention: torch.Tensor) -> torch.Tensor:
+    """A token's attention over the pixels divided by its mean: where the token looks, whatever its strength. On
+    the raw probabilities the loss is also lowered by a token that is attended to less everywhere."""
+    return attention / attention.mean().clamp_min(1e-12)
 
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
