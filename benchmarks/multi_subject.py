@@ -3,7 +3,7 @@ with it, and with it plus the Unmix loss; a same-class pair (two hearts) and a d
 
     HF_HUB_OFFLINE=1 python benchmarks/multi_subject.py [--steps 800] [--seeds 16] [--runs runs/multi_subject]
         [--out docs/results/multi_subject/multi_subject.json] [--unmix_sweep W …] [--scale_sweep S …]
-        [--prob_sweep P …] [--identifiers WORD1 WORD2] [--with_prior_preservation]
+        [--prob_sweep P …] [--identifiers WORD1 WORD2] [--with_prior_preservation] [--base FOLDER]
 
 Every generation uses prompts unlike the training templates (other phrasing and backgrounds) and the same seeds.
 The judge scores each half of a picture on its own (the other half painted over with this half's border color):
@@ -15,7 +15,10 @@ The judge scores each half of a picture on its own (the other half painted over 
                  on weakly learned subjects no half passes it, and "side right" says how many do);
   blended        present, but both halves look most like the same subject;
   stitched       a hard seam at the middle: in more than 60% of the rows (taller than any object) the two middle
-                 columns differ by over 12 levels of 255.
+                 columns differ by over 12 levels of 255;
+  name effect    per side, how far the half follows the name the prompt gives it: its lean toward the first
+                 subject (judge similarity to its photos minus to the second's) with the first named there, minus
+                 with the names swapped, same seeds (right side sign-flipped; 0: the side ignores its name).
 The same-class pair is also trained with Cut-Mix-Unmix on collages whose photos are drawn at random instead of
 matched by background (`--no-cut_mix_match_background`). Trained runs are kept in --runs and reused; delete one
 to retrain it.
@@ -100,6 +103,59 @@ def score(judge, images, pair, refs, threshold) -> dict:
     return {k: round(v / len(images), 4) for k, v in counts.items()}
 
 
+def name_effect(judge, named, swapped, pair, refs) -> dict:
+    """How far each side follows the name it is given: a half's lean toward the first subject (its mean judge
+    similarity to the first subject's photos minus to the second's), with the first subject named on the left,
+    minus the same with the two names swapped (same seeds); the right side's sign flipped. Positive: the side
+    draws whoever the prompt puts there; 0: it draws the same whatever the names."""
+
+    def lean(images, side):
+        e = embed(judge, [isolate(i, side) for i in images])
+        return float(((e @ refs[pair[0]].T).mean(dim=1) - (e @ refs[pair[1]].T).mean(dim=1)).mean())
+
+    return {
+        side: round(sign * (lean(named, side) - lean(swapped, side)), 4) for side, sign in (("left", 1), ("right", -1))
+    }
+
+
+def unmix_scale(pipe, pair, phrase_pair, scale: float, n: int = 32) -> dict:
+    """The diffusion loss and the unweighted Unmix term on `n` collages of the pair, with the untuned base (the
+    start of training; random timesteps and noise, seeded): the two sizes `--unmix_weight` weighs."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from svdiff.data.cutmix import collage, pair_prompt
+    from svdiff.data.images import load_image_folder, to_model_input
+    from svdiff.train.loop import training_target
+    from svdiff.train.unmix import Unmix, token_positions
+
+    photos = [load_image_folder(SUBJECTS / name) for name in pair]
+    g = torch.Generator().manual_seed(0)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    unmix, diffusion, term = Unmix(pipe.unet), [], []
+    for k in range(n):
+        left = k % 2  # each subject on each side half the time
+        sides = (left, 1 - left)
+        pixels = collage(*(to_model_input(photos[i][k % len(photos[i])], size) for i in sides), scale)
+        prompt = pair_prompt(*(f"a photo of {phrase_pair[i]}" for i in sides), 0, k)
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels[None]).latent_dist.mean * pipe.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
+            ids = pipe.tokenizer(prompt, padding="max_length", return_tensors="pt").input_ids
+            with unmix.capturing_maps():
+                pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, pipe.text_encoder(ids)[0]).sample
+            target = training_target(scheduler, latents, noise, t)
+            words = [phrase_pair[i].split()[0] for i in sides]
+            positions = [token_positions(pipe.tokenizer, prompt, w) for w in words]
+            term.append(float(unmix.loss([(0, *positions)], tuple(latents.shape[-2:]))))
+            diffusion.append(float(F.mse_loss(pred, target)))
+    unmix.remove()
+    return {"collages": n, "diffusion": round(float(np.mean(diffusion)), 4), "unmix": round(float(np.mean(term)), 4)}
+
+
 def phrases(pair, identifiers=None) -> list[str]:
     """What names each subject of the pair: "sks heart", or with other identifiers "green heart"."""
     words = identifiers or [card(n)["identifier"] for n in pair]
@@ -107,7 +163,7 @@ def phrases(pair, identifiers=None) -> list[str]:
 
 
 def train_pair(
-    runs: Path, pair, config: str, settings: dict, steps: int, identifiers=None, prior: bool = False
+    runs: Path, pair, config: str, settings: dict, steps: int, identifiers=None, prior: bool = False, base=None
 ) -> tuple[Path, float]:
     from svdiff.train import train, train_args
 
@@ -143,6 +199,7 @@ def train_pair(
                 resume_from_checkpoint="latest",
                 report_to="none",
                 with_prior_preservation=prior,
+                pretrained_model_name_or_path=base,
                 **settings,
             )
         )
@@ -176,10 +233,11 @@ def main() -> None:
     p.add_argument(
         "--with_prior_preservation", action="store_true", help="train every configuration with class images too"
     )
+    p.add_argument("--base", default=None, help="another diffusers base folder (default: the embedded one)")
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder
-    from svdiff.models import fuse, load_shifts, unload_shifts
+    from svdiff.models import default_cut_mix_scale, fuse, load_shifts, unload_shifts
     from svdiff.pictures import grid
     from svdiff.sample import load_pipeline, sample
     from svdiff.train.args import UNMIX_WEIGHT
@@ -188,14 +246,19 @@ def main() -> None:
 
     began = time.time()
     judge = load(default_judge())
-    pipe = load_pipeline(None)
+    pipe = load_pipeline(args.base)
     results, rows, labels = {}, [], []
     for pair_name in args.pairs:
         pair = PAIRS[pair_name]
         refs = {n: embed(judge, load_image_folder(SUBJECTS / n)) for n in pair}
         threshold = calibrate(judge, pair, refs)
         a, b = phrases(pair, args.identifiers)
-        results[pair_name] = {"subjects": list(pair), "identity_threshold": round(threshold, 4), "configs": {}}
+        results[pair_name] = {
+            "subjects": list(pair),
+            "identity_threshold": round(threshold, 4),
+            "at_start": unmix_scale(pipe, pair, (a, b), default_cut_mix_scale(args.base)),
+            "configs": {},
+        }
         configs = dict(CONFIGS)
         if pair_name == "same class":  # the sweeps that chose the defaults
             configs["Cut-Mix-Unmix, backgrounds unmatched"] = {
@@ -217,21 +280,30 @@ def main() -> None:
             configs.update({f"Cut-Mix-Unmix, prob {q:g}": {"cut_mix_unmix_prob": q} for q in args.prob_sweep})
         for config, settings in configs.items():
             weights, minutes = train_pair(
-                args.runs, pair, config, settings, args.steps, args.identifiers, args.with_prior_preservation
+                args.runs,
+                pair,
+                config,
+                settings,
+                args.steps,
+                args.identifiers,
+                args.with_prior_preservation,
+                args.base,
             )
             load_shifts(pipe, weights, "pair", progress=False)
             fuse(pipe)
-            images = []
+            images, swapped = [], []
             for template in PROMPTS:
-                images += sample(
-                    pipe,
-                    template.format(a=a, b=b),
-                    num_images=args.seeds,
-                    guidance_scale=args.guidance_scale,
-                    progress=False,
-                )
+                for out, names in ((images, (a, b)), (swapped, (b, a))):
+                    out += sample(
+                        pipe,
+                        template.format(a=names[0], b=names[1]),
+                        num_images=args.seeds,
+                        guidance_scale=args.guidance_scale,
+                        progress=False,
+                    )
             unload_shifts(pipe, "pair")
             scores = score(judge, images, pair, refs, threshold)
+            scores["name effect"] = name_effect(judge, images, swapped, pair, refs)
             results[pair_name]["configs"][config] = {**scores, "train_minutes": minutes}
             rows += images[: min(8, args.seeds)]
             labels.append(
@@ -253,6 +325,7 @@ def main() -> None:
             "seeds": args.seeds,
             "identifiers": args.identifiers,
             "with_prior_preservation": args.with_prior_preservation,
+            "base": args.base,
             "prompts": list(PROMPTS),
             "guidance_scale": args.guidance_scale,
             "unmix_weight": UNMIX_WEIGHT,

@@ -306,9 +306,13 @@ def render_multi_subject(r: dict) -> str:
     rows = []
     for pair, found in r["results"].items():
         for config, c in found["configs"].items():
-            rows.append([pair, config, c["present"], c["disentangled"], c["blended"], c["stitched"]])
+            effect = f"{c['name effect']['left']:+.2f} / {c['name effect']['right']:+.2f}"
+            rows.append([pair, config, c["present"], c["disentangled"], c["blended"], c["stitched"], effect])
     text = [
-        table(["pair", "training", "both present", "disentangled", "blended", "stitched"], rows),
+        table(
+            ["pair", "training", "both present", "disentangled", "blended", "stitched", "name effect left / right"],
+            rows,
+        ),
         f"![multi-subject]({Path(r['picture']).name})",
     ]
     if "same class" in r["results"]:
