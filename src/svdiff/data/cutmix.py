@@ -3,9 +3,10 @@ which stands where, and the regions each occupies (for the Unmix attention loss)
 
 The cut is fixed at the middle. Each side holds its subject's image scaled by `scale` (`--cut_mix_scale`),
 centred vertically, with the bands above and below filled by that image's border color, and R/2 columns of it
-kept. At the default 0.5 that is the whole image. Larger scales draw the subjects larger and keep a strip of the
-copy: the one that holds most of what differs from the image's border color (the subject, in a photo of one),
-the middle one when nothing stands out — so a subject that stands off-centre is followed rather than cut.
+kept. At 0.5 (the default on bases other than the embedded one, whose default is 1) that is the whole image.
+Larger scales draw the subjects larger and keep a strip of the copy: the one that holds most of what differs
+from the image's border color (the subject, in a photo of one), the middle one when nothing stands out — so a
+subject that stands off-centre is followed rather than cut.
 """
 
 from __future__ import annotations
