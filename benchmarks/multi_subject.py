@@ -118,42 +118,48 @@ def name_effect(judge, named, swapped, pair, refs) -> dict:
     }
 
 
-def unmix_scale(pipe, pair, phrase_pair, scale: float, n: int = 32) -> dict:
-    """The diffusion loss and the unweighted Unmix term on `n` collages of the pair, with the untuned base (the
-    start of training; random timesteps and noise, seeded): the two sizes `--unmix_weight` weighs."""
+def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:
+    """The diffusion loss and the unweighted Unmix term on the first `n` collage batches a training run of the pair
+    draws, with the untuned base (the start of training): the two sizes `--unmix_weight` weighs."""
+    from types import SimpleNamespace
+
     import torch
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from svdiff.data.cutmix import collage, pair_prompt
-    from svdiff.data.images import load_image_folder, to_model_input
-    from svdiff.train.loop import training_target
-    from svdiff.train.unmix import Unmix, token_positions
+    from svdiff.data.concepts import Concept
+    from svdiff.data.images import load_image_folder
+    from svdiff.train import train_args
+    from svdiff.train.args import check
+    from svdiff.train.loop import _batch, loss_terms
+    from svdiff.train.unmix import Unmix
 
-    photos = [load_image_folder(SUBJECTS / name) for name in pair]
-    g = torch.Generator().manual_seed(0)
+    args = train_args(
+        instance_data_dir="-",
+        instance_prompt="-",
+        pretrained_model_name_or_path=base,
+        resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        train_text_encoder=False,
+        unmix_weight=1.0,
+    )
+    check(args)
+    concepts = [
+        Concept(f"a photo of {phrase}", SUBJECTS / name, instance_images=load_image_folder(SUBJECTS / name))
+        for phrase, name in zip(phrase_pair, pair, strict=True)
+    ]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    unmix, diffusion, term = Unmix(pipe.unet), [], []
-    for k in range(n):
-        left = k % 2  # each subject on each side half the time
-        sides = (left, 1 - left)
-        pixels = collage(*(to_model_input(photos[i][k % len(photos[i])], size) for i in sides), scale)
-        prompt = pair_prompt(*(f"a photo of {phrase_pair[i]}" for i in sides), 0, k)
+    one_process = SimpleNamespace(num_processes=1, process_index=0)
+    unmix, terms = Unmix(pipe.unet), []
+    for step in range(n):
+        chosen = concepts if step % 2 == 0 else concepts[::-1]  # each subject on each side half the time
+        batch = _batch(args, chosen, step, 0, one_process)
         with torch.no_grad():
-            latents = pipe.vae.encode(pixels[None]).latent_dist.mean * pipe.vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
-            ids = pipe.tokenizer(prompt, padding="max_length", return_tensors="pt").input_ids
-            with unmix.capturing_maps():
-                pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, pipe.text_encoder(ids)[0]).sample
-            target = training_target(scheduler, latents, noise, t)
-            words = [phrase_pair[i].split()[0] for i in sides]
-            positions = [token_positions(pipe.tokenizer, prompt, w) for w in words]
-            term.append(float(unmix.loss([(0, *positions)], tuple(latents.shape[-2:]))))
-            diffusion.append(float(F.mse_loss(pred, target)))
+            parts = loss_terms(
+                args, batch, pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, torch.float32, unmix
+            )
+        terms.append([float(x) for x in parts])
     unmix.remove()
-    return {"collages": n, "diffusion": round(float(np.mean(diffusion)), 4), "unmix": round(float(np.mean(term)), 4)}
+    diffusion, term = np.mean(terms, axis=0)
+    return {"collages": n, "diffusion": round(float(diffusion), 4), "unmix": round(float(term), 4)}
 
 
 def phrases(pair, identifiers=None) -> list[str]:
@@ -237,7 +243,7 @@ def main() -> None:
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder
-    from svdiff.models import default_cut_mix_scale, fuse, load_shifts, unload_shifts
+    from svdiff.models import fuse, load_shifts, unload_shifts
     from svdiff.pictures import grid
     from svdiff.sample import load_pipeline, sample
     from svdiff.train.args import UNMIX_WEIGHT
@@ -256,7 +262,7 @@ def main() -> None:
         results[pair_name] = {
             "subjects": list(pair),
             "identity_threshold": round(threshold, 4),
-            "at_start": unmix_scale(pipe, pair, (a, b), default_cut_mix_scale(args.base)),
+            "at_start": unmix_scale(pipe, pair, (a, b), args.base),
             "configs": {},
         }
         configs = dict(CONFIGS)

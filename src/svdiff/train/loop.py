@@ -390,6 +390,12 @@ def _batch(args, chosen, step: int, micro: int, accelerator) -> dict:
 
 
 def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype, unmix=None):
+    return sum(loss_terms(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype, unmix))
+
+
+def loss_terms(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype, unmix=None):
+    """A training step's loss in its two parts: the denoising loss (with the prior term) and unmix_weight × the
+    Unmix loss (0 without collages)."""
     device = unet.device
     gens = batch["generators"]
     with torch.no_grad():
@@ -420,9 +426,9 @@ def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weig
         per_example = per_example * snr_weight(noise_scheduler, t, args.snr_gamma).to(per_example)
     extra = _unmix_term(args, batch, unmix, tokenizer, latents.shape[-2:])
     if not args.with_prior_preservation:
-        return per_example.mean() + extra
+        return per_example.mean(), extra
     instance, prior = per_example.chunk(2)
-    return instance.mean() + args.prior_loss_weight * prior.mean() + extra
+    return instance.mean() + args.prior_loss_weight * prior.mean(), extra
 
 
 def training_target(noise_scheduler, latents, noise, t) -> torch.Tensor:
