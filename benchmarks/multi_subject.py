@@ -5,7 +5,10 @@ with it, and with it plus the Unmix loss; a same-class pair (two hearts) and a d
         [--out docs/results/multi_subject/multi_subject.json] [--unmix_sweep W …] [--scale_sweep S …]
         [--prob_sweep P …] [--identifiers WORD1 WORD2] [--with_prior_preservation] [--base FOLDER]
 
-Every generation uses prompts unlike the training templates (other phrasing and backgrounds) and the same seeds.
+Every generation uses the same seeds and prompts unlike the training templates (they name a background), naming
+the left subject first: the base binds a pair by the order of its names, as every pretraining caption names the
+left object first (`base_order` in the JSON: the untuned base on a pink and a blue heart, named left first and
+right first).
 The judge scores each half of a picture on its own (the other half painted over with this half's border color):
   present        the judge finds the asked shape on both sides;
   side right     a half's embedding is closer to its own subject's photos than to the other's and above the
@@ -19,6 +22,9 @@ The judge scores each half of a picture on its own (the other half painted over 
   name effect    per side, how far the half follows the name the prompt gives it: its lean toward the first
                  subject (judge similarity to its photos minus to the second's) with the first named there, minus
                  with the names swapped, same seeds (right side sign-flipped; 0: the side ignores its name).
+  identity separation  each subject drawn alone under its own name ("a photo of sks heart on a gray background"),
+                 same seeds: the first name's lean toward the first subject minus the second name's (0: the two
+                 names draw the same picture; `identity_separation_of_photos` is the subjects' own photos' figure).
 The same-class pair is also trained with Cut-Mix-Unmix on collages whose photos are drawn at random instead of
 matched by background (`--no-cut_mix_match_background`). Trained runs are kept in --runs and reused; delete one
 to retrain it.
@@ -44,13 +50,16 @@ CONFIGS = {
     "Cut-Mix": {"cut_mix_unmix_prob": 0.6, "unmix_weight": 0.0},
     "Cut-Mix-Unmix": {"cut_mix_unmix_prob": 0.6},
 }
-# Unlike the training collages' "a photo of a A on the left and a B on the right" / "a photo of a A and a B".
+# Unlike the training collages' "a photo of a A on the left and a B on the right" / "a photo of a A and a B" (their
+# backgrounds), naming the left subject first: the base binds a pair by order (`base_order`).
 PROMPTS = (
     "a photo of a {a} on the left and a {b} on the right on a dark background",
-    "a photo of a {b} on the right and a {a} on the left",
+    "a photo of a {a} on the left and a {b} on the right on a white background",
     "a photo of a {a} on the left and a {b} on the right on a beige background",
-    "a photo of a {b} on the right and a {a} on the left on a gray background",
+    "a photo of a {a} on the left and a {b} on the right on a gray background",
 )
+# Each subject alone under its own name, the same seeds for both.
+ALONE = "a photo of {a} on a gray background"
 
 
 def seam(image: Image.Image) -> bool:
@@ -116,6 +125,44 @@ def name_effect(judge, named, swapped, pair, refs) -> dict:
     return {
         side: round(sign * (lean(named, side) - lean(swapped, side)), 4) for side, sign in (("left", 1), ("right", -1))
     }
+
+
+def base_order(pipe, judge, seeds: int, guidance_scale: float) -> dict:
+    """How the untuned base binds a pair: the share of pictures whose left object the judge reads as pink and
+    right one as blue, for "a pink striped heart on the left and a blue dotted heart on the right" (left named
+    first, as in every pretraining caption) and the same pair named right first."""
+    from svdiff.sample import sample
+    from svdiff.world.judge import read
+
+    pink, blue = "a pink striped heart on the left", "a blue dotted heart on the right"
+    out = {}
+    for label, prompt in (
+        ("left named first", f"a photo of {pink} and {blue}"),
+        ("right named first", f"a photo of {blue} and {pink}"),
+    ):
+        images = sample(pipe, prompt, num_images=seeds, guidance_scale=guidance_scale, progress=False)
+        slots = [r["slots"] for r in read(judge, images)]
+        out[label] = round(
+            sum(
+                bool(s["left"] and s["left"]["color"] == "pink" and s["right"] and s["right"]["color"] == "blue")
+                for s in slots
+            )
+            / seeds,
+            4,
+        )
+    return out
+
+
+def identity_separation(judge, first, second, pair, refs) -> float:
+    """How far apart two sets of pictures are in the judge's eyes: the mean lean toward the first subject (judge
+    similarity to its photos minus to the second's) of `first` minus that of `second`. 0: alike; the subjects'
+    own photos give the figure a perfect learner would reach (`photos` in the JSON)."""
+
+    def lean(images):
+        e = embed(judge, images)
+        return float(((e @ refs[pair[0]].T).mean(dim=1) - (e @ refs[pair[1]].T).mean(dim=1)).mean())
+
+    return round(lean(first) - lean(second), 4)
 
 
 def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:
@@ -254,14 +301,18 @@ def main() -> None:
     judge = load(default_judge())
     pipe = load_pipeline(args.base)
     results, rows, labels = {}, [], []
+    order = base_order(pipe, judge, args.seeds, args.guidance_scale)
+    print("base order", order, flush=True)
     for pair_name in args.pairs:
         pair = PAIRS[pair_name]
         refs = {n: embed(judge, load_image_folder(SUBJECTS / n)) for n in pair}
         threshold = calibrate(judge, pair, refs)
         a, b = phrases(pair, args.identifiers)
+        photos = [load_image_folder(SUBJECTS / n) for n in pair]
         results[pair_name] = {
             "subjects": list(pair),
             "identity_threshold": round(threshold, 4),
+            "identity_separation_of_photos": identity_separation(judge, *photos, pair, refs),
             "at_start": unmix_scale(pipe, pair, (a, b), args.base),
             "configs": {},
         }
@@ -307,9 +358,16 @@ def main() -> None:
                         guidance_scale=args.guidance_scale,
                         progress=False,
                     )
+            alone = [
+                sample(
+                    pipe, ALONE.format(a=n), num_images=args.seeds, guidance_scale=args.guidance_scale, progress=False
+                )
+                for n in (a, b)
+            ]
             unload_shifts(pipe, "pair")
             scores = score(judge, images, pair, refs, threshold)
             scores["name effect"] = name_effect(judge, images, swapped, pair, refs)
+            scores["identity separation"] = identity_separation(judge, *alone, pair, refs)
             results[pair_name]["configs"][config] = {**scores, "train_minutes": minutes}
             rows += images[: min(8, args.seeds)]
             labels.append(
@@ -335,6 +393,7 @@ def main() -> None:
             "prompts": list(PROMPTS),
             "guidance_scale": args.guidance_scale,
             "unmix_weight": UNMIX_WEIGHT,
+            "base_order": order,
             "results": results,
             "picture": str(picture),
             "minutes": round((time.time() - began) / 60, 1),

@@ -307,12 +307,13 @@ def render_multi_subject(r: dict) -> str:
     for pair, found in r["results"].items():
         for config, c in found["configs"].items():
             effect = f"{c['name effect']['left']:+.2f} / {c['name effect']['right']:+.2f}"
-            rows.append([pair, config, c["present"], c["disentangled"], c["blended"], c["stitched"], effect])
+            rows.append(
+                [pair, config, c["present"], c["disentangled"], c["blended"], c["stitched"], effect]
+                + [c["identity separation"], found["identity_separation_of_photos"]]
+            )
+    headers = ["pair", "training", "both present", "disentangled", "blended", "stitched", "name effect left / right"]
     text = [
-        table(
-            ["pair", "training", "both present", "disentangled", "blended", "stitched", "name effect left / right"],
-            rows,
-        ),
+        table(headers + ["identity separation", "(photos)"], rows),
         f"![multi-subject]({Path(r['picture']).name})",
     ]
     if "same class" in r["results"]:
