@@ -77,3 +77,24 @@ def test_a_few_steps_make_a_pipeline_and_a_second_call_resumes(tmp_path):
     assert ckpt.read_bytes() == before
     again = json.loads((tmp_path / "work" / "run.json").read_text())
     assert again["minutes"] is not None and again["phase_minutes"]["denoiser"] >= round(worked / 60, 1)
+
+
+def test_init_from_trains_an_existing_base_further(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from svdiff.world import default_base
+
+    out = tmp_path / "base"
+    main(
+        ["--out", str(out), "--work_dir", str(tmp_path / "work"), "--init_from", str(default_base())]
+        + ["--num_scenes", "8", "--steps", "2", "--batch_size", "2", "--checkpoint_every", "1"]
+        + ["--preview_every", "1000", "--right_first", "0.5"]
+    )
+    shipped, further = (StableDiffusionPipeline.from_pretrained(p) for p in (default_base(), out))
+    record = json.loads((tmp_path / "work" / "run.json").read_text())
+    assert record["init_from"] == str(default_base()) and record["right_first"] == 0.5
+    assert record["phase_minutes"]["autoencoder"] == 0.0  # the autoencoder is kept, not trained
+    for a, b in zip(shipped.vae.parameters(), further.vae.parameters(), strict=True):
+        assert torch.equal(a, b)
+    moved = [not torch.equal(a, b) for a, b in zip(shipped.unet.parameters(), further.unet.parameters(), strict=True)]
+    assert any(moved)

@@ -116,6 +116,20 @@ def test_attribute_dropout_leaves_out_colors_and_patterns_but_never_the_class():
     assert len(neither) > 20
 
 
+def test_right_first_names_the_right_object_first_about_as_often_as_asked():
+    scene = Scene(
+        objects=(WorldObject("star", "red", position="left"), WorldObject("circle", "blue", position="right")),
+        background="gray",
+    )
+    texts = [caption(scene, random.Random(i), right_first=0.5) for i in range(400)]
+    first = [t.index("circle") < t.index("star") for t in texts]
+    assert 0.4 < sum(first) / len(first) < 0.6
+    for t in texts:  # each object keeps its own place, whichever is named first
+        assert "star on the left" in t and "circle on the right" in t
+    by_default = [caption(scene, random.Random(i)) for i in range(50)]
+    assert all(t.index("star") < t.index("circle") for t in by_default)
+
+
 def test_captions_without_attribute_dropout_are_those_the_shipped_base_was_trained_on():
     rng = random.Random(0)
     scenes = [random_scene(rng) for _ in range(2)]

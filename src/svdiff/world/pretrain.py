@@ -321,7 +321,10 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, a
         rng = random.Random(f"{args.seed}-denoise-{step}")
         idx = [rng.randrange(len(scenes)) for _ in range(args.batch_size)]
         prompts = [
-            "" if rng.random() < args.caption_dropout else caption(scenes[i], rng, args.attribute_dropout) for i in idx
+            ""
+            if rng.random() < args.caption_dropout
+            else caption(scenes[i], rng, args.attribute_dropout, args.right_first)
+            for i in idx
         ]
         ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -427,6 +430,18 @@ def parse_args(argv=None):
         help="chance that a caption leaves out an object's color, and its pattern",
     )
     p.add_argument("--object_weight", type=float, default=2.5, help="loss weight of latent cells holding an object")
+    p.add_argument(
+        "--right_first",
+        type=float,
+        default=0.0,
+        help="chance that a two-object caption names the right (bottom) object first",
+    )
+    p.add_argument(
+        "--init_from",
+        type=Path,
+        default=None,
+        help="a pipeline folder to start from: its autoencoder is kept, its UNet and text encoder trained further",
+    )
     p.add_argument("--checkpoint_every", type=int, default=250)
     p.add_argument("--preview_every", type=int, default=2500, help="a multiple of --checkpoint_every")
     return p.parse_args(argv)
@@ -442,9 +457,14 @@ def main(argv=None) -> None:
 
     tokenizer_dir = args.work_dir / "tokenizer"
     tokenizer = build_tokenizer(tokenizer_dir)
-    vae, unet, text_encoder = make_vae(), make_unet(), make_text_encoder(tokenizer)
-    vae.to(args.device)
-    vae_seconds = train_vae(vae, args, args.work_dir)
+    if args.init_from is None:
+        vae, unet, text_encoder = make_vae(), make_unet(), make_text_encoder(tokenizer)
+        vae.to(args.device)
+        vae_seconds = train_vae(vae, args, args.work_dir)
+    else:  # a further phase of an existing base: no autoencoder training
+        base = StableDiffusionPipeline.from_pretrained(args.init_from)
+        vae, unet, text_encoder, vae_seconds = base.vae, base.unet, base.text_encoder, 0.0
+        vae.to(args.device)
 
     encoding = time.time()
     scenes = training_scenes(args.seed, args.num_scenes)
@@ -468,7 +488,11 @@ def main(argv=None) -> None:
         "minutes_this_run": round(minutes, 1),
         "threads": args.threads,
         "device": args.device,
-        **{k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "device", "threads")},
+        **{
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+            if k not in ("out", "work_dir", "device", "threads")
+        },
     }
     (args.work_dir / "run.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out} in {minutes:.1f} min")

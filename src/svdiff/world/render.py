@@ -201,17 +201,24 @@ def describe(obj: WorldObject, size: bool = False, pattern: bool = True, color: 
     return " ".join(words)
 
 
-def caption(scene: Scene, rng: random.Random | None = None, attribute_dropout: float = 0.0) -> str:
+def caption(
+    scene: Scene, rng: random.Random | None = None, attribute_dropout: float = 0.0, right_first: float = 0.0
+) -> str:
     """The scene's caption. With an rng, optional words (size, plain, position of a lone object, background) are
     dropped at random so a model learns each word on its own; without one, the caption says everything.
     `attribute_dropout` also drops an object's color, and its pattern, each with that probability, so that a
-    caption naming only the class ("a photo of a heart") still draws one."""
+    caption naming only the class ("a photo of a heart") still draws one. `right_first` is the chance that a
+    two-object caption names the right (or bottom) object first, so that a model binds each object to its place
+    by what "on the left" says rather than by the order of the names."""
 
     def keep(p):
         return rng is None or rng.random() < p
 
+    objects = scene.objects
+    if rng is not None and right_first > 0 and len(objects) == 2 and rng.random() < right_first:
+        objects = objects[::-1]
     parts = []
-    for obj in scene.objects:
+    for obj in objects:
         size = keep(0.5)
         pattern = obj.pattern != "plain" or keep(0.5)
         color = True
