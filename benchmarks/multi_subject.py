@@ -112,18 +112,23 @@ def score(judge, images, pair, refs, threshold) -> dict:
     return {k: round(v / len(images), 4) for k, v in counts.items()}
 
 
-def name_effect(judge, named, swapped, pair, refs) -> dict:
-    """How far each side follows the name it is given: a half's lean toward the first subject (its mean judge
-    similarity to the first subject's photos minus to the second's), with the first subject named on the left,
-    minus the same with the two names swapped (same seeds); the right side's sign flipped. Positive: the side
-    draws whoever the prompt puts there; 0: it draws the same whatever the names."""
+def lean(judge, images, pair, refs) -> float:
+    """The pictures' mean lean toward the first subject of the pair: judge similarity to its photos minus to the
+    second's."""
+    e = embed(judge, images)
+    return float(((e @ refs[pair[0]].T).mean(dim=1) - (e @ refs[pair[1]].T).mean(dim=1)).mean())
 
-    def lean(images, side):
-        e = embed(judge, [isolate(i, side) for i in images])
-        return float(((e @ refs[pair[0]].T).mean(dim=1) - (e @ refs[pair[1]].T).mean(dim=1)).mean())
+
+def name_effect(judge, named, swapped, pair, refs) -> dict:
+    """How far each side follows the name it is given: a half's lean toward the first subject with the first
+    subject named on the left, minus the same with the two names swapped (same seeds); the right side's sign
+    flipped. Positive: the side draws whoever the prompt puts there; 0: it draws the same whatever the names."""
+
+    def half(images, side):
+        return lean(judge, [isolate(i, side) for i in images], pair, refs)
 
     return {
-        side: round(sign * (lean(named, side) - lean(swapped, side)), 4) for side, sign in (("left", 1), ("right", -1))
+        side: round(sign * (half(named, side) - half(swapped, side)), 4) for side, sign in (("left", 1), ("right", -1))
     }
 
 
@@ -154,15 +159,10 @@ def base_order(pipe, judge, seeds: int, guidance_scale: float) -> dict:
 
 
 def identity_separation(judge, first, second, pair, refs) -> float:
-    """How far apart two sets of pictures are in the judge's eyes: the mean lean toward the first subject (judge
-    similarity to its photos minus to the second's) of `first` minus that of `second`. 0: alike; the subjects'
-    own photos give the figure a perfect learner would reach (`photos` in the JSON)."""
-
-    def lean(images):
-        e = embed(judge, images)
-        return float(((e @ refs[pair[0]].T).mean(dim=1) - (e @ refs[pair[1]].T).mean(dim=1)).mean())
-
-    return round(lean(first) - lean(second), 4)
+    """How far apart two sets of pictures are in the judge's eyes: the lean toward the first subject of `first`
+    minus that of `second`. 0: alike; the subjects' own photos give the figure a perfect learner would reach
+    (`identity_separation_of_photos` in the JSON)."""
+    return round(lean(judge, first, pair, refs) - lean(judge, second, pair, refs), 4)
 
 
 def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:

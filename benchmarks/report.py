@@ -312,8 +312,9 @@ def render_multi_subject(r: dict) -> str:
                 + [c["identity separation"], found["identity_separation_of_photos"]]
             )
     headers = ["pair", "training", "both present", "disentangled", "blended", "stitched", "name effect left / right"]
+    headers += ["identity separation", "(photos)"]
     text = [
-        table(headers + ["identity separation", "(photos)"], rows),
+        table(headers, rows),
         f"![multi-subject]({Path(r['picture']).name})",
     ]
     if "same class" in r["results"]:
