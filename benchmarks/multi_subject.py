@@ -1,7 +1,8 @@
 """Multi-subject personalization on the embedded tiny world: two subjects trained together without Cut-Mix-Unmix,
 with it, and with it plus the Unmix loss; a same-class pair (two hearts) and a different-class pair.
 
-    HF_HUB_OFFLINE=1 python benchmarks/multi_subject.py [--steps 800] [--seeds 16] [--runs runs/multi_subject]
+    HF_HUB_OFFLINE=1 python benchmarks/multi_subject.py [--steps 800] [--seeds 16] [--train_seeds 3]
+        [--runs runs/multi_subject]
         [--out docs/results/multi_subject/multi_subject.json] [--unmix_sweep W …] [--scale_sweep S …]
         [--prob_sweep P …] [--identifiers WORD1 WORD2] [--with_prior_preservation] [--base FOLDER]
 
@@ -25,9 +26,11 @@ The judge scores each half of a picture on its own (the other half painted over 
   identity separation  each subject drawn alone under its own name ("a photo of sks heart on a gray background"),
                  same seeds: the first name's lean toward the first subject minus the second name's (0: the two
                  names draw the same picture; `identity_separation_of_photos` is the subjects' own photos' figure).
-The same-class pair is also trained with Cut-Mix-Unmix on collages whose photos are drawn at random instead of
-matched by background (`--no-cut_mix_match_background`). Trained runs are kept in --runs and reused; delete one
-to retrain it.
+Each pair's three main configurations are trained --train_seeds times (training seeds 0, 1, …; a run's figures
+vary with its seed by several points) and their figures averaged; `disentangled by training seed` lists each.
+The same-class pair is also trained once with Cut-Mix-Unmix on collages whose photos are drawn at random instead
+of matched by background (`--no-cut_mix_match_background`), and once per sweep value. Trained runs are kept in
+--runs and reused; delete one to retrain it.
 """
 
 import argparse
@@ -209,6 +212,39 @@ def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:
     return {"collages": n, "diffusion": round(float(diffusion), 4), "unmix": round(float(term), 4)}
 
 
+def evaluate(pipe, judge, weights: Path, pair, names, refs, threshold, args) -> tuple[dict, list]:
+    """A trained run's scores (the pair prompts, the same with the names swapped, each subject alone) and its
+    pair pictures."""
+    from svdiff.models import fuse, load_shifts, unload_shifts
+    from svdiff.sample import sample
+
+    def draw(prompt):
+        return sample(pipe, prompt, num_images=args.seeds, guidance_scale=args.guidance_scale, progress=False)
+
+    a, b = names
+    load_shifts(pipe, weights, "pair", progress=False)
+    fuse(pipe)
+    images = [i for t in PROMPTS for i in draw(t.format(a=a, b=b))]
+    swapped = [i for t in PROMPTS for i in draw(t.format(a=b, b=a))]
+    alone = [draw(ALONE.format(a=n)) for n in names]
+    unload_shifts(pipe, "pair")
+    scores = score(judge, images, pair, refs, threshold)
+    scores["name effect"] = name_effect(judge, images, swapped, pair, refs)
+    scores["identity separation"] = identity_separation(judge, *alone, pair, refs)
+    return scores, images
+
+
+def mean_scores(replicas: list[dict]) -> dict:
+    """The figures of runs trained with different seeds, averaged (nested dicts too)."""
+    first = replicas[0]
+    return {
+        k: mean_scores([r[k] for r in replicas])
+        if isinstance(first[k], dict)
+        else round(float(np.mean([r[k] for r in replicas])), 4)
+        for k in first
+    }
+
+
 def phrases(pair, identifiers=None) -> list[str]:
     """What names each subject of the pair: "sks heart", or with other identifiers "green heart"."""
     words = identifiers or [card(n)["identifier"] for n in pair]
@@ -216,7 +252,15 @@ def phrases(pair, identifiers=None) -> list[str]:
 
 
 def train_pair(
-    runs: Path, pair, config: str, settings: dict, steps: int, identifiers=None, prior: bool = False, base=None
+    runs: Path,
+    pair,
+    config: str,
+    settings: dict,
+    steps: int,
+    identifiers=None,
+    prior: bool = False,
+    base=None,
+    seed: int = 0,
 ) -> tuple[Path, float]:
     from svdiff.train import train, train_args
 
@@ -227,6 +271,7 @@ def train_pair(
             config.replace(" ", "_")
             + ("_as_" + "_".join(identifiers) if identifiers else "")
             + ("_with_prior" if prior else "")
+            + (f"_seed_{seed}" if seed else "")
         )
     )
     weights = out / "svdiff_weights.safetensors"
@@ -253,6 +298,7 @@ def train_pair(
                 report_to="none",
                 with_prior_preservation=prior,
                 pretrained_model_name_or_path=base,
+                seed=seed,
                 **settings,
             )
         )
@@ -263,6 +309,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seeds", type=int, default=16)
+    p.add_argument(
+        "--train_seeds",
+        type=int,
+        default=3,
+        help="train each pair's three main configurations this many times (training seeds 0, 1, …): figures are "
+        "the means",
+    )
     p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--runs", type=Path, default=Path("runs/multi_subject"))
@@ -290,9 +343,8 @@ def main() -> None:
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder
-    from svdiff.models import fuse, load_shifts, unload_shifts
     from svdiff.pictures import grid
-    from svdiff.sample import load_pipeline, sample
+    from svdiff.sample import load_pipeline
     from svdiff.train.args import UNMIX_WEIGHT
     from svdiff.world import default_judge
     from svdiff.world.judge import load
@@ -336,44 +388,31 @@ def main() -> None:
             )
             configs.update({f"Cut-Mix-Unmix, prob {q:g}": {"cut_mix_unmix_prob": q} for q in args.prob_sweep})
         for config, settings in configs.items():
-            weights, minutes = train_pair(
-                args.runs,
-                pair,
-                config,
-                settings,
-                args.steps,
-                args.identifiers,
-                args.with_prior_preservation,
-                args.base,
-            )
-            load_shifts(pipe, weights, "pair", progress=False)
-            fuse(pipe)
-            images, swapped = [], []
-            for template in PROMPTS:
-                for out, names in ((images, (a, b)), (swapped, (b, a))):
-                    out += sample(
-                        pipe,
-                        template.format(a=names[0], b=names[1]),
-                        num_images=args.seeds,
-                        guidance_scale=args.guidance_scale,
-                        progress=False,
-                    )
-            alone = [
-                sample(
-                    pipe, ALONE.format(a=n), num_images=args.seeds, guidance_scale=args.guidance_scale, progress=False
+            replicas = []
+            for seed in range(args.train_seeds if config in CONFIGS else 1):
+                weights, minutes = train_pair(
+                    args.runs,
+                    pair,
+                    config,
+                    settings,
+                    args.steps,
+                    args.identifiers,
+                    args.with_prior_preservation,
+                    args.base,
+                    seed,
                 )
-                for n in (a, b)
-            ]
-            unload_shifts(pipe, "pair")
-            scores = score(judge, images, pair, refs, threshold)
-            scores["name effect"] = name_effect(judge, images, swapped, pair, refs)
-            scores["identity separation"] = identity_separation(judge, *alone, pair, refs)
-            results[pair_name]["configs"][config] = {**scores, "train_minutes": minutes}
-            rows += images[: min(8, args.seeds)]
+                scores, images = evaluate(pipe, judge, weights, pair, (a, b), refs, threshold, args)
+                replicas.append({**scores, "train_minutes": minutes})
+                print(pair_name, config, f"training seed {seed}", scores, flush=True)
+                if seed == 0:
+                    rows += images[: min(8, args.seeds)]
+            found = mean_scores(replicas)
+            if len(replicas) > 1:
+                found["disentangled by training seed"] = [r["disentangled"] for r in replicas]
+            results[pair_name]["configs"][config] = found
             labels.append(
-                f"{pair_name}, {config}: disentangled {scores['disentangled']:.0%}, stitched {scores['stitched']:.0%}"
+                f"{pair_name}, {config}: disentangled {found['disentangled']:.0%}, stitched {found['stitched']:.0%}"
             )
-            print(pair_name, config, scores, flush=True)
         c = results[pair_name]["configs"]
         results[pair_name]["cut_mix_gain_points"] = round(
             100 * (c["Cut-Mix-Unmix"]["disentangled"] - c["no Cut-Mix-Unmix"]["disentangled"]), 1
@@ -387,6 +426,7 @@ def main() -> None:
             "machine": machine(),
             "steps": args.steps,
             "seeds": args.seeds,
+            "train_seeds": args.train_seeds,
             "identifiers": args.identifiers,
             "with_prior_preservation": args.with_prior_preservation,
             "base": args.base,

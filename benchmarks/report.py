@@ -59,8 +59,10 @@ SECTIONS = (
         "multi_subject.py",
         {
             "full": ["--runs", "{runs}/multi_subject"],
-            "quick": ["--runs", "{runs}/multi_subject", "--steps", "300", "--seeds", "4", "--pairs", "same class"],
-            "smoke": ["--runs", "{runs}/multi_subject", "--steps", "2", "--seeds", "1", "--pairs", "same class"],
+            "quick": ["--runs", "{runs}/multi_subject", "--steps", "300", "--seeds", "4", "--pairs", "same class"]
+            + ["--train_seeds", "1"],
+            "smoke": ["--runs", "{runs}/multi_subject", "--steps", "2", "--seeds", "1", "--pairs", "same class"]
+            + ["--train_seeds", "1"],
         },
     ),
     (
@@ -307,11 +309,14 @@ def render_multi_subject(r: dict) -> str:
     for pair, found in r["results"].items():
         for config, c in found["configs"].items():
             effect = f"{c['name effect']['left']:+.2f} / {c['name effect']['right']:+.2f}"
+            seeds = c.get("disentangled by training seed")
+            disentangled = f"{c['disentangled']:.2f}" + (f" ({', '.join(f'{d:.2f}' for d in seeds)})" if seeds else "")
             rows.append(
-                [pair, config, c["present"], c["disentangled"], c["blended"], c["stitched"], effect]
+                [pair, config, c["present"], disentangled, c["blended"], c["stitched"], effect]
                 + [c["identity separation"], found["identity_separation_of_photos"]]
             )
-    headers = ["pair", "training", "both present", "disentangled", "blended", "stitched", "name effect left / right"]
+    headers = ["pair", "training", "both present", "disentangled (per training seed)", "blended", "stitched"]
+    headers += ["name effect left / right"]
     headers += ["identity separation", "(photos)"]
     text = [
         table(headers, rows),

@@ -11,7 +11,6 @@ from svdiff.data.cutmix import (
     border_color,
     collage,
     draw_concepts,
-    identifier,
     nearest_background,
     pair_prompt,
     phrase,
@@ -42,26 +41,29 @@ def test_collage_puts_each_whole_image_at_half_scale_on_its_side():
     assert torch.all(out[:, 6:10, 2:6] == 1.0) and torch.all(out[:, 4:6, :8] == -1.0)
     with pytest.raises(ValueError):
         collage(solid(0, 15), solid(0, 15))
-
-
-def test_larger_collage_scale_keeps_the_middle_strip_of_a_larger_copy():
-    left = solid(-1.0)
-    left[:, 4:12, 4:12] = 1.0
-    out = collage(left, solid(0.5), scale=0.75)  # 12×12 copy: its middle 8 columns, rows 2…13
-    assert out.shape == (3, 16, 16) and torch.all(out[:, :, 8:] == 0.5)
-    assert torch.all(out[:, :2, :8] == -1.0) and torch.all(out[:, 14:, :8] == -1.0)
-    assert torch.all(out[:, 5:11, 1:7] == 1.0)  # the square, now 6 px wide, fills the strip but its edges
-    assert torch.all(out[:, 2:4, :8] == -1.0)
-    full = collage(left, solid(0.5), scale=1.0)  # the image's middle 8 columns, unscaled
-    assert torch.equal(full[:, :, :8], left[:, :, 4:12])
-    aside = solid(-1.0)
-    aside[:, 5:9, 10:14] = 1.0  # a subject off-centre, right of the middle strip: the strip follows it
-    out = collage(aside, solid(0.5), scale=1.0)
-    assert torch.equal(out[:, :, :8], aside[:, :, 6:14])  # nearest the middle of the windows that hold it all
-    assert torch.equal(collage(solid(-1.0), solid(0.5), scale=1.0)[:, :, :8], solid(-1.0)[:, :, 4:12])
     for bad in (0.4, 1.1):
         with pytest.raises(ValueError):
             collage(left, left, scale=bad)
+
+
+def test_collage_moves_each_subject_to_the_middle_of_its_half():
+    low = solid(-1.0)
+    low[:, 11:15, 1:5] = 1.0  # a 4 px subject near the bottom-left corner
+    out = collage(low, solid(0.5), scale=1.0)
+    assert torch.all(out[:, :, 8:] == 0.5)
+    expected = solid(-1.0)[:, :, :8]
+    expected[:, 6:10, 2:6] = 1.0  # its centre (13, 3) moved to the half's (8, 4); what it uncovers is border
+    assert torch.equal(out[:, :, :8], expected)
+    even = solid(-1.0)
+    even[:, 10:14, 2:6] = 1.0  # at half scale a 2 px square centred at (6, 2) of the 8 px copy → (8, 4)
+    half = collage(even, solid(0.5), scale=0.5)[:, :, :8]
+    assert torch.all(half[:, 7:9, 3:5] == 1.0) and int((half == 1.0).sum()) == 3 * 4
+    wide = solid(-1.0)
+    wide[:, 4:12, 2:14] = 1.0  # wider than a half: its middle is kept, its ends cut
+    assert torch.equal(collage(wide, solid(0.5), scale=1.0)[:, :, :8], wide[:, :, 4:12])
+    plain = torch.linspace(-1, 1, 16).expand(3, 16, 16)  # nothing stands out of a gradient's median: the middle
+    assert torch.equal(collage(solid(0.25), solid(0.5), scale=1.0)[:, :, :8], solid(0.25)[:, :, 4:12])
+    assert torch.equal(collage(plain, solid(0.5), scale=1.0)[:, :, :8], plain[:, :, 4:12])
 
 
 def test_the_right_image_is_the_one_whose_border_is_nearest():
@@ -104,7 +106,6 @@ def test_collage_batches_pair_photos_on_the_same_background():
 
 def test_prompts_name_each_subject_on_its_side():
     assert phrase("a photo of sks heart") == "sks heart" and phrase("a photo of a heart") == "heart"
-    assert identifier("a photo of sks heart") == "sks"
     prompts = {pair_prompt("a photo of sks heart", "a photo of zwx star", 0, step) for step in range(40)}
     assert prompts == {
         "a photo of a sks heart on the left and a zwx star on the right",
@@ -223,9 +224,9 @@ def test_a_two_subject_run_trains_with_cut_mix_and_unmix(tmp_path):
     assert Path(with_unmix["weights"]).is_file() and Path(without["weights"]).is_file()
 
 
-def test_identifiers_lost_to_truncation_are_one_clear_error(tmp_path):
-    base = save_tiny_pipeline(tmp_path / "tiny")  # 8-token prompts: the second identifier is cut off
-    with pytest.raises(SvdiffError, match="Unmix: 'zwx' is not in the tokenized prompt"):
+def test_names_lost_to_truncation_are_one_clear_error(tmp_path):
+    base = save_tiny_pipeline(tmp_path / "tiny")  # 8-token prompts: the second subject's name is cut off
+    with pytest.raises(SvdiffError, match="Unmix: 'zwx star' is not in the tokenized prompt"):
         train(quick(base, tmp_path / "out", concepts_list=str(two_subjects(tmp_path, "heart_sks", "star_zwx"))))
 
 
@@ -233,7 +234,8 @@ def test_token_positions():
     tokenizer = load_pipeline(None).tokenizer
     prompt = "a photo of a sks heart on the left and a zwx star on the right"
     assert len(token_positions(tokenizer, prompt, "sks")) == 1
-    assert token_positions(tokenizer, prompt, "sks") < token_positions(tokenizer, prompt, "zwx")
+    assert token_positions(tokenizer, prompt, "sks heart") == [5, 6]  # after <start> a photo of a
+    assert token_positions(tokenizer, prompt, "sks heart") < token_positions(tokenizer, prompt, "zwx star")
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -1,12 +1,11 @@
 """Cut-Mix-Unmix collages (SVDiff §3): two subjects side by side in one training image, with the prompt that says
 which stands where, and the regions each occupies (for the Unmix attention loss).
 
-The cut is fixed at the middle. Each side holds its subject's image scaled by `scale` (`--cut_mix_scale`),
-centred vertically, with the bands above and below filled by that image's border color, and R/2 columns of it
-kept. At 0.5 (the default on bases other than the embedded one, whose default is 1) that is the whole image.
-Larger scales draw the subjects larger and keep a strip of the copy: the one that holds most of what differs
-from the image's border color (the subject, in a photo of one), the middle one when nothing stands out — so a
-subject that stands off-centre is followed rather than cut.
+The cut is fixed at the middle. Each side holds its subject's image scaled by `scale` (`--cut_mix_scale`: 0.5
+fits the whole image in a half, 1 keeps its size; 1 is the default on the embedded base, 0.5 on others), laid on
+the image's border color and moved so that its subject — the centre of mass of what differs from the border
+color, the middle when nothing does — stands in the middle of its half, where a base draws "on the left" and "on
+the right". What moves out of the half is cut; what it uncovers is border color.
 """
 
 from __future__ import annotations
@@ -45,11 +44,6 @@ def pair_prompt(left: str, right: str, seed: int, step: int) -> str:
     return template.format(left=phrase(left), right=phrase(right))
 
 
-def identifier(prompt: str) -> str:
-    """The identifier word of an instance prompt: the first word of what it names ("sks" in "a photo of sks dog")."""
-    return phrase(prompt).split()[0]
-
-
 def border_color(image: torch.Tensor | Image.Image) -> torch.Tensor:
     """The median color of an image's outermost pixels, in [-1, 1] (a model input's range). Of a photo only its
     four edges are read, so matching collage partners costs little at every step."""
@@ -71,31 +65,35 @@ def nearest_background(image: Image.Image, candidates: list[Image.Image]) -> int
 
 
 def _fit_half(image: torch.Tensor, scale: float) -> torch.Tensor:
-    """3 × R × R → 3 × R × R/2: R/2 columns of the image scaled by `scale` (where its subject is), centred
-    vertically on its border color."""
+    """3 × R × R → 3 × R × R/2: the image scaled by `scale` on its border color, moved so that its subject's
+    centre of mass lands in the middle of the half (what moves out is cut)."""
     _, size, _ = image.shape
     half, scaled = size // 2, round(size * scale)
-    border = border_color(image)
-    out = border[:, None, None].expand(3, size, half).clone()
+    border = border_color(image)[:, None, None]
+    out = border.expand(3, size, half).clone()
     small = F.interpolate(image[None], size=(scaled, scaled), mode="area")[0]
-    top = (size - scaled) // 2
-    left = _subject_strip((small - border[:, None, None]).abs().sum(dim=(0, 1)), half)
-    out[:, top : top + scaled] = small[:, :, left : left + half]
+    row, col = _centre_of_mass((small - border).abs().sum(dim=0))
+    top, left = round(size / 2 - row), round(half / 2 - col)
+    rows, cols = slice(max(0, top), min(size, top + scaled)), slice(max(0, left), min(half, left + scaled))
+    out[:, rows, cols] = small[:, rows.start - top : rows.stop - top, cols.start - left : cols.stop - left]
     return out
 
 
-def _subject_strip(mass: torch.Tensor, width: int) -> int:
-    """The first column of the `width`-wide window holding the most of `mass` (per column); of equal windows, the
-    one nearest the middle."""
-    cum = torch.cat([mass.new_zeros(1), mass.double().cumsum(0)])
-    sums = cum[width:] - cum[:-width]
-    centre = (mass.numel() - width) / 2
-    best = sums >= sums.max() - 1e-6 * (1 + sums.max())
-    return min((abs(k - centre), k) for k in best.nonzero().flatten().tolist())[1]
+def _centre_of_mass(mass: torch.Tensor) -> tuple[float, float]:
+    """(row, column) of a 2-D mass's centre in pixel units (a pixel's centre at +0.5); the middle when the mass is
+    all zero."""
+    h, w = mass.shape
+    total = float(mass.sum())
+    if total <= 0:
+        return h / 2, w / 2
+    rows = torch.arange(h, dtype=mass.dtype) + 0.5
+    cols = torch.arange(w, dtype=mass.dtype) + 0.5
+    return float(mass.sum(dim=1) @ rows) / total, float(mass.sum(dim=0) @ cols) / total
 
 
 def collage(left: torch.Tensor, right: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
-    """Two model inputs (3 × R × R, R even) side by side in one, each scaled by `scale` (0.5 … 1)."""
+    """Two model inputs (3 × R × R, R even) side by side in one, each scaled by `scale` (0.5 … 1), its subject in
+    the middle of its half."""
     if left.shape != right.shape or left.shape[-1] % 2:
         raise ValueError(f"collage needs two equal square inputs with an even side, got {left.shape}, {right.shape}")
     if not 0.5 <= scale <= 1:

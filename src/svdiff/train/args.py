@@ -81,7 +81,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         "cut_mix_scale",
         type=float,
         default=None,
-        help="scale of each image in a collage: 0.5 keeps the whole image, up to 1 keeps the strip its subject is in "
+        help="scale of each image in a collage: 0.5 fits the whole image in a half, 1 keeps its size (its subject "
+        "is moved to the middle of the half either way) "
         "(default: 1 on the embedded base, 0.5 on others)",
     )
     _flag(

@@ -27,7 +27,7 @@ from ..data.concepts import (
     missing_class_images,
     read_concepts,
 )
-from ..data.cutmix import collage, draw_concepts, identifier, nearest_background, pair_prompt
+from ..data.cutmix import collage, draw_concepts, nearest_background, pair_prompt, phrase
 from ..data.images import to_model_input
 from ..errors import SvdiffError
 from ..models import base_name
@@ -298,7 +298,7 @@ def _make_writable(output_dir: Path, main: bool) -> None:
 
 def _unmix(args, concepts, unet, tokenizer) -> Unmix | None:
     """The Unmix loss's attention capture, when collages are made and the loss has a weight; checks first that
-    every subject's identifier survives tokenization in the collage prompts."""
+    every subject's phrase survives tokenization in the collage prompts."""
     if len(concepts) < 2 or args.cut_mix_unmix_prob <= 0 or args.unmix_weight <= 0:
         return None
     for a in concepts:
@@ -307,7 +307,7 @@ def _unmix(args, concepts, unet, tokenizer) -> Unmix | None:
                 prompt = pair_prompt(a.instance_prompt, b.instance_prompt, args.seed, 0)
                 for c in (a, b):
                     try:
-                        token_positions(tokenizer, prompt, identifier(c.instance_prompt))
+                        token_positions(tokenizer, prompt, phrase(c.instance_prompt))
                     except ValueError as e:
                         raise SvdiffError(f"Unmix: {e}") from None
     try:
@@ -385,8 +385,8 @@ def _batch(args, chosen, step: int, micro: int, accelerator) -> dict:
             images.append(parts[0] if len(parts) == 1 else collage(*parts, args.cut_mix_scale))
             prompts.append(prompt)
             gens.append(g)
-    words = [identifier(c.instance_prompt) for c in chosen] if len(chosen) == 2 else None
-    return {"pixels": torch.stack(images), "prompts": prompts, "generators": gens, "identifiers": words}
+    words = [phrase(c.instance_prompt) for c in chosen] if len(chosen) == 2 else None
+    return {"pixels": torch.stack(images), "prompts": prompts, "generators": gens, "phrases": words}
 
 
 def _loss(args, batch, vae, unet, text_encoder, tokenizer, noise_scheduler, weight_dtype, unmix=None):
@@ -442,12 +442,12 @@ def _unmix_term(args, batch, unmix, tokenizer, latent_size) -> torch.Tensor | fl
     """unmix_weight × the Unmix loss on this batch's instance collages (0 on other steps)."""
     if unmix is None:
         return 0.0
-    if batch["identifiers"] is None:
+    if batch["phrases"] is None:
         unmix.clear()
         return 0.0
     instances = len(batch["prompts"]) // (2 if args.with_prior_preservation else 1)
     prompt = batch["prompts"][0]
-    left, right = (token_positions(tokenizer, prompt, w) for w in batch["identifiers"])
+    left, right = (token_positions(tokenizer, prompt, w) for w in batch["phrases"])
     return args.unmix_weight * unmix.loss([(b, left, right) for b in range(instances)], tuple(latent_size))
 
 

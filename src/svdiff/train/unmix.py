@@ -1,8 +1,12 @@
-"""The Unmix regularizer (SVDiff §3.4): on a Cut-Mix collage, each subject's identifier token should attend to
-its own side only. An attention processor keeps the cross-attention probabilities of a few layers; the loss is
-the mean square of each identifier's attention over the other subject's half, the attention taken relative to its
-mean over the picture: on the raw probabilities the loss falls as well when the identifiers are attended to less
-everywhere, and training takes that way, until "sks" and "xyz" draw the same picture.
+"""The Unmix regularizer (SVDiff §3.4): on a Cut-Mix collage, the tokens that name each subject ("sks heart":
+what its instance prompt names) should attend to its own side only. An attention processor keeps the
+cross-attention probabilities of a few layers; the loss is the mean square of each subject's attention (its
+tokens' mean) over the other subject's half, the attention taken relative to its mean over the picture: on the
+raw probabilities the loss falls as well when the names are attended to less everywhere, and training takes that
+way, until "sks" and "xyz" draw the same picture. Watched on the identifier alone ("sks"), Unmix cut the two
+hearts' disentanglement on the embedded base to a sixth of Cut-Mix's; on the whole phrase it keeps it (README,
+"Several subjects in one picture"). The class word after the identifier names the subject too: a causal text
+encoder reads it with the identifier.
 
 Which layers: the cross-attention layers whose maps are at most half the latent side (SD 1.x/2.x at 512 px: the
 32×32, 16×16 and 8×8 ones; the embedded base: 8×8 and 4×4). Coarse maps are where a layout is decided; the finest
@@ -99,9 +103,9 @@ class Unmix:
 
     def loss(self, tokens: list[tuple[int, list[int], list[int]] | None], latent_size: tuple[int, int]) -> torch.Tensor:
         """Mean over watched layers and collage examples of MSE(A_left ⊙ M_right, 0) + MSE(A_right ⊙ M_left, 0),
-        A being an identifier's attention (mean over heads and its tokens) divided by its mean over the picture,
-        and M a half of the picture.
-        `tokens[b]` is (b, left identifier positions, right identifier positions) for a collage example."""
+        A being a subject's attention (mean over heads and its tokens) divided by its mean over the picture, and M
+        a half of the picture.
+        `tokens[b]` is (b, left subject's token positions, right subject's) for a collage example."""
         maps, self.sink[:] = list(self.sink), []
         examples = [t for t in tokens if t is not None]
         if not examples or not maps:
