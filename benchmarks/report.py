@@ -316,8 +316,7 @@ def render_multi_subject(r: dict) -> str:
                 + [c["identity separation"], found["identity_separation_of_photos"]]
             )
     headers = ["pair", "training", "both present", "disentangled (per training seed)", "blended", "stitched"]
-    headers += ["name effect left / right"]
-    headers += ["identity separation", "(photos)"]
+    headers += ["name effect left / right", "identity separation", "(photos)"]
     text = [
         table(headers, rows),
         f"![multi-subject]({Path(r['picture']).name})",

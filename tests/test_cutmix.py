@@ -61,8 +61,9 @@ def test_collage_moves_each_subject_to_the_middle_of_its_half():
     wide = solid(-1.0)
     wide[:, 4:12, 2:14] = 1.0  # wider than a half: its middle is kept, its ends cut
     assert torch.equal(collage(wide, solid(0.5), scale=1.0)[:, :, :8], wide[:, :, 4:12])
-    plain = torch.linspace(-1, 1, 16).expand(3, 16, 16)  # nothing stands out of a gradient's median: the middle
+    # Nothing differs from the border color: the middle strip; a gradient differs alike on both sides: the same.
     assert torch.equal(collage(solid(0.25), solid(0.5), scale=1.0)[:, :, :8], solid(0.25)[:, :, 4:12])
+    plain = torch.linspace(-1, 1, 16).expand(3, 16, 16)
     assert torch.equal(collage(plain, solid(0.5), scale=1.0)[:, :, :8], plain[:, :, 4:12])
 
 

@@ -5,8 +5,8 @@ tokens' mean) over the other subject's half, the attention taken relative to its
 raw probabilities the loss falls as well when the names are attended to less everywhere, and training takes that
 way, until "sks" and "xyz" draw the same picture. Watched on the identifier alone ("sks"), Unmix cut the two
 hearts' disentanglement on the embedded base to a sixth of Cut-Mix's; on the whole phrase it keeps it (README,
-"Several subjects in one picture"). The class word after the identifier names the subject too: a causal text
-encoder reads it with the identifier.
+"Several subjects in one picture"), probably because the class word after the identifier, which a causal text
+encoder reads with it, names the subject too.
 
 Which layers: the cross-attention layers whose maps are at most half the latent side (SD 1.x/2.x at 512 px: the
 32×32, 16×16 and 8×8 ones; the embedded base: 8×8 and 4×4). Coarse maps are where a layout is decided; the finest
