@@ -1,13 +1,17 @@
 """What a personalized subject costs on disk (the paper's Table 1 and its headline): spectral shifts against a full
-checkpoint, LoRA r=4 and Custom Diffusion's cross-attention K/V, on SD 1.5, SD 2.1, SDXL and the embedded tiny base.
+checkpoint, LoRA and Custom Diffusion's cross-attention K/V, on SD 1.5, SD 2.1, SDXL, SD3/3.5, Flux.1 and the
+embedded tiny base.
 
     python benchmarks/storage.py [--out docs/results/storage/storage.json]
 
-The architectures are built from their published configs on the meta device (nothing is downloaded). Shift file
-sizes are real files (zero shifts with full metadata, written and measured); the others are their parameter count
-times the bytes of a value: the full checkpoint is the UNet and text encoder(s), as in the paper's 3.66 GB; LoRA is
-rank 4 on every attention projection (to_q, to_k, to_v, to_out.0 in the UNet; q, k, v, out_proj in the text
-encoders), the layers diffusers' DreamBooth LoRA adapts; Custom Diffusion keeps the K and V of every `attn2`.
+The architectures are built from their published configs on the meta device (nothing is downloaded); every
+figure covers the components svdiff shifts (the denoiser and the CLIP text encoders, never T5 or the VAE). Shift
+file sizes are real files (zero shifts with full metadata, written and measured); the others are their parameter
+count times the bytes of a value: the full checkpoint is those components, as in the paper's 3.66 GB; LoRA r4 on
+the attention projections (to_q, to_k, to_v, to_out.0 and the joint attention's add_*_proj / to_add_out; q, k, v,
+out_proj in the text encoders) is what diffusers' DreamBooth LoRA adapts, LoRA r16 and r4 on every Linear is what
+Flux and SD3 trainers (ai-toolkit, SimpleTuner) commonly adapt, both stored in bf16; Custom Diffusion keeps the
+K and V of every `attn2`.
 """
 
 import argparse
@@ -17,10 +21,32 @@ from torch import nn
 
 from common import emit, machine
 
-BASES = {"sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl", "tiny": None}
+BASES = {
+    "sd15": "sd15",
+    "sd21": "sd21",
+    "sdxl": "sdxl",
+    "sd3-medium": "sd3-medium",
+    "sd35-medium": "sd35-medium",
+    "sd35-large": "sd35-large",
+    "flux-dev": "flux-dev",
+    "flux-schnell": "flux-schnell",
+    "tiny": None,
+}
 PRESETS = ("all", "unet-ca-kv")
-LORA_RANK = 4
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+LORA_ATTN = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+)
 # The paper's numbers (Sec. 1 and Table 1; see shared/reference/paper_spec.md §1.5).
 PAPER = {"svdiff_mb": 1.7, "full_gb": 3.66, "custom_diffusion_mb": 73, "ratio": 2200}
 
@@ -30,16 +56,25 @@ def linear_layers(model: nn.Module):
 
 
 def other_methods(components: dict) -> dict:
-    """Parameter counts of a full checkpoint, LoRA r=4 on the attention projections and Custom Diffusion's K/V."""
+    """Parameter counts of a full checkpoint, LoRA (r4 on the attention projections; r16 and r4 on every Linear)
+    and Custom Diffusion's K/V."""
     full = sum(p.numel() for m in components.values() for p in m.parameters())
-    lora = custom = 0
+    lora_attn = every_linear = custom = 0
     for component, model in components.items():
         for name, layer in linear_layers(model):
-            if name.endswith(LORA_TARGETS):
-                lora += LORA_RANK * (layer.in_features + layer.out_features)
+            width = layer.in_features + layer.out_features
+            every_linear += width
+            if name.endswith(LORA_ATTN):
+                lora_attn += 4 * width
             if component == "unet" and (name.endswith("attn2.to_k") or name.endswith("attn2.to_v")):
                 custom += layer.weight.numel()
-    return {"full": full, f"lora_r{LORA_RANK}": lora, "custom_diffusion_kv": custom}
+    return {
+        "full": full,
+        "lora_r4": lora_attn,
+        "lora_r16_every_linear": 16 * every_linear,
+        "lora_r4_every_linear": 4 * every_linear,
+        "custom_diffusion_kv": custom,
+    }
 
 
 def main() -> None:
@@ -65,7 +100,11 @@ def main() -> None:
             row["params"][key] = counted["values"]
             row["bytes_fp32"][key] = counted["file_bytes_fp32"]
             row["bytes_fp16"][key] = counted["file_bytes_fp16"]
+            row.setdefault("bytes_int8", {})[key] = counted["file_bytes_int8"]
         row["full_over_svdiff_fp32"] = round(row["bytes_fp32"]["full"] / row["bytes_fp32"]["svdiff_all"])
+        row["lora_r16_every_linear_bf16_over_svdiff_fp16"] = round(
+            row["bytes_fp16"]["lora_r16_every_linear"] / row["bytes_fp16"]["svdiff_all"], 1
+        )
         rows[label] = row
     result = {
         "bases": rows,

@@ -132,7 +132,7 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch, target, error):
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        ({"dtype": "int8"}, "dtype 'int8' is not one of fp16, fp32, bf16"),
+        ({"dtype": "int4"}, "dtype 'int4' is not one of fp16, fp32, bf16, int8"),
         ({"tensors": {"unet.x.weight": torch.ones(2, 2)}}, "1-D"),
         ({"tensors": {"unet.x.weight": torch.ones(0)}}, "non-empty"),
         ({"tensors": {"unet.x.weight": [1.0]}}, "a shift is a tensor"),
@@ -185,7 +185,7 @@ def test_foreign_safetensors_file(tmp_path, metadata, fragment):
 @pytest.mark.parametrize(
     "changes, fragment",
     [
-        ({"format_version": "7"}, "format_version 7 is newer than this svdiff understands (1)"),
+        ({"format_version": "7"}, "format_version 7 is newer than this svdiff understands (2)"),
         ({"format_version": "one"}, "format_version 'one' is not a positive integer"),
         ({"format_version": "0"}, "format_version '0' is not a positive integer"),
         ({"format_version": None}, "lacks the required key 'format_version'"),

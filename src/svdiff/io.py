@@ -7,11 +7,13 @@ before safetensors sees a byte, and every problem ends in one `ShiftFileError` l
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import reprlib
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,16 @@ import torch
 
 import svdiff
 from svdiff.errors import SvdiffError
+from svdiff.names import checkpoint_name, live_name
 from svdiff.spectral import add_shifts, find_targets, fingerprint, get_deltas, set_deltas
 
 WEIGHTS_NAME = "svdiff_weights.safetensors"
-FORMAT, FORMAT_VERSION = "svdiff", 1
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+FORMAT, FORMAT_VERSION = "svdiff", 2
+# int8: δ of each layer rounded to 127 steps of its own largest |δ| (the scale is stored beside it, in float32).
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 REQUIRED_KEYS = ("format", "format_version", "base_model", "fingerprint", "preset")
 # Metadata kept as plain text; every other key is JSON (callers' extras are written as JSON).
-TEXT_KEYS = frozenset({"format", "base_model", "preset", "svdiff_version", "dtype"})
+TEXT_KEYS = frozenset({"format", "base_model", "preset", "svdiff_version", "dtype", "key_table"})
 RESERVED_KEYS = TEXT_KEYS | {"format_version", "fingerprint"}
 
 # An SDXL shift file with every target is a few MB. These bounds are far above any real file and keep a
@@ -36,6 +40,10 @@ RESERVED_KEYS = TEXT_KEYS | {"format_version", "fingerprint"}
 MAX_HEADER_BYTES = 16 * 2**20
 MAX_FILE_BYTES = 4 * 2**30
 _ITEM_SIZES = {"F16": 2, "BF16": 2, "F32": 4}
+# Layout of version 2: one tensor `<component>.delta` per component, every layer's δ end to end in the order of
+# the key table, a metadata entry that names the layers and their lengths (JSON, zlib-compressed, base64: the
+# names cost a tenth of an SD 1.5 file written one tensor per layer); int8 files add `<component>.scale`.
+PACKED_SIZES = _ITEM_SIZES | {"I8": 1}
 # Loose enough that the same base loaded in fp16 or bf16 matches its fp32 fingerprint; another base does not.
 PROBE_RTOL, PROBE_ATOL = 2e-2, 1e-4
 
@@ -94,7 +102,8 @@ def save_shift_file(
         prepared = _prepare(tensors, dtype)
         metadata = _encode_metadata(base_model, fingerprint, preset, dtype, extra or {})
         _check_coverage(prepared, fingerprint)
-        _write_atomic(file, safetensors.torch.save(prepared, metadata))
+        packed, metadata["key_table"] = _pack(prepared, dtype)
+        _write_atomic(file, safetensors.torch.save(packed, metadata))
     except _Invalid as e:
         raise ShiftFileError(f"cannot write {file}: {e}") from None
     except OSError as e:
@@ -114,11 +123,32 @@ def _prepare(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Te
             got = f"{list(value.shape)} {value.dtype}"
             raise _Invalid(f"{key}: a shift is a non-empty 1-D float tensor, got {got}")
         # A copy per key: safetensors refuses tensors that share memory, and the caller keeps its own.
-        delta = value.detach().to(device="cpu", dtype=DTYPES[dtype], copy=True)
+        stored = torch.float32 if dtype == "int8" else DTYPES[dtype]  # int8 is rounded per layer in `_pack`
+        delta = value.detach().to(device="cpu", dtype=stored, copy=True)
         if not torch.isfinite(delta).all():
             raise _Invalid(f"{key} has non-finite values (NaN or inf) once stored as {dtype}")
         prepared[key] = delta
     return prepared
+
+
+def _pack(prepared: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The version 2 layout of `prepared` (see PACKED_SIZES): its tensors and the encoded key table."""
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for key, delta in prepared.items():
+        component, param = _split_key(key)
+        groups.setdefault(component, []).append((param, delta))
+    packed, table = {}, {}
+    for component, layers in groups.items():
+        table[component] = [[param, delta.numel()] for param, delta in layers]
+        if dtype == "int8":
+            scales = torch.stack([delta.abs().max() / 127 for _, delta in layers])
+            steps = [(delta / s).round() if s > 0 else delta for (_, delta), s in zip(layers, scales, strict=True)]
+            packed[f"{component}.delta"] = torch.cat(steps).clamp(-127, 127).to(torch.int8)
+            packed[f"{component}.scale"] = scales
+        else:
+            packed[f"{component}.delta"] = torch.cat([delta for _, delta in layers])
+    text = base64.b64encode(zlib.compress(json.dumps(table, separators=(",", ":")).encode(), 9)).decode()
+    return packed, text
 
 
 def _encode_metadata(base_model: str, fingerprint: dict, preset: str, dtype: str, extra: dict) -> dict:
@@ -171,6 +201,8 @@ def read_shift_file(path: str | os.PathLike) -> ShiftFile:
             file = file / WEIGHTS_NAME
         metadata, data = _read_checked(file)
         tensors = _load(data)
+        if metadata["format_version"] >= 2:
+            tensors = _unpack(tensors, metadata.pop("key_table"))
     except _Invalid as e:
         raise ShiftFileError(f"cannot read {file}: {e}") from None
     except OSError as e:
@@ -196,8 +228,12 @@ def _read_checked(file: Path) -> tuple[dict[str, Any], bytes]:
         header = _parse_header(header_bytes)
         metadata = _decode_metadata(header.pop("__metadata__", None))
         data_len = size - 8 - header_len
-        _check_entries(header, data_len)
-        _check_coverage(header, metadata["fingerprint"])
+        packed = metadata["format_version"] >= 2
+        _check_entries(header, data_len, PACKED_SIZES if packed else _ITEM_SIZES)
+        if packed:
+            metadata["key_table"] = _decode_key_table(metadata.get("key_table"))
+            _check_packed(header, metadata)
+        _check_coverage(metadata["key_table"] if packed else header, metadata["fingerprint"])
         body = f.read(data_len + 1)
     if len(header_bytes) != header_len or len(body) != data_len:
         raise _Invalid("the file changed while it was being read")
@@ -288,8 +324,9 @@ def _check_fingerprint(fingerprint: Any) -> dict[str, dict[str, Any]]:
     return fingerprint
 
 
-def _check_entries(entries: dict[str, Any], data_len: int) -> None:
-    """safetensors' rules plus ours (non-empty 1-D float δ): past this, loading allocates only the data."""
+def _check_entries(entries: dict[str, Any], data_len: int, sizes: dict[str, int] = _ITEM_SIZES) -> None:
+    """safetensors' rules plus ours (non-empty 1-D tensors of `sizes`' dtypes): past this, loading allocates only
+    the data."""
     spans = []
     for name, entry in entries.items():
         _split_key(name)
@@ -297,15 +334,16 @@ def _check_entries(entries: dict[str, Any], data_len: int) -> None:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _Invalid(f"tensor {label} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not (isinstance(dtype, str) and dtype in _ITEM_SIZES):
-            raise _Invalid(f"tensor {label} has dtype {_clip(dtype)}; shifts are stored as F16, BF16 or F32")
+        if not (isinstance(dtype, str) and dtype in sizes):
+            *most, last = sizes
+            raise _Invalid(f"tensor {label} has dtype {_clip(dtype)}; shifts are stored as {', '.join(most)} or {last}")
         if not (isinstance(shape, list) and len(shape) == 1 and _is_count(shape[0]) and shape[0] > 0):
             raise _Invalid(f"tensor {label} has shape {_clip(shape)}; a shift is 1-D and not empty")
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
             and all(_is_count(x) for x in offsets)
-            and offsets[1] - offsets[0] == shape[0] * _ITEM_SIZES[dtype]
+            and offsets[1] - offsets[0] == shape[0] * sizes[dtype]
         ):
             raise _Invalid(f"tensor {label} has data offsets {_clip(offsets)} that disagree with its shape")
         spans.append((offsets[0], offsets[1], label))
@@ -316,6 +354,69 @@ def _check_entries(entries: dict[str, Any], data_len: int) -> None:
         end = stop
     if end != data_len:
         raise _Invalid(f"the tensors span {end} bytes but the data section holds {data_len}")
+
+
+def _decode_key_table(text: Any) -> dict[str, list[list]]:
+    """{component: [[parameter, δ length], ...]} of a version 2 file, checked; its size is bounded before it is
+    inflated, so a hostile table costs no more than the header allows."""
+    if not isinstance(text, str):
+        raise _Invalid("metadata lacks the required key 'key_table'")
+    try:
+        inflater = zlib.decompressobj()
+        plain = inflater.decompress(base64.b64decode(text, validate=True), MAX_HEADER_BYTES)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError("truncated, or larger than a header may be")
+        table = json.loads(plain.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, zlib.error, RecursionError) as e:
+        raise _Invalid(f"key_table is not valid ({_clip(str(e))})") from None
+    if not (isinstance(table, dict) and table):
+        raise _Invalid("key_table is not a map of components")
+    for component, layers in table.items():
+        if not (component and "." not in component and isinstance(layers, list) and layers):
+            raise _Invalid(f"key_table entry {_clip(component)} is not a component with a list of layers")
+        seen = set()
+        for layer in layers:
+            if not (isinstance(layer, list) and len(layer) == 2 and isinstance(layer[0], str) and layer[0]):
+                raise _Invalid(f"key_table of {_clip(component)} has a malformed layer {_clip(layer)}")
+            if not (_is_count(layer[1]) and layer[1] > 0):
+                raise _Invalid(f"key_table gives {_clip(layer[0])} the length {_clip(layer[1])}")
+            if layer[0] in seen:
+                raise _Invalid(f"key_table of {_clip(component)} names {_clip(layer[0])} twice")
+            seen.add(layer[0])
+    return table
+
+
+def _check_packed(entries: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """The tensors of a version 2 file are exactly those its key table and dtype call for, of matching sizes."""
+    table, quantized = metadata["key_table"], metadata.get("dtype") == "int8"
+    expected = {f"{c}.delta" for c in table} | ({f"{c}.scale" for c in table} if quantized else set())
+    if set(entries) != expected:
+        name = sorted(set(entries) ^ expected)[0]
+        raise _Invalid(f"tensor {_clip(name)} is {'missing' if name in expected else 'not in the key table'}")
+    for component, layers in table.items():
+        delta = entries[f"{component}.delta"]
+        if delta["shape"][0] != sum(length for _, length in layers):
+            raise _Invalid(f"{_clip(component)}.delta does not hold the values its key_table lists")
+        if (delta["dtype"] == "I8") != quantized:
+            raise _Invalid(
+                f"{_clip(component)}.delta is {delta['dtype']}, the metadata says {_clip(metadata.get('dtype'))}"
+            )
+        scale = entries.get(f"{component}.scale")
+        if scale is not None and (scale["dtype"] != "F32" or scale["shape"][0] != len(layers)):
+            raise _Invalid(f"{_clip(component)}.scale is not one float32 per layer")
+
+
+def _unpack(tensors: dict[str, torch.Tensor], table: dict[str, list[list]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for component, layers in table.items():
+        names, lengths = zip(*layers, strict=True)
+        pieces = tensors[f"{component}.delta"].split(list(lengths))
+        scales = tensors.get(f"{component}.scale")
+        if scales is not None and (scales < 0).any():
+            raise _Invalid(f"{_clip(component)}.scale has a negative scale")
+        for i, (name, piece) in enumerate(zip(names, pieces, strict=True)):
+            out[f"{component}.{name}"] = piece.float() * scales[i] if scales is not None else piece.clone()
+    return out
 
 
 def _check_coverage(keys: Any, fingerprint: dict) -> None:
@@ -408,7 +509,7 @@ def check_against(shift_file: ShiftFile, targets: dict[str, dict[str, int]], fin
 
 def count_targets(base, preset: str, include=None, exclude=None) -> dict:
     """How many shifts a preset trains on a base (a built-in architecture is built on the meta device, never
-    downloaded), per component and in all, and the real size of its shift file in fp16 and fp32."""
+    downloaded), per component and in all, and the real size of its shift file in fp16, fp32 and int8."""
     import tempfile
 
     from svdiff.models import base_name, load_components
@@ -422,7 +523,7 @@ def count_targets(base, preset: str, include=None, exclude=None) -> dict:
         tensors.update({f"{component}.{t.name}": torch.zeros(t.length) for t in targets})
     report["values"] = sum(c["values"] for c in report["components"].values())
     with tempfile.TemporaryDirectory() as tmp:  # real file sizes: write the (zero) shifts with real metadata
-        for dtype in ("fp16", "fp32"):
+        for dtype in ("fp16", "fp32", "int8"):
             size = 0
             if tensors:
                 prints = {c: {"shapes": "0" * 16, "probe": [0.0] * 64} for c in components}
@@ -508,8 +609,8 @@ def save_shifts(
     tensors, prints = {}, {}
     for component, model in components.items():
         deltas = get_deltas(model, name)
-        if deltas:
-            tensors.update({f"{component}.{k}": v for k, v in deltas.items()})
+        if deltas:  # under the published checkpoints' names, whatever version of the model's library is installed
+            tensors.update({f"{component}.{checkpoint_name(model, k)}": v for k, v in deltas.items()})
             prints[component] = fingerprint(model)
     if not tensors:
         raise ShiftFileError(f"cannot write {path}: the model has no shift set {name!r}")
@@ -535,6 +636,7 @@ def load_shifts(
     e.g. "unet.down_blocks.2") take only part of the file. `path` may be a file already read."""
     shift_file = path if isinstance(path, ShiftFile) else read_shift_file(path)
     targets = {c: {t.name: t.length for t in find_targets(m)} for c, m in components.items()}
+    shift_file = with_live_names(shift_file, components, targets)
     check_against(shift_file, targets, {c: fingerprint(m) for c, m in components.items()})
     for component, deltas in shift_file.components().items():
         deltas = {k: v for k, v in deltas.items() if _selected(f"{component}.{k}", include, exclude)}
@@ -553,6 +655,17 @@ def load_shifts(
         )
         set_deltas(model, deltas, name)
     return shift_file
+
+
+def with_live_names(shift_file: ShiftFile, components: dict[str, torch.nn.Module], targets: dict) -> ShiftFile:
+    """`shift_file` with each key renamed to the parameter of `components` it stands for (see `svdiff.names`)."""
+    tensors = {}
+    for key, delta in shift_file.tensors.items():
+        component, _, param = key.partition(".")
+        model = components.get(component)
+        live = live_name(model, param, targets[component]) if model is not None else param
+        tensors[f"{component}.{live}"] = delta
+    return ShiftFile(tensors, shift_file.metadata, shift_file.path)
 
 
 def _selected(key: str, include: list[str] | None, exclude: list[str] | None) -> bool:
