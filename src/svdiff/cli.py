@@ -58,7 +58,8 @@ def cmd_targets(args) -> int:
         print(f"  {component:15s} {c['tensors']:5d} tensors {c['values']:>12,d} shifts")
     print(
         f"  {'total':15s} {'':>13s} {report['values']:>12,d} shifts   "
-        f"file {report['file_bytes_fp16'] / 1e6:.2f} MB (fp16), {report['file_bytes_fp32'] / 1e6:.2f} MB (fp32)"
+        f"file {report['file_bytes_fp16'] / 1e6:.2f} MB (fp16), {report['file_bytes_fp32'] / 1e6:.2f} MB (fp32), "
+        f"{report['file_bytes_int8'] / 1e6:.2f} MB (int8)"
     )
     return 0
 
@@ -175,7 +176,16 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_lora
 
-    report = export_lora(args.file, args.output, fmt=args.format, rank=args.rank, energy=args.energy, base=args.base)
+    report = export_lora(
+        args.file,
+        args.output,
+        fmt=args.format,
+        rank=args.rank,
+        energy=args.energy,
+        base=args.base,
+        include_norms=args.include_norms,
+        comfyui_extras=args.comfyui_text_extras,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -186,11 +196,15 @@ def cmd_export(args) -> int:
     )
     for key, err in report["worst_layers"].items():
         print(f"  {err:.4f}  {key}")
-    if report["not_carried"]:
-        print(
-            f"not carried (LoRA has no place for them): {len(report['not_carried'])} layers "
-            f"(1-D norm shifts, embeddings), e.g. {report['not_carried'][0]}"
-        )
+    print("what each tool applies:")
+    for tool, entry in report["tools"].items():
+        drops = entry["drops"]
+        line = f"  {tool:14s} carries {entry['carries']} layers, drops {len(drops)}"
+        if entry.get("refuses_file"):
+            line += f" (refuses the whole file: {entry['refuses_file']})"
+        elif drops:
+            line += f", e.g. {drops[0]}"
+        print(line)
     return 0
 
 
@@ -358,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save_dtype",
         "--save-dtype",
         default="fp32",
-        choices=["fp16", "fp32", "bf16"],
-        help="fp32 (default) keeps the merge exactly equal to loading its parts",
+        choices=["fp16", "fp32", "bf16", "int8"],
+        help="fp32 (default) keeps the merge exactly equal to loading its parts; int8 is the smallest file",
     )
     p.set_defaults(func=cmd_merge)
 
@@ -388,7 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a shift file as a LoRA (diffusers or kohya keys), exact at full rank")
     p.add_argument("file")
-    p.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"])
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"], help="kohya: for the UIs")
+    p.add_argument(
+        "--include-norms",
+        "--include_norms",
+        action="store_true",
+        help="kohya: the UNet's 1-D norm shifts as exact differences (ComfyUI, AUTOMATIC1111 and Forge apply them)",
+    )
+    p.add_argument(
+        "--comfyui-text-extras",
+        "--comfyui_text_extras",
+        action="store_true",
+        help="kohya: the text encoder's norms and embeddings too, under names only ComfyUI maps (Forge refuses it)",
+    )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--rank", type=int, help="at most this rank per layer (largest |d| kept)")
     group.add_argument("--energy", type=float, help="per layer, the fewest directions keeping this share of ‖ΔW‖²")

@@ -2,28 +2,56 @@
 
 Per layer the update ΔW = U·diag(d)·Vᵀ (d = ReLU(σ + Σ s·δ) − σ) is already a singular value decomposition: U and V
 are orthonormal, so its best rank-K approximation keeps the K entries of d largest in magnitude, and the export is
-exact at full rank. The relative Frobenius error of a layer is ‖d_dropped‖ / ‖d‖. LoRA has no place for the
-additive shifts of 1-D norm weights nor for embeddings, so those are reported as not carried.
+exact at full rank. The relative Frobenius error of a layer is ‖d_dropped‖ / ‖d‖.
 
     down (lora_A) = Vᵀ[idx]            (K × rest; a conv with K filters for conv layers)
     up   (lora_B) = U[:, idx] · d[idx] (c_out × K; a 1×1 conv for conv layers)
+
+Two layouts. `diffusers` (PEFT keys, `unet.….lora_A.weight`) is for diffusers' `load_lora_weights`. `kohya`
+(`lora_unet_…`, `lora_te_…`) is for the UIs, and by default holds only keys that AUTOMATIC1111, Forge and ComfyUI
+all map: Forge refuses a whole LoRA with more than 12 keys it cannot place. Layers no UI maps under one name are
+left out and reported; `include_norms` adds the UNet's 1-D norm shifts as whole differences (`<key>.diff`, which
+all three apply), `comfyui_extras` the text encoder's norms, embeddings and projection under ComfyUI's generic
+`text_encoders.` names, which only ComfyUI maps (Forge then refuses the file).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import SvdiffError
+from .names import checkpoint_name
 from .spectral import shifted_modules
-from .spectral.kinds import Conv, Linear
+from .spectral.kinds import Conv, Embedding, Linear
 
 FORMATS = ("diffusers", "kohya")
-KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+TOOLS = ("ComfyUI", "AUTOMATIC1111", "Forge", "sd-scripts", "diffusers")
+FORGE_UNMATCHED_LIMIT = 12  # Forge: extensions-builtin/sd_forge_lora/networks.py, load_lora_for_models
+
+# UNet layers every UI maps under its diffusers name: A1111's name conversion covers these blocks.
+_UNET_DIFFUSERS = re.compile(
+    r"((down_blocks|up_blocks)\.\d+\.(attentions|resnets)\.\d+|mid_block\.(attentions|resnets)\.\d+)\..+"
+    r"|(down_blocks|up_blocks)\.\d+\.(downsamplers|upsamplers)\.0\.conv|conv_in|conv_out|time_embedding\.linear_[12]"
+)
+# UNet layers A1111 knows only under the original (LDM) checkpoint's name, which ComfyUI and Forge map too.
+_UNET_LDM = {
+    "conv_norm_out": "out.0",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
+# Text encoder layers all UIs map: the attention and MLP linears of each encoder layer.
+_TEXT_LORA = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
+# sd-scripts' LoRA lives only inside these blocks (networks/lora.py: Transformer2DModel, ResnetBlock2D,
+# Down/Upsample2D, CLIPAttention, CLIPMLP) and reads only lora_down / lora_up / alpha.
+_SD_SCRIPTS = re.compile(
+    r"unet\.(.+\.(attentions|resnets)\.\d+\..+|.+\.(down|up)samplers\.0\.conv)|text_encoder(_2)?\..+"
+)
 
 
 def _keep(d: torch.Tensor, rank: int | None, energy: float | None) -> torch.Tensor:
@@ -36,43 +64,57 @@ def _keep(d: torch.Tensor, rank: int | None, energy: float | None) -> torch.Tens
     return order[: min(k, d.numel())]
 
 
-@torch.no_grad()
-def lora_layers(
-    components: dict[str, nn.Module], rank: int | None = None, energy: float | None = None
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """{"<component>.<module path>": {"down": …, "up": …}} for every shifted linear/conv layer of the loaded shift
-    sets at their current scales, and a report of the errors and of what LoRA cannot carry."""
+def _check_rank(rank: int | None, energy: float | None) -> None:
     if (rank is None) == (energy is None):
         raise SvdiffError("give exactly one of --rank and --energy")
     if rank is not None and rank < 1:
         raise SvdiffError(f"--rank must be at least 1, not {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise SvdiffError(f"--energy must be in (0, 1], not {energy}")
-    layers, errors, dropped, total = {}, {}, [], [0.0, 0.0]
+
+
+def _shifted(components: dict[str, nn.Module]):
+    """(key, module, shift, d) of every layer whose shifts are active; keys are `<component>.<module path>` in the
+    published checkpoints' names."""
     for component, model in components.items():
         for name, (module, shift) in shifted_modules(model).items():
             d = shift.d()
-            key = f"{component}.{name}"
-            if d is None:
-                continue
-            if not isinstance(shift.kind, Linear | Conv) or not shift.kind.can_factor:  # LoRA: plain layers only
-                dropped.append(key)
-                continue
-            d = d.float()
-            idx = _keep(d, rank, energy)
-            rest = torch.ones_like(d, dtype=torch.bool)
-            rest[idx] = False
-            lost, full = float((d[rest].double() ** 2).sum()), float((d.double() ** 2).sum())
-            errors[key] = math.sqrt(lost / full) if full > 0 else 0.0
-            total[0] += lost
-            total[1] += full
-            down = shift.Vh[idx].float()
-            up = shift.U[:, idx].float() * d[idx]
-            if isinstance(shift.kind, Conv):
-                dims = len(module.kernel_size)
-                down = down.reshape(len(idx), *module.weight.shape[1:])
-                up = up.reshape(*up.shape, *(1,) * dims)
-            layers[key.removesuffix(".weight")] = {"down": down.contiguous(), "up": up.contiguous()}
+            if d is not None:
+                yield (
+                    f"{component}.{checkpoint_name(model, name).removesuffix('.weight')}",
+                    module,
+                    shift,
+                    d.detach().float(),
+                )
+
+
+@torch.no_grad()
+def lora_layers(
+    components: dict[str, nn.Module], rank: int | None = None, energy: float | None = None, embeddings: bool = False
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """{"<component>.<module path>": {"down": …, "up": …}} for every shifted linear/conv layer (and embedding, if
+    asked) of the loaded shift sets at their current scales, and a report of the errors and of what is left out."""
+    _check_rank(rank, energy)
+    layers, errors, dropped, total = {}, {}, [], [0.0, 0.0]
+    for key, module, shift, d in _shifted(components):
+        plain = isinstance(shift.kind, Linear | Conv) and shift.kind.can_factor
+        if not (plain or (embeddings and isinstance(shift.kind, Embedding))):
+            dropped.append(key)
+            continue
+        idx = _keep(d, rank, energy)
+        rest = torch.ones_like(d, dtype=torch.bool)
+        rest[idx] = False
+        lost, full = float((d[rest].double() ** 2).sum()), float((d.double() ** 2).sum())
+        errors[key] = math.sqrt(lost / full) if full > 0 else 0.0
+        total[0] += lost
+        total[1] += full
+        down = shift.Vh[idx].float()
+        up = shift.U[:, idx].float() * d[idx]
+        if isinstance(shift.kind, Conv):
+            dims = len(module.kernel_size)
+            down = down.reshape(len(idx), *module.weight.shape[1:])
+            up = up.reshape(*up.shape, *(1,) * dims)
+        layers[key] = {"down": down.contiguous(), "up": up.contiguous()}
     if not layers:
         raise SvdiffError("no shifted linear or conv layer to export (are shifts loaded, with a non-zero scale?)")
     report = {
@@ -85,28 +127,145 @@ def lora_layers(
     return layers, report
 
 
+@torch.no_grad()
+def norm_differences(components: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """{"<component>.<module path>": w' − w} of every shifted 1-D norm weight: exact whole differences."""
+    return {key: d.contiguous() for key, _, shift, d in _shifted(components) if shift.kind.is_vector}
+
+
+def kohya_name(key: str, sdxl: bool = False) -> str | None:
+    """The kohya-layout name of layer `key` ("<component>.<module path>") that AUTOMATIC1111, Forge and ComfyUI all
+    map, or None if there is none."""
+    component, path = key.split(".", 1)
+    if component == "unet":
+        if path in _UNET_LDM:
+            return "lora_unet_" + _UNET_LDM[path].replace(".", "_")
+        return "lora_unet_" + path.replace(".", "_") if _UNET_DIFFUSERS.fullmatch(path) else None
+    prefix = {"text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2"}.get(component)
+    return f"{prefix}_{path.replace('.', '_')}" if prefix and _TEXT_LORA.fullmatch(path) else None
+
+
+def comfyui_name(key: str, model: nn.Module) -> str | None:
+    """ComfyUI's generic name of a text encoder layer (`text_encoders.clip_l.transformer.<module path>`)."""
+    component, path = key.split(".", 1)
+    if component == "text_encoder_2":
+        clip = "clip_g"
+    elif component == "text_encoder":
+        clip = "clip_h" if getattr(getattr(model, "config", None), "hidden_size", 768) == 1024 else "clip_l"
+    else:
+        return None
+    return f"text_encoders.{clip}.transformer.{path}"
+
+
+def _lora_entries(name: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # kohya scales a layer by alpha / rank. One alpha for every layer (1, with the rank folded into up) keeps the
+    # scale right in loaders that apply a single default alpha to layers they cannot match.
+    rank = t["down"].shape[0]
+    return {
+        f"{name}.lora_down.weight": t["down"],
+        f"{name}.lora_up.weight": t["up"] * rank,
+        f"{name}.alpha": torch.tensor(1.0),
+    }
+
+
 def to_state_dict(layers: dict[str, dict[str, torch.Tensor]], fmt: str) -> dict[str, torch.Tensor]:
-    """The LoRA in diffusers' (PEFT) key layout or in kohya's."""
+    """The LoRA in diffusers' (PEFT) key layout or in kohya's (`kohya_name`; a layer without one is refused)."""
     if fmt not in FORMATS:
         raise SvdiffError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    sdxl = any(k.startswith("text_encoder_2.") for k in layers)
     out = {}
-    prefixes = dict(KOHYA_PREFIX)
-    if any(k.startswith("text_encoder_2.") for k in layers):  # SDXL: kohya numbers both text encoders
-        prefixes["text_encoder"] = "lora_te1"
     for key, t in layers.items():
         if fmt == "diffusers":
             out[f"{key}.lora_A.weight"] = t["down"]
             out[f"{key}.lora_B.weight"] = t["up"]
+        elif name := kohya_name(key, sdxl):
+            out |= _lora_entries(name, t)
         else:
-            component, module = key.split(".", 1)
-            name = f"{prefixes[component]}_{module.replace('.', '_')}"
-            # kohya scales a layer by alpha / rank. One alpha for every layer (1, with the rank folded into up)
-            # keeps the scale right in loaders that apply a single default alpha to layers they cannot match.
-            rank = t["down"].shape[0]
-            out[f"{name}.lora_down.weight"] = t["down"]
-            out[f"{name}.lora_up.weight"] = t["up"] * rank
-            out[f"{name}.alpha"] = torch.tensor(1.0)
+            raise SvdiffError(f"{key} has no name the UIs map; leave it out of a kohya export")
     return out
+
+
+def _tool_report(shifted: list[str], carried: dict[str, list[str]], refused: dict[str, str]) -> dict:
+    """Per target tool: how many layers it applies and which shifted layers it drops; `refused` names the tools
+    that refuse the whole file, and why."""
+    out = {}
+    for tool in TOOLS:
+        kept = set() if tool in refused else set(carried[tool])
+        out[tool] = {"carries": len(kept), "drops": [k for k in shifted if k not in kept]}
+        if tool in refused:
+            out[tool]["refuses_file"] = refused[tool]
+    return out
+
+
+def _forge_refusal(unmatched: int) -> dict[str, str]:
+    if unmatched <= FORGE_UNMATCHED_LIMIT:
+        return {}
+    return {"Forge": f"{unmatched} keys it cannot place, more than its limit of {FORGE_UNMATCHED_LIMIT}"}
+
+
+def kohya_export(
+    components: dict[str, nn.Module],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    include_norms: bool = False,
+    comfyui_extras: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The kohya-layout state dict for the UIs and a report: per target tool, the layers it applies and drops."""
+    layers, report = lora_layers(components, rank=rank, energy=energy, embeddings=comfyui_extras)
+    sdxl = "text_encoder_2" in components
+    state: dict[str, torch.Tensor] = {}
+    entries = []  # (layer, written for every UI?, a LoRA?)
+    comfy_only_keys = 0
+    parts = [(k, t, True) for k, t in layers.items()] + [(k, d, False) for k, d in norm_differences(components).items()]
+    for key, value, is_lora in parts:
+        name = kohya_name(key, sdxl)
+        if name and (is_lora or include_norms):
+            ui = True
+        elif comfyui_extras and (name := comfyui_name(key, components[key.split(".")[0]])):
+            ui = False
+        else:
+            continue
+        written = _lora_entries(name, value) if is_lora else {f"{name}.diff": value}
+        state |= written
+        comfy_only_keys += 0 if ui else len(written)
+        entries.append((key, ui, is_lora))
+    carried = {
+        "ComfyUI": [k for k, _, _ in entries],
+        "AUTOMATIC1111": [k for k, ui, _ in entries if ui],
+        "Forge": [k for k, ui, _ in entries if ui],
+        "sd-scripts": [k for k, ui, lora in entries if ui and lora and _SD_SCRIPTS.fullmatch(k)],
+        "diffusers": [k for k, ui, lora in entries if ui and lora],
+    }
+    refused = _forge_refusal(comfy_only_keys)
+    if any(not lora for _, _, lora in entries) or comfy_only_keys:  # lora_conversion_utils refuses other keys
+        refused["diffusers"] = "load_lora_weights refuses .diff keys and names without 'lora'"
+    report["tools"] = _tool_report([key for key, *_ in _shifted(components)], carried, refused)
+    report["layers"] = len(entries)
+    return state, report
+
+
+def diffusers_tools_report(components: dict[str, nn.Module], layers: dict) -> dict:
+    """Per target tool, the layers of a diffusers-layout export it applies and drops."""
+
+    # ComfyUI maps a diffusers UNet attention projection only as `.processor.to_q`, which diffusers cannot load,
+    # and a text encoder layer only if it is an encoder layer's linear.
+    def comfy(key: str) -> bool:
+        component, path = key.split(".", 1)
+        if component == "unet":
+            return not re.search(r"\.(to_q|to_k|to_v|to_out\.0)$", path)
+        return bool(_TEXT_LORA.fullmatch(path))
+
+    comfy_keys = [k for k in layers if comfy(k)]
+    carried = {
+        "diffusers": list(layers),
+        "ComfyUI": comfy_keys,
+        "Forge": comfy_keys,
+        "AUTOMATIC1111": [],
+        "sd-scripts": [],
+    }
+    refused = _forge_refusal(2 * (len(layers) - len(comfy_keys)))
+    return _tool_report([key for key, *_ in _shifted(components)], carried, refused)
 
 
 def export_lora(
@@ -117,8 +276,11 @@ def export_lora(
     rank: int | None = None,
     energy: float | None = None,
     base: str | Path | None = None,
+    include_norms: bool = False,
+    comfyui_extras: bool = False,
 ) -> dict:
-    """Write a shift file as a LoRA file for `base` (default: the base named in the file). Returns the report."""
+    """Write a shift file as a LoRA file for `base` (default: the base named in the file). Returns the report,
+    with what each target tool will apply and drop."""
     from safetensors.torch import save_file
 
     from .io import load_shifts, read_shift_file
@@ -126,25 +288,34 @@ def export_lora(
 
     if fmt not in FORMATS:
         raise SvdiffError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt != "kohya" and (include_norms or comfyui_extras):
+        raise SvdiffError("--include-norms and --comfyui-text-extras need --format kohya")
+    _check_rank(rank, energy)
     shift_file = read_shift_file(shift_path)
     if base is None:
         named = shift_file.metadata["base_model"]
         base = None if named == base_name(None) else named
     components = load_components(base)
     load_shifts(components, shift_file, progress=False)
-    layers, report = lora_layers(components, rank=rank, energy=energy)
     meta = {"format": "pt"}
     if fmt == "kohya":
+        state, report = kohya_export(
+            components, rank=rank, energy=energy, include_norms=include_norms, comfyui_extras=comfyui_extras
+        )
         meta |= {
             "ss_network_module": "networks.lora",
             "ss_network_alpha": "1.0",
             "ss_network_dim": str(max(report["ranks"].values())),
         }
+    else:
+        layers, report = lora_layers(components, rank=rank, energy=energy)
+        state = to_state_dict(layers, fmt)
+        report["tools"] = diffusers_tools_report(components, layers)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     try:
-        save_file(to_state_dict(layers, fmt), tmp, metadata=meta)
+        save_file(state, tmp, metadata=meta)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
