@@ -1,7 +1,9 @@
-"""Base models: the built-in architectures (SD 1.5, SD 2.1, SDXL, buildable with random or meta weights), local
-diffusers folders, hub ids, and the embedded tiny pipeline (the default).
+"""Base models: the built-in architectures (SD 1.5, SD 2.1, SDXL, SD3/3.5, Flux.1, buildable with random or meta
+weights), local diffusers folders, hub ids, and the embedded tiny pipeline (the default).
 
-Only the components svdiff shifts are handled here (UNet and text encoders); the VAE is never shifted.
+Only the components svdiff shifts are handled here (the denoiser and the CLIP text encoders); the VAE is never
+shifted, and neither is T5: diffusers' SD3 and Flux DreamBooth scripts train the CLIP encoders only, and T5-XXL's
+4.8 B weights would cost more than the shifts are worth.
 """
 
 from __future__ import annotations
@@ -10,16 +12,17 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import diffusers
 import torch
 import transformers
-from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .errors import SvdiffError
 
-SHIFTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+SHIFTED_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+FROZEN_CLASSES = frozenset({"T5EncoderModel"})
 
-# name -> {component: (config file, class name)}
+# name -> {component: (config file, class name)}; frozen components are listed for memory estimates
 ARCHITECTURES: dict[str, dict[str, tuple[str, str]]] = {
     "sd15": {
         "unet": ("sd15_unet.json", "UNet2DConditionModel"),
@@ -34,7 +37,29 @@ ARCHITECTURES: dict[str, dict[str, tuple[str, str]]] = {
         "text_encoder": ("sd15_text_encoder.json", "CLIPTextModel"),
         "text_encoder_2": ("sdxl_text_encoder_2.json", "CLIPTextModelWithProjection"),
     },
+    **{
+        name: {
+            "transformer": (f"{name.replace('-', '_')}_transformer.json", "SD3Transformer2DModel"),
+            "text_encoder": ("sd15_text_encoder.json", "CLIPTextModelWithProjection"),
+            "text_encoder_2": ("sdxl_text_encoder_2.json", "CLIPTextModelWithProjection"),
+            "text_encoder_3": ("t5_xxl_encoder.json", "T5EncoderModel"),
+        }
+        for name in ("sd3-medium", "sd35-medium", "sd35-large")
+    },
+    **{
+        name: {
+            "transformer": (f"{name.replace('-', '_')}_transformer.json", "FluxTransformer2DModel"),
+            "text_encoder": ("sd15_text_encoder.json", "CLIPTextModel"),
+            "text_encoder_2": ("t5_xxl_encoder.json", "T5EncoderModel"),
+        }
+        for name in ("flux-dev", "flux-schnell")
+    },
 }
+
+
+def is_shifted(module: nn.Module) -> bool:
+    """Whether svdiff shifts a pipeline component of this class."""
+    return type(module).__name__ not in FROZEN_CLASSES
 
 
 def default_base() -> Path:
@@ -51,23 +76,41 @@ def base_name(base: str | Path | None) -> str:
     return str(base)
 
 
+def _model_class(class_name: str) -> type:
+    """A component's class: a diffusers model (UNet, SD3 or Flux transformer) or a transformers one."""
+    cls = getattr(diffusers, class_name, None) or getattr(transformers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise SvdiffError(f"unknown model class {class_name!r}")
+    return cls
+
+
+def _is_diffusers(cls: type) -> bool:
+    return issubclass(cls, diffusers.ModelMixin)
+
+
 def _build(config: dict, class_name: str, device: str | torch.device, seed: int) -> nn.Module:
     torch.manual_seed(seed)
+    cls = _model_class(class_name)
     with torch.device(device):
-        if class_name == "UNet2DConditionModel":
-            return UNet2DConditionModel.from_config(config)
-        cls = getattr(transformers, class_name)
+        if _is_diffusers(cls):
+            return cls.from_config(config)
         return cls(cls.config_class(**config))
 
 
-def build_architecture(name: str, device: str | torch.device = "meta", seed: int = 0) -> dict[str, nn.Module]:
-    """The shifted components of a built-in architecture, with random weights (or none, on the meta device)."""
+def build_architecture(
+    name: str, device: str | torch.device = "meta", seed: int = 0, *, frozen: bool = False
+) -> dict[str, nn.Module]:
+    """The shifted components of a built-in architecture, with random weights (or none, on the meta device);
+    `frozen=True` adds the components svdiff never shifts (T5), for memory estimates."""
     if name not in ARCHITECTURES:
         raise SvdiffError(f"unknown architecture {name!r}; built-in ones are {', '.join(ARCHITECTURES)}")
     folder = resources.files("svdiff") / "architectures"
     out = {}
     for component, (file, class_name) in ARCHITECTURES[name].items():
+        if not frozen and class_name in FROZEN_CLASSES:
+            continue
         config = json.loads((folder / file).read_text())
+        config.pop("_class_name", None)
         out[component] = _build(config, class_name, device, seed).eval().requires_grad_(False)
     return out
 
@@ -135,11 +178,13 @@ def load_components(
         if component not in index or index[component][0] is None:
             continue
         class_name = index[component][1]
+        if class_name in FROZEN_CLASSES:
+            continue
         kwargs = {"subfolder": component, "revision": revision}
         try:
-            cls = UNet2DConditionModel if class_name == "UNet2DConditionModel" else getattr(transformers, class_name)
+            cls = _model_class(class_name)
             if meta:
-                if cls is UNet2DConditionModel:
+                if _is_diffusers(cls):
                     config = cls.load_config(str(base), **kwargs)
                 else:
                     config = cls.config_class.from_pretrained(str(base), **kwargs).to_dict()
@@ -169,7 +214,7 @@ def components_of(target) -> dict[str, nn.Module]:
     parts = getattr(target, "components", None)
     if not isinstance(parts, dict):
         raise SvdiffError(f"expected a diffusers pipeline or a torch module, got {type(target).__name__}")
-    return {k: v for k in SHIFTED_COMPONENTS if isinstance(v := parts.get(k), nn.Module)}
+    return {k: v for k in SHIFTED_COMPONENTS if isinstance(v := parts.get(k), nn.Module) and is_shifted(v)}
 
 
 def load_shifts(target, path: str | Path, adapter_name: str | None = None, scale: float = 1.0, **options) -> str:

@@ -296,7 +296,9 @@ class Embedding(Kind):
 
 
 class Norm(Kind):
-    """1-D scale of GroupNorm / LayerNorm / RMSNorm: a full-length additive shift, no SVD."""
+    """1-D scale of a normalization layer: a full-length additive shift, no SVD. torch's norms run their
+    functional op; a library's own norm (diffusers' RMSNorm in SD3's qk-norm, T5's layer norm) runs its own
+    forward with the shifted scale in place of its weight, so its numerics are exactly its own."""
 
     is_vector = True
     can_factor = False
@@ -306,10 +308,28 @@ class Norm(Kind):
             return F.group_norm(x, module.num_groups, w, module.bias, module.eps)
         if isinstance(module, nn.LayerNorm):
             return F.layer_norm(x, module.normalized_shape, w, module.bias, module.eps)
-        return F.rms_norm(x, module.normalized_shape, w, module.eps)
+        if isinstance(module, nn.RMSNorm):
+            return F.rms_norm(x, module.normalized_shape, w, module.eps)
+        weight = module._parameters["weight"]
+        module._parameters["weight"] = w  # as torch.func.functional_call does, without its module-tree walk
+        try:
+            return type(module).forward(module, x)
+        finally:
+            module._parameters["weight"] = weight
 
 
 NORMS = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+
+
+def _is_library_norm(module: nn.Module) -> bool:
+    """A normalization layer of another library, known by what every one of them shares: "Norm" in its class
+    name, a 1-D scale `weight`, no submodules but its own shift state (diffusers' AdaLayerNorm* hold a Linear
+    and a norm: not one)."""
+    return (
+        "Norm" in type(module).__name__
+        and set(module._modules) <= {"spectral_shift"}
+        and isinstance(module._parameters.get("weight"), nn.Parameter)
+    )
 
 
 def kind_of(module: nn.Module) -> Kind | None:
@@ -323,6 +343,6 @@ def kind_of(module: nn.Module) -> Kind | None:
         return Conv(module)
     if isinstance(module, nn.Embedding):
         return Embedding() if module.max_norm is None else None  # max_norm renormalizes rows in place
-    if isinstance(module, NORMS) and weight.ndim == 1:
+    if (isinstance(module, NORMS) or _is_library_norm(module)) and weight.ndim == 1:
         return Norm()
     return None
