@@ -208,6 +208,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .importer import import_svdiff_pytorch
+
+    report = import_svdiff_pytorch(args.files, args.output, base=args.base, dtype=args.save_dtype)
+    layers = ", ".join(f"{n} {c} layers" for c, n in report["layers"].items())
+    print(f"wrote {report['output']} ({report['bytes'] / 1e3:.1f} kB): {layers} from svdiff-pytorch")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import train, train_args
 
@@ -422,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     _base_flag(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="svdiff-pytorch's spectral_shifts(_te).safetensors as an svdiff shift file")
+    p.add_argument("files", nargs="+", help="the file(s), or the folder holding them")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--save_dtype", "--save-dtype", default="fp32", choices=["fp16", "fp32", "bf16", "int8"])
+    _base_flag(p)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("cache", help="the on-disk cache of SVD factors ($SVDIFF_CACHE)")
     p.add_argument("action", choices=["list", "clear", "build"])
