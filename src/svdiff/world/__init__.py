@@ -6,11 +6,11 @@ from pathlib import Path
 from ..errors import SvdiffError
 
 BASE_DIR = Path(__file__).parent / "base"
-# The classifier-free guidance the embedded base draws its prompts best at (`benchmarks/world_quality.py
-# --guidance_scale 3 / 4 / 5 / 7.5`: shapes 0.765 / 0.74 / 0.74 / 0.73 right, colors 0.99 / 0.98 / 0.96 / 0.88,
-# left/right pairs 0.60 / 0.54 / 0.49 / 0.46).
+# The classifier-free guidance the embedded base draws its prompts best at (`python benchmarks/world_quality.py
+# --guidance_scale G` measures it at another).
 GUIDANCE_SCALE = 3.0
-JUDGE_DIR = Path(__file__).parent / "judge"
+# the judge's weights (the module `judge.py` beside it is its code)
+JUDGE_DIR = Path(__file__).parent / "judge_model"
 
 
 def default_base() -> Path:
