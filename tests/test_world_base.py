@@ -87,8 +87,8 @@ def test_text_separation_reads_the_encoder(pipe):
 
     sep = text_separation(pipe)
     assert 0.1 < sep["colors"] < 2, sep  # a color word moves the encoding a lot
-    # identifiers, in no pretraining caption, move it less even at a word's size (0.113 against 0.38 on base v7.1;
-    # 0.046 on v7, where they kept their initial size)
+    # identifiers, in no pretraining caption, move it less even at a word's size (0.113 against 0.38 on the
+    # shipped base; at their initial size, 0.046)
     assert 0.08 < sep["identifiers"] < sep["colors"], sep
 
 

@@ -1,1 +1,1 @@
-"""Training data: image folders, the transforms that make them model inputs, and (later) collages."""
+"""Training data: image folders, the transforms that make them model inputs, concept lists and Cut-Mix collages."""

@@ -3,10 +3,8 @@ what its instance prompt names) should attend to its own side only. An attention
 cross-attention probabilities of a few layers; the loss is the mean square of each subject's attention (its
 tokens' mean) over the other subject's half, the attention taken relative to its mean over the picture: on the
 raw probabilities the loss falls as well when the names are attended to less everywhere, and training takes that
-way, until "sks" and "xyz" draw the same picture. Watched on the identifier alone ("sks"), Unmix cut the two
-hearts' disentanglement on the embedded base to a sixth of Cut-Mix's; on the whole phrase it keeps it (README,
-"Several subjects in one picture"), probably because the class word after the identifier, which a causal text
-encoder reads with it, names the subject too.
+way. The whole phrase is watched, not the identifier alone: the class word after the identifier, which a causal
+text encoder reads with it, names the subject too (docs/experiments/2026-12-03-multi-subject.md).
 
 Which layers: the cross-attention layers whose maps are at most half the latent side (SD 1.x/2.x at 512 px: the
 32×32, 16×16 and 8×8 ones; the embedded base: 8×8 and 4×4). Coarse maps are where a layout is decided; the finest
