@@ -121,13 +121,14 @@ class MergedShifts:
     """Wires the shift set `name` of `model` for merged training (see the module docstring).
 
     `choose`: "merged" (every group that can), "per-call" (every group per call, δ still flat), or "auto" (timed
-    per group before the first training forward). Call after the model has its final device and dtype; `close()`
-    restores per-call layers (δ stays flat)."""
+    per group before the first training forward). `report`, if given, is called with one line saying what was
+    chosen. Call after the model has its final device and dtype; `close()` restores per-call layers (δ stays
+    flat)."""
 
-    def __init__(self, model: nn.Module, name: str = "default", choose: str = "auto"):
+    def __init__(self, model: nn.Module, name: str = "default", choose: str = "auto", report=None):
         if choose not in CHOICES:
             raise ValueError(f"choose must be one of {', '.join(CHOICES)}, not {choose!r}")
-        self.model, self.name, self.choose = model, name, choose
+        self.model, self.name, self.choose, self.report = model, name, choose, report
         shifted = shifted_modules(model)
         if not shifted:
             raise ValueError("the model has no spectral shifts")
@@ -210,6 +211,8 @@ class MergedShifts:
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         for g in self.groups:
             self._set_path(g, g.path)
+        if self.chosen:
+            self._report()
 
     # --- what the trainer sees ---
 
@@ -231,9 +234,34 @@ class MergedShifts:
     def summary(self) -> str:
         merged = [g for g in self.groups if g.path == "merged"]
         return (
-            f"{len(merged)}/{len(self.groups)} shape groups merged per step "
+            f"{len(merged)}/{len(self.groups)} shape groups merged once per step, the others per call "
             f"({sum(len(g.modules) for g in merged)}/{sum(len(g.modules) for g in self.groups)} targets)"
         )
+
+    def state_dict(self) -> dict:
+        """The path chosen for each group, so a resumed run computes its steps exactly as the first run did
+        (`accelerator.register_for_checkpointing` keeps it with the checkpoint)."""
+        return {
+            "chosen": self.chosen,
+            "paths": [g.path for g in self.groups],
+            "timing": [g.timing for g in self.groups],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["paths"]) != len(self.groups):
+            raise ValueError(f"{len(state['paths'])} shape groups saved, {len(self.groups)} here")
+        if not state["chosen"]:
+            return
+        for g, path, timing in zip(self.groups, state["paths"], state["timing"], strict=True):
+            self._set_path(g, path)
+            g.timing = timing
+        self.chosen = True
+
+    def use(self, path: str) -> None:
+        """Every group that can be merged on `path` ("merged" or "per-call"), as if chosen."""
+        for g in self.groups:
+            self._set_path(g, path if g.key[-1] else "per-call")
+        self.chosen = True
 
     def close(self) -> None:
         """Every layer back on its per-call forward, the hooks removed; δ stays in the flat parameters."""
@@ -356,16 +384,23 @@ class MergedShifts:
         finally:
             for which, buf in self._grad.items():
                 buf.copy_(saved[which])
-        log.info("svdiff merged step: %s", self.summary())
+        self._report()
+
+    def _report(self) -> None:
+        line = f"{type(self.model).__name__}: {self.summary()}"
+        log.info(line)
+        if self.report is not None:
+            self.report(line)
 
     def _time_group(self, g: Group, inputs: list[tuple]) -> None:
         device = g.base.device
+        rng = torch.Generator(device=device).manual_seed(0)  # the run's own random streams stay untouched
 
         def make(spec):
             shape, dtype, needs_grad = spec
             if dtype.is_floating_point:
-                return torch.randn(shape, dtype=dtype, device=device).requires_grad_(needs_grad)
-            return torch.randint(0, g.base.shape[1], shape, device=device)  # token ids of an embedding
+                return torch.randn(shape, dtype=dtype, device=device, generator=rng).requires_grad_(needs_grad)
+            return torch.randint(0, g.base.shape[1], shape, device=device, generator=rng)  # an embedding's ids
 
         xs = [make(spec) for spec in inputs]
 
