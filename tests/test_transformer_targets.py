@@ -5,55 +5,12 @@ import json
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
 from svdiff.cli import main
 from svdiff.errors import SvdiffError
 from svdiff.models import build_architecture, components_of
 from svdiff.spectral import add_shifts, find_targets, get_deltas, remove_shifts, set_deltas
-
-
-def tiny_sd3() -> SD3Transformer2DModel:
-    torch.manual_seed(0)
-    return (
-        SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=4,
-            num_attention_heads=2,
-            joint_attention_dim=12,
-            caption_projection_dim=8,
-            pooled_projection_dim=6,
-            out_channels=4,
-            pos_embed_max_size=8,
-            qk_norm="rms_norm",
-            dual_attention_layers=(0,),
-        )
-        .eval()
-        .requires_grad_(False)
-    )  # frozen, as loaded: matmul folds a strided input only for a frozen weight
-
-
-def tiny_flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return (
-        FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=8,
-            num_layers=1,
-            num_single_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=12,
-            pooled_projection_dim=6,
-            guidance_embeds=True,
-            axes_dims_rope=(2, 2, 4),
-        )
-        .eval()
-        .requires_grad_(False)
-    )
+from tiny_models import tiny_flux, tiny_sd3
 
 
 def sd3_inputs():

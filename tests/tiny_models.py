@@ -3,7 +3,14 @@
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 
@@ -87,3 +94,46 @@ def quick(base, out, **overrides):
         progress=False,
     )
     return train_args(**{**settings, **overrides})
+
+
+def tiny_sd3() -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    return (
+        SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=4,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            caption_projection_dim=8,
+            pooled_projection_dim=6,
+            out_channels=4,
+            pos_embed_max_size=8,
+            qk_norm="rms_norm",
+            dual_attention_layers=(0,),
+        )
+        .eval()
+        .requires_grad_(False)
+    )  # frozen, as loaded: matmul folds a strided input only for a frozen weight
+
+
+def tiny_flux() -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return (
+        FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=8,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            pooled_projection_dim=6,
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        )
+        .eval()
+        .requires_grad_(False)
+    )
