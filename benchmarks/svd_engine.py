@@ -1,10 +1,15 @@
-"""SVD of a whole SD 1.5 UNet (random weights from the built-in config): per-layer `torch.linalg.svd` (what earlier
-implementations do) vs svdiff's engine vs a cache hit, with the factors' errors.
+"""SVD of a whole denoiser (random weights, shapes from a built-in architecture): per-layer `torch.linalg.svd`
+(what earlier implementations do) vs svdiff's engine vs a cache hit, with the factors' errors.
 
-    python benchmarks/svd_engine.py [--device cuda] [--limit N] [--per-shape K] [--out results.json]
+    python benchmarks/svd_engine.py [--base sd15|sdxl|sd35-large|flux-dev|…] [--device cuda] [--limit N]
+        [--per-shape K] [--out results.json]
 
-`--per-shape K` times at most K matrices of each distinct shape and scales each shape's time by its count: an
-estimate of the whole model for slow machines, labelled as such in the JSON.
+`--device` defaults to cuda where a GPU exists, so the one command measures the GPU engine there.
+
+The architecture is read on the meta device and each matrix drawn with PyTorch's default layer initialization
+(Kaiming-uniform over its fan-in), so even Flux's 12 B weights never need to fit in memory at once. `--per-shape
+K` times at most K matrices of each distinct shape and scales each shape's time by its count: an estimate of the
+whole model for slow machines, labelled as such in the JSON.
 
 Errors per layer, in float64 against the weight: reconstruction ‖W − U·diag(σ)·Vᵀ‖_F / ‖W‖_F and orthogonality
 max(‖UᵀU − I‖_max, ‖VᵀV − I‖_max); the JSON reports the worst layer of each method.
@@ -32,6 +37,12 @@ def errors(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) 
     return float(recon), float(orth)
 
 
+def kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """A weight as nn.Linear and nn.Conv initialize it: uniform in ±1/√fan_in (Kaiming-uniform, a = √5)."""
+    bound = 1 / shape[1] ** 0.5
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -39,24 +50,25 @@ def sync(device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--base", default="sd15", help="a built-in architecture (svdiff targets --help lists them)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--limit", type=int, default=None, help="only the first N matrices (quick runs)")
     ap.add_argument("--per-shape", type=int, default=None, help="sample K matrices per shape and extrapolate")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    unet = build_architecture("sd15", device=args.device)["unet"]
-    targets = [t for t in find_targets(unet) if not t.kind.is_vector][: args.limit]
-    mats = [t.kind.to_matrix(t.module.weight.detach()) for t in targets]
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for m in mats:
-        groups.setdefault(tuple(m.shape), []).append(m)
+    components = build_architecture(args.base)
+    name = "transformer" if "transformer" in components else "unet"
+    targets = [t for t in find_targets(components[name]) if not t.kind.is_vector][: args.limit]
+    shapes = [tuple(t.kind.to_matrix(t.module.weight).shape) for t in targets]
+    counts: dict[tuple, int] = {}
+    for shape in shapes:
+        counts[shape] = counts.get(shape, 0) + 1
     # With --per-shape, K matrices stand for all of their shape: their times are scaled by count / K.
-    scale = {shape: 1.0 for shape in groups}
-    if args.per_shape:
-        for shape, group in groups.items():
-            scale[shape] = len(group) / min(len(group), args.per_shape)
-            groups[shape] = group[: args.per_shape]
+    drawn = {shape: min(n, args.per_shape or n) for shape, n in counts.items()}
+    scale = {shape: counts[shape] / drawn[shape] for shape in counts}
+    generator = torch.Generator().manual_seed(0)
+    groups = {shape: [kaiming(shape, generator).to(args.device) for _ in range(k)] for shape, k in drawn.items()}
 
     def timed(fn):
         sync(args.device)
@@ -85,9 +97,9 @@ def main():
     emit(
         {
             "benchmark": "svd_engine",
-            "model": "sd15 unet (random weights)",
-            "matrices": len(mats),
-            "weight_values": sum(m.numel() for m in mats),
+            "model": f"{args.base} {name} (random weights)",
+            "matrices": len(shapes),
+            "weight_values": sum(m * n for m, n in shapes),
             "timed": "all matrices" if not args.per_shape else f"{args.per_shape} per shape, scaled by count",
             "seconds": seconds,
             "speedup_vs_naive": {k: seconds["naive_torch_linalg_svd"] / seconds[k] for k in ("engine", "cache_hit")},
