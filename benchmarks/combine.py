@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import SUBJECTS, embed, emit, isolate, machine, train_subject
+from common import SUBJECTS, embed, emit, keep_half, machine, train_subject
 
 METHODS = ("svdiff", "full")
 ADD = ("heart_sks", "star_zwx")
@@ -67,7 +67,7 @@ def add_scores(judge, images, refs) -> dict:
         )
         ok = 0
         for k, side in enumerate(("left", "right")):
-            e = embed(judge, [isolate(image, side)])
+            e = embed(judge, [keep_half(image, side)])
             sims = [float((e @ refs[n].T).mean()) for n in ADD]
             ok += sims[k] > sims[1 - k]
         sides += ok == 2

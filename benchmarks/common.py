@@ -37,11 +37,12 @@ def emit(result: dict, out: str | None) -> None:
     sys.stdout.flush()
 
 
-def card(name: str) -> dict:
+def subject_card(name: str) -> dict:
+    """An example subject's subject.json: class word, identifier, instance and class prompts."""
     return json.loads((SUBJECTS / name / "subject.json").read_text())
 
 
-def isolate(image: Image.Image, side: str) -> Image.Image:
+def keep_half(image: Image.Image, side: str) -> Image.Image:
     """The image with the other half painted over in this half's border color."""
     a = np.asarray(image.convert("RGB")).copy()
     w = a.shape[1] // 2
@@ -66,7 +67,7 @@ def train_subject(runs: Path, name: str, method: str, steps: int, identifier: st
     in `runs` and reused; delete a folder to retrain it."""
     from svdiff.train import train, train_args
 
-    c = card(name)
+    c = subject_card(name)
     prompt = c["instance_prompt"] if identifier is None else c["instance_prompt"].replace(c["identifier"], identifier)
     out = runs / f"{name}-as-{identifier}" if identifier else runs / name
     out = out / f"{method}-{steps}-steps"

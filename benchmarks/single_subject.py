@@ -22,7 +22,7 @@ import torch
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import SUBJECTS, card, embed, emit, files_bytes, machine, train_subject
+from common import SUBJECTS, embed, emit, files_bytes, machine, subject_card, train_subject
 
 NAMES = ("heart_sks", "star_zwx", "circle_qlo", "square_vyx")
 METHODS = ("svdiff", "full", "lora")
@@ -96,7 +96,7 @@ def main() -> None:
     judge = load(default_judge())
     per_subject, rows, labels = {}, [], []
     for name in NAMES[: args.subjects]:
-        c = card(name)
+        c = subject_card(name)
         subject = f"{c['identifier']} {c['class_word']}"
         prompts = [t.format(s=subject) for t in CONTEXTS[: args.prompts]]
         class_prompts = [t.format(c=c["class_prompt"]) for t in CLASS_CONTEXTS]
