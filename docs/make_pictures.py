@@ -1,7 +1,7 @@
 """Makes the README's pictures on the embedded base with the `svdiff` commands the README shows (each command is
 printed before it runs). Run from the repository root:
 
-    python docs/pictures.py [--runs runs/pictures] [--steps 400]
+    python docs/make_pictures.py [--runs runs/pictures] [--steps 400]
 
 Subjects are trained once into --runs (delete a folder to retrain it); pictures go to docs/pictures/.
 """
