@@ -123,7 +123,7 @@ def cmd_merge(args) -> int:
 def cmd_generate(args) -> int:
     from .models import default_guidance
     from .pictures import grid
-    from .sample import apply_shifts, load_pipeline, parse_shift_arg, sample
+    from .sample import apply_shifts, load_pipeline, parse_shift_arg, sample_per_prompt
 
     if args.interpolate and not 0.0 <= args.alpha <= 1.0:
         print(f"warning: --alpha {args.alpha} is outside [0, 1]: extrapolating", file=sys.stderr)
@@ -144,22 +144,21 @@ def cmd_generate(args) -> int:
 
     for path in [p for p, _ in shifts] + list(args.interpolate or []) + list((style or {}).values()):
         read_shift_file(path)  # a bad file fails here, before minutes of loading
+    if args.per_prompt and (args.interpolate or style or len(shifts) != len(args.prompt)):
+        raise SvdiffError("--per-prompt takes one --shifts FILE[:SCALE] per --prompt, and no --interpolate/--style_mix")
     pipe = load_pipeline(args.base, scheduler=args.scheduler)
-    loaded = apply_shifts(pipe, shifts, args.interpolate, args.alpha, style)
-    rows = []
-    for prompt in args.prompt:
-        rows.append(
-            sample(
-                pipe,
-                prompt,
-                num_images=args.num_images,
-                seed=args.seed,
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=default_guidance(args.base) if args.guidance_scale is None else args.guidance_scale,
-                negative_prompt=args.negative_prompt,
-                eta=args.eta,
-            )
-        )
+    loaded = apply_shifts(pipe, shifts, args.interpolate, args.alpha, style, fused=not args.per_prompt)
+    rows = sample_per_prompt(
+        pipe,
+        args.prompt,
+        [{name: scale} for name, scale in loaded.items()] if args.per_prompt else None,
+        num_images=args.num_images,
+        seed=args.seed,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=default_guidance(args.base) if args.guidance_scale is None else args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        eta=args.eta,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     images = [im for row in rows for im in row]
     scale = max(1, 256 // images[0].width)
@@ -389,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample images with shift files (scaled, added, interpolated, style-mixed)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several rows")
     p.add_argument("--shifts", action="append", default=[], metavar="FILE[:SCALE]", help="repeat to add subjects")
+    p.add_argument(
+        "--per-prompt",
+        "--per_prompt",
+        action="store_true",
+        help="draw prompt i with --shifts file i alone, all prompts in the same batches",
+    )
     p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None, help="alpha·A + (1 − alpha)·B")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--style_mix", "--style-mix", nargs=2, metavar=("geometry=A", "appearance=B"), default=None)

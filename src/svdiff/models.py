@@ -242,6 +242,15 @@ def load_shifts(target, path: str | Path, adapter_name: str | None = None, scale
     return name
 
 
+def mixed_batch(target, assignment: list[dict[str, float]]):
+    """A context in which sample b of each `pipe(...)` call is drawn with the shift sets and scales of
+    assignment[b] (e.g. `[{"dog": 1.0}, {"cat": 0.8}]` with two prompts), all in one batch, as PEFT's
+    `adapter_names=` does for LoRA. The sets must be loaded (and not fused); use one image per prompt."""
+    from .spectral.mixed import per_sample
+
+    return per_sample(list(components_of(target).values()), assignment)
+
+
 def shift_sets_of(target) -> dict[str, float]:
     """{name: scale} of the shift sets loaded on a pipeline or module."""
     from .spectral import shift_sets

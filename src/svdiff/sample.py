@@ -3,13 +3,14 @@ shift combinations `svdiff generate` offers (several files with scales, interpol
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import SvdiffError
-from .models import ARCHITECTURES, load_shifts, resolve_base
+from .models import ARCHITECTURES, load_shifts, mixed_batch, resolve_base
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -65,23 +66,52 @@ def sample(
     progress: bool = True,
 ) -> list:
     """`num_images` images of `prompt`; image i always comes from seed + i, whatever the batch size."""
-    if not prompt.strip():
+    settings = dict(num_images=num_images, seed=seed, num_inference_steps=num_inference_steps, eta=eta)
+    settings |= dict(guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height, width=width)
+    return sample_per_prompt(pipe, [prompt], batch_size=batch_size, progress=progress, **settings)[0]
+
+
+def sample_per_prompt(
+    pipe,
+    prompts: list[str],
+    shift_sets: list[dict[str, float]] | None = None,
+    *,
+    num_images: int = 4,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | None = None,
+    eta: float = 0.0,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[list]:
+    """`num_images` images of each prompt, image i of every prompt from seed + i, whatever the batch size. With
+    `shift_sets` ({set name: scale} per prompt) each prompt is drawn with its own loaded, unfused shift sets, the
+    prompts sharing batches (`mixed_batch`): one pipeline call per batch, whatever its subjects."""
+    if not prompts or any(not prompt.strip() for prompt in prompts):
         raise SvdiffError("the prompt is empty")
+    if shift_sets is not None and len(shift_sets) != len(prompts):
+        raise SvdiffError(f"{len(prompts)} prompts but {len(shift_sets)} shift sets: give one per prompt")
+    jobs = [(p, seed + i) for p in range(len(prompts)) for i in range(num_images)]
     images = []
-    for start in tqdm(range(0, num_images, batch_size), desc="sampling", disable=not progress):
-        n = min(batch_size, num_images - start)
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
-        images += pipe(
-            [prompt] * n,
-            negative_prompt=[negative_prompt] * n if negative_prompt else None,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            height=height,
-            width=width,
-            eta=eta,  # used by DDIM (η > 0 adds noise), ignored by schedulers without it
-        ).images
-    return images
+    for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress):
+        chunk = jobs[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(s) for _, s in chunk]
+        mixed = mixed_batch(pipe, [shift_sets[p] for p, _ in chunk]) if shift_sets is not None else nullcontext()
+        with mixed:
+            images += pipe(
+                [prompts[p] for p, _ in chunk],
+                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                height=height,
+                width=width,
+                eta=eta,  # used by DDIM (η > 0 adds noise), ignored by schedulers without it
+            ).images
+    return [images[p * num_images : (p + 1) * num_images] for p in range(len(prompts))]
 
 
 def parse_shift_arg(text: str) -> tuple[Path, float]:
@@ -95,8 +125,11 @@ def parse_shift_arg(text: str) -> tuple[Path, float]:
         raise SvdiffError(f"--shifts {text!r}: the scale after ':' is not a number") from None
 
 
-def apply_shifts(pipe, shifts=(), interpolate=None, alpha: float = 0.5, style_mix=None, cache: bool = True) -> dict:
-    """Load the requested shift files onto `pipe`, then fuse them; returns {name: scale} of what was loaded.
+def apply_shifts(
+    pipe, shifts=(), interpolate=None, alpha: float = 0.5, style_mix=None, cache: bool = True, fused: bool = True
+) -> dict:
+    """Load the requested shift files onto `pipe`, then fuse them (unless `fused` is False: a mixed batch needs
+    them apart); returns {name: scale} of what was loaded, in order.
 
     shifts: [(file, scale)]; interpolate: (A, B) at alpha·A + (1 − alpha)·B (Eq. 5); style_mix: {"geometry": A,
     "appearance": B} takes the geometry layers from A and all others from B."""
@@ -120,7 +153,8 @@ def apply_shifts(pipe, shifts=(), interpolate=None, alpha: float = 0.5, style_mi
             raise SvdiffError("--style_mix takes geometry=FILE appearance=FILE")
         load(style_mix["geometry"], 1.0, include=STYLE_GROUPS["geometry"])
         load(style_mix["appearance"], 1.0, exclude=STYLE_GROUPS["geometry"])
-    fuse(pipe)
+    if fused:
+        fuse(pipe)
     return loaded
 
 

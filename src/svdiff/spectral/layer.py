@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import mixed
 from .basis import SpectralBasis
 from .kinds import SPECTRAL, Conv, Embedding, Kind, Plan
 
@@ -41,6 +42,7 @@ class SpectralShift(nn.Module):
         self.deltas = nn.ParameterDict()
         self.scales: dict[str, float] = {}
         self.original: torch.Tensor | None = None  # the base weight while fused (kept on the CPU)
+        self.per_sample: list[dict[str, float]] | None = None  # sets and scales per sample of a mixed batch
         self._plans: dict[tuple, Plan] = {}
 
     def add_set(self, name: str, device: torch.device, scale: float = 1.0) -> nn.Parameter:
@@ -92,6 +94,8 @@ class SpectralShift(nn.Module):
         return self
 
     def forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.per_sample is not None:
+            return mixed.forward(self, module, x, *args, **kwargs)
         total = self.combined()
         if total is None:
             return type(module).forward(module, x, *args, **kwargs)
