@@ -217,16 +217,25 @@ def components_of(target) -> dict[str, nn.Module]:
     return {k: v for k in SHIFTED_COMPONENTS if isinstance(v := parts.get(k), nn.Module) and is_shifted(v)}
 
 
+def adapter_name_of(path: str | Path) -> str:
+    """The name a shift file is loaded under by default: its folder's name for a file with the default name
+    (`dog/svdiff_weights.safetensors` → "dog"), else its stem; dots become underscores (ParameterDict keys)."""
+    from .io import WEIGHTS_NAME
+
+    path = Path(path)
+    return (path.parent.name if path.name == WEIGHTS_NAME else path.stem).replace(".", "_") or "default"
+
+
 def load_shifts(target, path: str | Path, adapter_name: str | None = None, scale: float = 1.0, **options) -> str:
     """Attach a shift file to a pipeline under `adapter_name` (default: the file's folder name, or its stem when
     it has its own name) after checking it was made for this base. Several files stay loaded side by side;
     returns the name used. `options` go to `svdiff.io.load_shifts` (include, exclude, factor_dtype, cache,
     progress)."""
-    from .io import WEIGHTS_NAME, read_shift_file
     from .io import load_shifts as load_into
+    from .io import read_shift_file
 
     path = Path(path)
-    name = adapter_name or (path.parent.name if path.name == WEIGHTS_NAME else path.stem).replace(".", "_") or "default"
+    name = adapter_name or adapter_name_of(path)
     if "." in name:  # torch's ParameterDict keys cannot hold one
         raise SvdiffError(f"adapter name {name!r} cannot contain '.'")
     if name in shift_sets_of(target):
