@@ -453,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .world.commands import add_parser as add_world
 
     add_world(sub)
+    from .ui import add_parser as add_ui
+
+    add_ui(sub)
     return parser
 
 

@@ -1,0 +1,31 @@
+"""`svdiff ui`: a local web app over the library and the `svdiff` commands — personalize (a training queue),
+generate, combine, edit, inspect, merge and export — in one workspace folder. Needs the `ui` extra (Gradio);
+nothing here imports it until the app starts."""
+
+from __future__ import annotations
+
+from ..cli import _base_flag
+from ..errors import SvdiffError
+from .workspace import DEFAULT_WORKSPACE
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("ui", help="the local web app: train, generate, edit, merge and export in a browser")
+    p.add_argument("--workspace", default=DEFAULT_WORKSPACE, help="the one folder the app reads and writes")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also make a public share link (off by default)")
+    _base_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        from .app import serve
+    except ImportError as e:
+        raise SvdiffError(f"svdiff ui needs the ui extra: pip install 'svdiff[ui]' ({e.name} is missing)") from None
+    from ..checks import check_range
+
+    check_range("--port", args.port, 1, 65535, integer=True)
+    serve(args.workspace, host=args.host, port=args.port, share=args.share, base=args.base)
+    return 0
