@@ -4,6 +4,7 @@ positions, a merge, a LoRA exported and downloaded, a path outside the workspace
 the page — with a screenshot of each tab. Without Chromium or the `ui` extra the browser tests skip; the
 workspace and command-line checks below them need neither."""
 
+import json
 import os
 import shlex
 import shutil
@@ -317,3 +318,101 @@ def test_generate_shows_the_command_that_draws_the_same_grid(tmp_path, monkeypat
     monkeypatch.chdir(ws.root)
     assert main(argv) == 0
     assert Image.open(again).tobytes() == Image.open(result["grid"]).tobytes()
+
+
+# --- the training queue, with a stand-in for `svdiff train` (prints its bar, obeys SIGINT as it does) ---
+
+FAKE_TRAIN = """#!{python}
+import json, signal, sys, time
+from pathlib import Path
+
+flags = sys.argv[4:]  # after: -m svdiff train
+value = lambda name, default=None: flags[flags.index(name) + 1] if name in flags else default
+steps, out = int(value("--max_train_steps")), Path(value("--output_dir"))
+start = 5 if "--resume_from_checkpoint" in flags else 0
+stop = []
+signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+if "--fail" in flags:
+    print("error: the subject folder is empty", file=sys.stderr)
+    sys.exit(2)
+for step in range(start + 1, steps + 1):
+    time.sleep(float(value("--delay", 0.02)))
+    bar = f"{{step}}/{{steps}} [00:01<00:01, 9.0it/s, loss={{1 / step:.4f}}, lr=0.001]"
+    sys.stderr.write("\\rtraining:  50%|#####     | " + bar)
+    sys.stderr.flush()
+    if stop:
+        print(f"\\nerror: stopped by SIGINT at step {{step}} of {{steps}}; saved checkpoint-{{step}}", file=sys.stderr)
+        sys.exit(130)
+out.mkdir(parents=True, exist_ok=True)
+(out / "loss.json").write_text(json.dumps([[s, 1 / s] for s in range(1, steps + 1)]))
+(out / "train_summary.json").write_text(json.dumps({{"steps": steps}}))
+"""
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    from svdiff.ui.jobs import Trainer
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_TRAIN.format(python=sys.executable))
+    fake.chmod(0o755)
+    queue = Trainer(Workspace(tmp_path / "ws"), python=str(fake), poll=0.05)
+    yield queue
+    queue.close(timeout=10)
+
+
+def _until(condition, timeout=30.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_queue_runs_one_job_at_a_time_and_reads_the_bar(trainer):
+    first = trainer.submit(["--max_train_steps", "20", "--output_dir", "runs/a"], "runs/a", 20)
+    second = trainer.submit(["--max_train_steps", "10", "--output_dir", "runs/b"], "runs/b", 10)
+    _until(lambda: first.state == "running")
+    assert second.state == "queued"
+    _until(lambda: second.state == "done")
+    assert first.state == "done" and first.step == 20 and first.losses[-1] == [20, pytest.approx(0.05)]
+    assert second.created >= first.created and first.returncode == second.returncode == 0
+    trainer.submit(["--max_train_steps", "10", "--output_dir", "runs/c"], "runs/c", 10)
+    with pytest.raises(SvdiffError, match="already has job"):  # one job per output folder at a time
+        trainer.submit(["--max_train_steps", "10", "--output_dir", "runs/c"], "runs/c", 10)
+
+
+def test_stop_checkpoints_and_resume_continues(trainer):
+    job = trainer.submit(["--max_train_steps", "400", "--delay", "0.05", "--output_dir", "runs/s"], "runs/s", 400)
+    _until(lambda: job.step > 2)
+    trainer.stop(job.id)
+    _until(lambda: job.state == "stopped")
+    assert job.returncode == 130 and "stopped by SIGINT" in job.message and 2 < job.step < 400
+    again = trainer.resume(job.id)
+    assert again.flags[-2:] == ["--resume_from_checkpoint", "latest"] and again.output_dir == "runs/s"
+    trainer.stop(again.id)  # still queued, or already running: either way it ends without finishing
+    _until(lambda: again.state in ("cancelled", "stopped"))
+    with pytest.raises(SvdiffError, match="nothing to stop"):
+        trainer.stop(again.id)
+
+
+def test_a_failed_job_shows_the_error_line(trainer):
+    job = trainer.submit(["--max_train_steps", "5", "--fail", "--output_dir", "runs/f"], "runs/f", 5)
+    _until(lambda: job.state == "failed")
+    assert job.message == "the subject folder is empty" and job.returncode == 2
+
+
+def test_a_restarted_server_finds_its_jobs(trainer, tmp_path):
+    from svdiff.ui.jobs import Trainer
+
+    done = trainer.submit(["--max_train_steps", "3", "--output_dir", "runs/r"], "runs/r", 3)
+    _until(lambda: done.state == "done")
+    trainer.close(timeout=10)
+    lost = json.loads((trainer.folder / f"{done.id}.json").read_text()) | {"id": "0002", "state": "running"}
+    lost |= {"pid": 2**22 + 1, "output_dir": "runs/lost"}  # a process that no longer exists
+    (trainer.folder / "0002.json").write_text(json.dumps(lost))
+    again = Trainer(trainer.workspace, python=trainer.python, poll=0.05)
+    try:
+        assert [(j.id, j.state) for j in again.jobs()] == [("0001", "done"), ("0002", "interrupted")]
+        assert again.latest().id == "0002"
+    finally:
+        again.close(timeout=10)
