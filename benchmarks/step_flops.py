@@ -1,8 +1,9 @@
 """FLOPs of one training step of the SD 1.5 UNet at 512 px, batch 2, counted with torch.utils.flop_counter on meta
 tensors (no memory, no weights): the frozen base, svdiff (per-call plans) with float32 factors (the default for
 float32 weights: convolutions then train through their factors, the "spectral" plan) and with bf16 factors (exact
-plans only), and a naive rebuild of every weight on every forward (what earlier implementations do). Also the
-memory the factors take.
+plans only), svdiff merged once per step in shape groups (spectral/merged.py), and a naive rebuild of every weight
+on every forward (what earlier implementations do). Also the aten ops each step dispatches (views included) and
+the memory the factors take.
 
     python benchmarks/step_flops.py [--resolution 512] [--batch 2] [--out results.json]
 
@@ -15,23 +16,39 @@ import argparse
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import svdiff
 from svdiff.models import build_architecture
 from svdiff.spectral import find_targets, shifted_modules
+from svdiff.spectral.merged import MergedShifts
 
 from common import emit, machine
 
 
-def step_flops(unet: nn.Module, resolution: int, batch: int, grad_input: bool) -> int:
+class AtenOps(TorchDispatchMode):
+    """Counts every aten op dispatched (views included): what a GPU step pays host time for."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_flops(unet: nn.Module, resolution: int, batch: int, grad_input: bool) -> tuple[int, int]:
+    """FLOPs and aten ops of one forward and backward (the second of two, so one-time set-up is not counted)."""
     latent = resolution // 8
-    x = torch.randn(batch, 4, latent, latent, device="meta", requires_grad=grad_input)
-    t = torch.full((batch,), 500, device="meta")
-    text = torch.randn(batch, 77, 768, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        unet(x, t, text).sample.float().pow(2).mean().backward()
-    return counter.get_total_flops()
+    for _ in range(2):
+        x = torch.randn(batch, 4, latent, latent, device="meta", requires_grad=grad_input)
+        t = torch.full((batch,), 500, device="meta")
+        text = torch.randn(batch, 77, 768, device="meta")
+        with FlopCounterMode(display=False) as counter, AtenOps() as ops:
+            unet(x, t, text).sample.float().pow(2).mean().backward()
+    return counter.get_total_flops(), ops.n
 
 
 class NaiveRebuild(nn.Module):
@@ -58,7 +75,8 @@ def main():
     args = ap.parse_args()
 
     unet = build_architecture("sd15", device="meta")["unet"]
-    frozen = step_flops(unet, args.resolution, args.batch, grad_input=True)
+    frozen, ops = step_flops(unet, args.resolution, args.batch, grad_input=True)
+    aten = {"frozen_base": ops}
 
     shifted = {}
     for name, dtype in (("svdiff_bf16_factors", torch.bfloat16), ("svdiff", torch.float32)):
@@ -66,7 +84,11 @@ def main():
         params = svdiff.add_shifts(unet, cache=False, progress=False, factor_dtype=dtype)
         for p in params.values():
             p.requires_grad_(True)
-        shifted[name] = step_flops(unet, args.resolution, args.batch, grad_input=False)
+        shifted[name], aten[name] = step_flops(unet, args.resolution, args.batch, grad_input=False)
+    merged_unet = build_architecture("sd15", device="meta")["unet"]
+    svdiff.add_shifts(merged_unet, cache=False, progress=False)
+    MergedShifts(merged_unet, choose="merged")
+    shifted["svdiff_merged"], aten["svdiff_merged"] = step_flops(merged_unet, args.resolution, args.batch, False)
 
     weight_bytes = sum(p.numel() * 4 for n, p in unet.named_parameters() if "spectral_shift" not in n)
     factors = [(s.U, s.S, s.Vh) for _, s in shifted_modules(unet).values() if not s.kind.is_vector]
@@ -77,7 +99,7 @@ def main():
         del module._modules["spectral_shift"]
         module.__dict__.pop("forward")
         parametrize.register_parametrization(module, "weight", NaiveRebuild(shift))
-    naive = step_flops(unet, args.resolution, args.batch, grad_input=False)
+    naive, aten["naive_rebuild"] = step_flops(unet, args.resolution, args.batch, grad_input=False)
 
     emit(
         {
@@ -93,6 +115,8 @@ def main():
                 "bf16_factors": bf16_bytes / weight_bytes,
                 "fp32_factors": fp32_bytes / weight_bytes,
             },
+            "aten_ops_per_step": aten,
+            "aten_ops_ratio_to_frozen": {k: v / aten["frozen_base"] for k, v in aten.items()},
             "fp32_weight_bytes": weight_bytes,
             "machine": machine("meta"),
         },

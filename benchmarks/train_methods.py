@@ -2,13 +2,15 @@
 embedded tiny base and on the SD 1.5 architecture (random weights) at small latents.
 
     python benchmarks/train_methods.py [--archs tiny sd15] [--steps 5] [--tiny_steps 50] [--rounds 3]
-        [--sd15_resolution 256] [--out FILE]
+        [--sd15_resolution 256] [--step_path auto] [--out FILE]
 
 Each (architecture, method) runs in its own process, so peak memory (max RSS on the CPU, max allocated on a GPU)
 is its own. A step is what `svdiff train` does per step, minus the VAE and data loading (the same for every
 method): text encoder and UNet forward, the loss, backward, AdamW. Parameters are set up by the trainer's own
 `svdiff.train.methods.prepare` (svdiff: preset all with the text encoder; svdiff-attn: preset attn, the same
 attention projections LoRA adapts; LoRA rank 4 on the attention projections of both; full: every weight of both).
+svdiff steps run as `svdiff train --step_path` says (`--step_path layers`: per-call layers with one δ tensor per
+target, without the merged wiring's flat parameters; `svdiff-layers` in --methods runs that beside the others).
 """
 
 import argparse
@@ -26,6 +28,7 @@ from common import emit, machine
 
 # svdiff-attn: spectral shifts on the layers LoRA adapts (preset attn), the like-for-like comparison with LoRA.
 METHODS = ("svdiff", "svdiff-attn", "lora", "full")
+EXTRA_METHODS = ("svdiff-layers",)  # svdiff on per-call layers with per-target δ, without the merged wiring
 
 
 def components(arch: str, device: str):
@@ -38,7 +41,7 @@ def components(arch: str, device: str):
     return parts["unet"], parts["text_encoder"]
 
 
-def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, device: str) -> dict:
+def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, device: str, step_path: str) -> dict:
     from svdiff.train import train_args
     from svdiff.train.loop import _optimizer
     from svdiff.train.methods import prepare
@@ -46,6 +49,8 @@ def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, dev
     unet, text_encoder = components(arch, device)
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     preset = "attn" if method == "svdiff-attn" else "all"
+    if method == "svdiff-layers":
+        step_path = "layers"
     args = train_args(
         method=method.split("-")[0], preset=preset, instance_data_dir="-", instance_prompt="-", progress=False
     )
@@ -54,9 +59,12 @@ def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, dev
     check(args)
     began = time.perf_counter()
     trainable = prepare(args, unet, text_encoder)
-    setup_s = time.perf_counter() - began
     unet.train()
     text_encoder.train()
+    paths = None
+    if trainable.method == "svdiff" and step_path != "layers":
+        wirings = trainable.merge_steps(step_path)
+    setup_s = time.perf_counter() - began
     optimizer = _optimizer(args, trainable.groups)
     g = torch.Generator().manual_seed(0)
     latent = resolution // (8 if arch != "tiny" else 4)
@@ -79,6 +87,8 @@ def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, dev
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
+    if trainable.method == "svdiff" and step_path != "layers":
+        paths = [w.summary() for w in wirings]
     out = {
         "arch": arch,
         "method": method,
@@ -87,6 +97,8 @@ def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, dev
         "step_seconds": round(statistics.median(times[1:]), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "rss_after_load_mb": round(loaded_rss),
+        "step_path": None if trainable.method != "svdiff" else step_path,
+        "paths": paths,
     }
     if device.startswith("cuda"):
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
@@ -111,6 +123,8 @@ def one_process(args, arch: str, method: str) -> dict:
         str(args.sd15_resolution),
         "--device",
         args.device,
+        "--step_path",
+        args.step_path,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -123,7 +137,8 @@ def one_process(args, arch: str, method: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=["tiny", "sd15"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA_METHODS)
+    p.add_argument("--step_path", default="auto", choices=("auto", "merged", "per-call", "layers"))
     p.add_argument("--steps", type=int, default=5, help="timed steps on SD 1.5")
     p.add_argument("--tiny_steps", type=int, default=50, help="timed steps on the embedded base (milliseconds each)")
     p.add_argument("--rounds", type=int, default=3, help="every method runs once per round; medians are reported")
@@ -137,7 +152,7 @@ def main() -> None:
     if args.one:
         arch, method = args.one
         resolution = args.tiny_resolution if arch == "tiny" else args.sd15_resolution
-        print(json.dumps(run_one(arch, method, args.steps, resolution, args.batch, args.device)))
+        print(json.dumps(run_one(arch, method, args.steps, resolution, args.batch, args.device, args.step_path)))
         return
     runs = []
     for _ in range(args.rounds):  # methods alternate, so a slow spell of the machine touches each of them
@@ -154,7 +169,8 @@ def main() -> None:
     ratios = {}
     for arch in args.archs:
         step = {r["method"]: r["step_seconds"] for r in rows if r["arch"] == arch}
-        for mine, other in (("svdiff", "lora"), ("svdiff", "full"), ("svdiff-attn", "lora")):
+        pairs = (("svdiff", "lora"), ("svdiff", "full"), ("svdiff-attn", "lora"), ("svdiff", "svdiff-layers"))
+        for mine, other in pairs:
             if mine in step and other in step:
                 ratios[f"{arch}_{mine}_over_{other}_step"] = round(step[mine] / step[other], 3)
     emit(

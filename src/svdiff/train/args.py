@@ -4,8 +4,10 @@ SVDiff's own. One parser serves the command line and the library (`train_args(**
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
+from ..checks import MAX_INFERENCE_STEPS, MAX_SEED, check_range
 from ..errors import SvdiffError
 
 METHODS = ("svdiff", "lora", "full")
@@ -15,6 +17,44 @@ DEFAULT_LR = {"svdiff": 1e-3, "lora": 5e-4, "full": 5e-6}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DTYPES = ("fp32", "fp16", "bf16")
 UNMIX_WEIGHT = 0.2
+# What each number may be. The upper bounds are far above any useful value; they refuse a typo before it costs
+# a run (a learning rate of 1 already destroys what Adam trains, an ε above 1 freezes it).
+INT_RANGES = {
+    "train_batch_size": (1, 4096),
+    "max_train_steps": (1, 10**8),
+    "gradient_accumulation_steps": (1, 4096),
+    "num_validation_images": (1, 64),
+    "sample_batch_size": (1, 4096),
+    "rank": (1, 4096),
+    "validation_inference_steps": (1, MAX_INFERENCE_STEPS),
+    "validation_steps": (0, 10**8),
+    "checkpointing_steps": (0, 10**8),
+    "lr_warmup_steps": (0, 10**8),
+    "lr_num_cycles": (1, 10**6),
+    "num_class_images": (0, 10**6),
+    "seed": (0, MAX_SEED),
+    "checkpoints_total_limit": (1, 10**6),
+    "resolution": (8, 2**16),  # and, once the base is loaded, a multiple of what its UNet needs, at most twice its size
+}
+OPTIONAL = frozenset({"checkpoints_total_limit", "resolution", "snr_gamma"})  # None: not set (or off)
+# (low, high, "(" for an open low end, ")" for an open high end)
+FLOAT_RANGES = {
+    "learning_rate": (0.0, 1.0, "("),
+    "learning_rate_1d": (0.0, 1.0),
+    "prior_loss_weight": (0.0, 1e3),
+    "cut_mix_unmix_prob": (0.0, 1.0),
+    "cut_mix_scale": (0.5, 1.0),
+    "unmix_weight": (0.0, 1e3),
+    "lr_power": (0.0, 100.0, "("),
+    "adam_beta1": (0.0, 1.0, ")"),
+    "adam_beta2": (0.0, 1.0, ")"),
+    "adam_weight_decay": (0.0, 10.0),
+    "adam_epsilon": (0.0, 1.0, "("),
+    "max_grad_norm": (0.0, 1e6),
+    "snr_gamma": (0.0, 1e3, "("),
+    "noise_offset": (0.0, 1.0),
+    "validation_guidance_scale": (0.0, 100.0),
+}
 
 
 def _flag(p, name: str, **kw) -> None:
@@ -138,10 +178,39 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     _flag(g, "mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     _flag(g, "seed", type=int, default=0)
 
+    g = p.add_argument_group("training step")
+    _flag(
+        g,
+        "step_path",
+        default="auto",
+        choices=("auto", "merged", "per-call"),
+        help="svdiff: merge the shifts into the weights once per step in shape groups, or apply them per layer "
+        "call; auto: on a GPU times both per shape group at start-up and keeps the faster (runs may then differ "
+        "in the last bits; choose one for bit-reproducible runs), on a CPU per call",
+    )
+    _flag(
+        g,
+        "compile",
+        action="store_true",
+        help="torch.compile the denoiser (with --method svdiff, on merged weights: no graph break in the shifts)",
+    )
+
     g = p.add_argument_group("output")
     _flag(g, "output_dir", default="svdiff-model")
+    _flag(
+        g,
+        "overwrite",
+        action="store_true",
+        help="train into a folder that holds files svdiff did not write (its README.md is replaced)",
+    )
     _flag(g, "save_dtype", default="fp16", choices=DTYPES, help="dtype of δ in the shift file")
-    _flag(g, "checkpointing_steps", type=int, default=500)
+    _flag(
+        g,
+        "checkpointing_steps",
+        type=int,
+        default=None,
+        help="0: never (default: every tenth of --max_train_steps, so a kill loses at most a tenth of the run)",
+    )
     _flag(g, "checkpoints_total_limit", type=int, default=None)
     _flag(g, "resume_from_checkpoint", default=None, help="latest, or a checkpoint-N folder")
     _flag(g, "validation_prompt", action="append", default=None, help="repeatable (default: the instance prompt)")
@@ -179,45 +248,33 @@ def check(args: argparse.Namespace) -> None:
     if args.with_prior_preservation and args.concepts_list is None:
         if args.class_data_dir is None or args.class_prompt is None:
             raise SvdiffError("--with_prior_preservation needs --class_data_dir and --class_prompt")
-    positive = (
-        "train_batch_size",
-        "max_train_steps",
-        "gradient_accumulation_steps",
-        "num_validation_images",
-        "sample_batch_size",
-        "rank",
-        "validation_inference_steps",
-    )
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise SvdiffError(f"--{name} must be at least 1")
-    for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "num_class_images"):
-        if getattr(args, name) < 0:
-            raise SvdiffError(f"--{name} cannot be negative")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise SvdiffError("--checkpoints_total_limit must be at least 1")
-    if args.resolution is not None and args.resolution < 8:
-        raise SvdiffError(f"--resolution {args.resolution} is too small")
-    if not 0.0 <= args.cut_mix_unmix_prob <= 1.0:
-        raise SvdiffError(f"--cut_mix_unmix_prob {args.cut_mix_unmix_prob} is outside [0, 1]")
+    if not str(args.output_dir).strip():  # Path("") is the current folder: never a place for a run's outputs
+        raise SvdiffError("--output_dir is empty")
+    check_range("--max_train_steps", args.max_train_steps, *INT_RANGES["max_train_steps"], integer=True)
+    if args.checkpointing_steps is None:  # a kill, a full disk or Ctrl-C loses at most a tenth of the run
+        args.checkpointing_steps = max(1, math.ceil(args.max_train_steps / 10))
+    for name, (low, high) in INT_RANGES.items():
+        if name not in OPTIONAL or getattr(args, name) is not None:
+            check_range(f"--{name}", getattr(args, name), low, high, integer=True)
     if args.cut_mix_scale is None:
         from ..models import default_cut_mix_scale
 
         args.cut_mix_scale = default_cut_mix_scale(args.pretrained_model_name_or_path)
-    if not 0.5 <= args.cut_mix_scale <= 1.0:
-        raise SvdiffError(f"--cut_mix_scale {args.cut_mix_scale} is outside [0.5, 1]")
-    if args.unmix_weight < 0:
-        raise SvdiffError("--unmix_weight cannot be negative")
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LR[args.method]
     if args.validation_guidance_scale is None:
         from ..models import default_guidance
 
         args.validation_guidance_scale = default_guidance(args.pretrained_model_name_or_path)
-    from ..spectral import PRESETS
+    for name, bounds in FLOAT_RANGES.items():
+        if name not in OPTIONAL or getattr(args, name) is not None:
+            low, high, *open_ends = bounds
+            check_range(
+                f"--{name}", getattr(args, name), low, high, low_open="(" in open_ends, high_open=")" in open_ends
+            )
+    from ..spectral.targets import preset_rule
 
-    if args.preset not in PRESETS:
-        raise SvdiffError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    preset_rule(args.preset)  # an unknown preset is refused before any model is loaded
     for pattern in (args.include or []) + (args.exclude or []):
         try:
             re.compile(pattern)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -29,17 +31,25 @@ from ..data.concepts import (
 )
 from ..data.cutmix import collage, draw_concepts, nearest_background, pair_prompt, phrase
 from ..data.images import to_model_input
-from ..errors import SvdiffError
+from ..errors import Interrupted, SvdiffError
 from ..models import base_name
 from . import checkpoint
 from .args import check
 from .methods import prepare, save_result
+from .outputs import check_folder, locked
 from .report import write_loss_chart, write_model_card, write_samples
+from .runlog import RunLog, unfinished_note
+from .stop import StopOnSignal
 from .unmix import Unmix, token_positions
 
 
 def train(args) -> dict:
     """Runs `svdiff train` with `args` (see `train_args`); returns the run's summary (also in train_summary.json)."""
+    with contextlib.ExitStack() as held:  # the output folder's lock and the signal handlers, released on any exit
+        return _train(args, held)
+
+
+def _train(args, held: contextlib.ExitStack) -> dict:
     check(args)
     began = time.time()
     accelerator = _accelerator(args)
@@ -49,17 +59,24 @@ def train(args) -> dict:
         raise SvdiffError(f"--output_dir {output_dir} exists and is not a folder")
 
     concepts = read_concepts(args)
+    check_folder(output_dir, concepts, args.logging_dir, args.overwrite)
     load_instance_images(concepts)
     pipe = _load_base(args, accelerator.device)
-    factor = pipe.vae_scale_factor
-    args.resolution = args.resolution or pipe.unet.config.sample_size * factor
-    if args.resolution % factor:
-        raise SvdiffError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}")
+    args.resolution = _resolution(args.resolution, pipe)
     resume = checkpoint.resolve(output_dir, args.resume_from_checkpoint)
     run = _run_identity(args, concepts)
+    changed = {}
     if resume is not None:
         checkpoint.check_matches(resume, run)
+        changed = _resumed_changes(resume, args)
     _make_writable(output_dir, main)
+    held.enter_context(locked(output_dir, main))
+    log = RunLog(output_dir, main)
+    note = None if resume is not None else unfinished_note(output_dir, checkpoint.resolve(output_dir, "latest"))
+    if note and main:
+        print(f"note: {note}", file=sys.stderr)
+    log("start", f"svdiff train {json.dumps(_tracker_config(args))}")
+    held.push(_log_failure(log))
     accelerator.wait_for_everyone()
 
     if args.with_prior_preservation:
@@ -91,6 +108,7 @@ def train(args) -> dict:
     unet.train()
     text_encoder.train(args.train_text_encoder)
     unmix = _unmix(args, concepts, unet, tokenizer)
+    _step_path(args, trainable, unet, accelerator)
 
     optimizer = accelerator.prepare(_optimizer(args, trainable.groups))
     lr_scheduler = _lr_scheduler(args, optimizer)
@@ -99,12 +117,15 @@ def train(args) -> dict:
     if resume is not None:
         step, losses = checkpoint.load(accelerator, resume, trainable)
         accelerator.print(f"resumed from {resume} at step {step}")
+        log("resume", f"from {resume.name} at step {step}" + (f"; changed: {json.dumps(changed)}" if changed else ""))
+        if changed:
+            accelerator.print("changed since the checkpoint (applied from here on): " + _changes_text(changed))
     elif args.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     if args.report_to != "none":
         accelerator.init_trackers("svdiff", config=_tracker_config(args))
 
-    params = list(trainable.params.values())
+    params = [p for group in trainable.groups for p in group["params"]]  # what the optimizer steps
     sample_every = args.validation_steps
     bar = tqdm(
         range(step, args.max_train_steps),
@@ -114,6 +135,9 @@ def train(args) -> dict:
         disable=not (main and args.progress),
     )
     trained_from = step
+    stop = held.enter_context(StopOnSignal())
+    config = _tracker_config(args)
+    log_every = max(1, args.max_train_steps // 10)
     for step in bar:
         chosen = [concepts[i] for i in draw_concepts(len(concepts), args.seed, step, args.cut_mix_unmix_prob)]
         total = torch.zeros((), device=accelerator.device)
@@ -144,8 +168,24 @@ def train(args) -> dict:
         bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.2g}")
         if args.report_to != "none":
             accelerator.log({"loss": total.item(), "lr": lr}, step=done)
-        if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < args.max_train_steps:
-            checkpoint.save(accelerator, output_dir, done, trainable, run, losses, args.checkpoints_total_limit)
+        if done % log_every == 0:
+            log("step", f"step {done}/{args.max_train_steps} loss {total.item():.4f} lr {lr:.3g}")
+        stopping = stop.requested(accelerator)
+        if done < args.max_train_steps and (
+            stopping or (args.checkpointing_steps and done % args.checkpointing_steps == 0)
+        ):
+            saved = checkpoint.save(
+                accelerator, output_dir, done, trainable, run, losses, args.checkpoints_total_limit, args=config
+            )
+            log("checkpoint", f"{saved.name} (step {done})")
+        if stopping and done < args.max_train_steps:
+            bar.close()
+            message = (
+                f"stopped by {stop.name} at step {done} of {args.max_train_steps}; saved {saved}; to continue, "
+                "run the same command with --resume_from_checkpoint latest"
+            )
+            log("stop", message)
+            raise Interrupted(message, stop.received)
         if sample_every and done % sample_every == 0 and done < args.max_train_steps:
             if main:
                 write_samples(pipe, args, concepts, done, accelerator)
@@ -160,7 +200,8 @@ def train(args) -> dict:
     summary = {}
     if main:
         minutes = (time.time() - began) / 60
-        extra = {"training": _tracker_config(args)}
+        resumed = None if resume is None else {"checkpoint": resume.name, "step": trained_from, "changed": changed}
+        extra = {"training": _tracker_config(args)} | ({"resumed": resumed} if resumed else {})
         weights = save_result(trainable, output_dir, args, extra)
         samples = write_samples(pipe, args, concepts, args.max_train_steps, accelerator)
         write_loss_chart(losses, output_dir / "loss.png")
@@ -179,9 +220,11 @@ def train(args) -> dict:
             "samples": str(samples),
             "parameter_digest": digests[0],
             "processes_agree": True,
+            "resumed": resumed,
         }
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_model_card(output_dir, args, concepts, summary)
+        log("finish", f"step {args.max_train_steps}: wrote {weights} in {summary['minutes']} min")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -258,6 +301,19 @@ def _cast_frozen(model, dtype) -> None:
                 setattr(module, name, buf.to(dtype))
 
 
+def _step_path(args, trainable, unet, accelerator) -> None:
+    """How a step runs: svdiff's shifts merged into the weights once per step in shape groups where that measures
+    faster (`--step_path`, spectral/merged.py; the choice is kept with each checkpoint, so a resumed run computes
+    as the first did), and with `--compile` the denoiser compiled (on merged weights throughout, which have no
+    graph break). After the final cast: merged groups hold views of the weights."""
+    if trainable.method == "svdiff":
+        choose = "merged" if args.compile and args.step_path == "auto" else args.step_path
+        for wiring in trainable.merge_steps(choose, report=accelerator.print):
+            accelerator.register_for_checkpointing(wiring)
+    if args.compile:
+        unet.forward = torch.compile(unet.forward)
+
+
 def _optimizer(args, groups):
     kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_8bit_adam:
@@ -296,6 +352,72 @@ def _make_writable(output_dir: Path, main: bool) -> None:
         raise SvdiffError(f"cannot write to --output_dir {output_dir}: {e.strerror or e}") from None
 
 
+def _resolution(resolution: int | None, pipe) -> int:
+    """The training size: the base's own by default; otherwise a multiple of what the UNet needs (the VAE's
+    factor times its downsamplings, so every feature map keeps whole pixels) and of 8 (what the sampling
+    pipeline checks), and at most twice the base's size."""
+    factor = pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * factor
+    if resolution is None:
+        return native
+    need = math.lcm(8, factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))  # diffusers' pipelines: 8
+    if resolution % need:
+        raise SvdiffError(f"--resolution {resolution} must be a multiple of {need} on this base (e.g. {native})")
+    if resolution > 2 * native:
+        raise SvdiffError(f"--resolution {resolution} is more than twice this base's size {native}")
+    return resolution
+
+
+# Settings that live in the optimizer and lr-scheduler state a checkpoint restores: a resumed run cannot apply a
+# new value, so a change is refused rather than recorded and ignored.
+OPTIMIZER_FLAGS = (
+    "learning_rate",
+    "learning_rate_1d",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_num_cycles",
+    "lr_power",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "use_8bit_adam",
+)
+# Flags that say how to resume or where to write, not what is trained.
+NOT_RECORDED = frozenset({"resume_from_checkpoint", "progress", "overwrite", "output_dir"})
+
+
+def _resumed_changes(resume: Path, args) -> dict:
+    """{flag: [checkpoint's value, this run's]} of the settings this run changes; they apply from the checkpoint's
+    step on and are recorded in the summary, the shift file and the model card. Fewer steps than the checkpoint
+    has already trained is refused."""
+    state = checkpoint.read_state(resume)
+    if state["step"] > args.max_train_steps:
+        raise SvdiffError(
+            f"{resume} is at step {state['step']}, past --max_train_steps {args.max_train_steps}: give at least "
+            f"{state['step']} steps, or resume from an earlier checkpoint"
+        )
+    before, now = state.get("args") or {}, _tracker_config(args)
+    return {k: [before[k], v] for k, v in now.items() if k in before and before[k] != v and k not in NOT_RECORDED}
+
+
+def _changes_text(changed: dict) -> str:
+    return ", ".join(f"--{k} {a} → {b}" for k, (a, b) in changed.items())
+
+
+def _log_failure(log: RunLog):
+    """An exit callback: the run's last line in run.log when it ends with an error or Ctrl-C outside the loop."""
+
+    def logged(kind, error, traceback) -> bool:
+        if isinstance(error, SvdiffError) and not isinstance(error, Interrupted):
+            log("error", str(error))
+        elif isinstance(error, KeyboardInterrupt):
+            log("stop", "interrupted")
+        return False  # the error goes on to the caller
+
+    return logged
+
+
 def _unmix(args, concepts, unet, tokenizer) -> Unmix | None:
     """The Unmix loss's attention capture, when collages are made and the loss has a weight; checks first that
     every subject's phrase survives tokenization in the collage prompts."""
@@ -319,6 +441,8 @@ def _unmix(args, concepts, unet, tokenizer) -> Unmix | None:
 def _run_identity(args, concepts) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     return {
+        **{name: getattr(args, name) for name in OPTIMIZER_FLAGS},
+        "data": [_images_digest(c.instance_images) for c in concepts],
         "method": args.method,
         "base": base_name(args.pretrained_model_name_or_path),
         "preset": args.preset,
@@ -333,6 +457,15 @@ def _run_identity(args, concepts) -> dict:
         "unmix_weight": args.unmix_weight if len(concepts) > 1 else None,
         "seed": args.seed,
     }
+
+
+def _images_digest(images) -> str:
+    """The identity of a subject: a hash of its decoded photos (the prompt names a subject, it does not identify it)."""
+    h = hashlib.sha256()
+    for im in images:
+        h.update(f"{im.size}".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _tracker_config(args) -> dict:

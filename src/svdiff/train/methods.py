@@ -35,6 +35,28 @@ class Trainable:
         for k, p in self.params.items():
             p.copy_(tensors[k])
 
+    def merge_steps(self, choose: str, report=None) -> list:
+        """svdiff: each component wired for merged steps (`spectral.merged.MergedShifts`, `choose` as there; "auto"
+        times the shape groups on a GPU and keeps per-call layers on a CPU) and its δ held in flat parameters:
+        checkpoints keep naming each target's δ (now views of them), the optimizer steps the flat parameters at
+        the same two rates. Returns the wirings (they have a state_dict)."""
+        from ..spectral.merged import MergedShifts
+
+        on_cpu = next(iter(self.params.values())).device.type == "cpu"
+        if choose == "auto" and on_cpu:  # a CPU pays for the weight gradients merging needs: per call measures faster
+            choose = "per-call"  # (benchmarks/train_methods.py), and a run then computes the same bits every time
+        merged = {n: MergedShifts(m, choose=choose, report=report) for n, m in self.components.items()}
+        rates = {"matrix": self.groups[0]["lr"], "vector": self.groups[-1]["lr"]}
+        views = {f"{c}.{k}": p for c, m in merged.items() for k, p in m.deltas().items()}
+        self.params = {k: views[k] for k in self.params}
+        flats = [m.parameters() for m in merged.values()]
+        self.groups = [
+            {"params": [f[which] for f in flats if which in f], "lr": rate}
+            for which, rate in rates.items()
+            if any(which in f for f in flats)
+        ]
+        return list(merged.values())
+
 
 def prepare(args, unet: nn.Module, text_encoder: nn.Module) -> Trainable:
     components = {"unet": unet}
