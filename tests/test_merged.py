@@ -224,3 +224,47 @@ def test_a_merged_step_issues_at_most_1_3_times_the_frozen_steps_aten_ops():
     optimizer = torch.optim.AdamW(list(ms.parameters().values()), lr=1e-3, foreach=True)
     merged = _ops_per_step(unet, optimizer, input_grad=False)
     assert merged <= 1.3 * frozen, (merged, frozen, merged / frozen)
+
+
+def test_the_chosen_paths_come_back_from_a_checkpoint(monkeypatch):
+    _, _, _, b = _pair()
+    monkeypatch.setattr(merged_mod, "_timed", lambda fn, device: float(id(fn) % 7))  # some choice per group
+    ms = MergedShifts(b, choose="auto")
+    b(*_inputs()).sample.pow(2).mean().backward()
+    state = ms.state_dict()
+    _, _, _, c = _pair()
+
+    def no_timing(fn, device):
+        raise AssertionError("a restored choice is not timed again")
+
+    monkeypatch.setattr(merged_mod, "_timed", no_timing)
+    restored = MergedShifts(c, choose="auto")
+    restored.load_state_dict(state)
+    c(*_inputs()).sample.pow(2).mean().backward()
+    assert [g.path for g in restored.groups] == [g.path for g in ms.groups]
+
+
+def test_a_merged_run_with_accumulation_resumes_bit_exact(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from svdiff.train import train
+    from tiny_models import quick
+
+    flags = dict(
+        step_path="merged", gradient_accumulation_steps=2, max_train_steps=4, checkpointing_steps=2, save_dtype="fp32"
+    )
+    train(quick(None, tmp_path / "whole", **flags))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    train(quick(None, tmp_path / "resumed", resume_from_checkpoint="latest", **flags))
+    train(quick(None, tmp_path / "per-call", **flags | {"step_path": "per-call"}))
+    whole, resumed, per_call = (
+        load_file(tmp_path / run / "svdiff_weights.safetensors") for run in ("whole", "resumed", "per-call")
+    )
+    assert whole.keys() == resumed.keys() == per_call.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    # the same training either way, to float rounding over four steps
+    assert max(float((whole[k] - per_call[k]).abs().max()) for k in whole) < 1e-4
+    assert any(float(whole[k].abs().max()) > 0 for k in whole)
