@@ -16,27 +16,15 @@ import argparse
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import svdiff
 from svdiff.models import build_architecture
 from svdiff.spectral import find_targets, shifted_modules
+from svdiff.spectral.dispatch import AtenOps
 from svdiff.spectral.merged import MergedShifts
 
 from common import emit, machine
-
-
-class AtenOps(TorchDispatchMode):
-    """Counts every aten op dispatched (views included): what a GPU step pays host time for."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def step_flops(unet: nn.Module, resolution: int, batch: int, grad_input: bool) -> tuple[int, int]:

@@ -23,11 +23,11 @@ import time
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import svdiff
 from step_flops import NaiveRebuild
 from svdiff.spectral import shifted_modules
+from svdiff.spectral.dispatch import AtenOps
 from svdiff.spectral.merged import MergedShifts
 
 from common import emit, machine
@@ -109,16 +109,6 @@ def loss(model, inputs, grad_input: bool):
     return output(model, inputs | {first: x}).float().pow(2).mean()
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def measure(model, inputs, args, params, grad_input: bool) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-6, foreach=True) if params else None
 
@@ -150,7 +140,7 @@ def measure(model, inputs, args, params, grad_input: bool) -> dict:
     }
     if args.device.startswith("cuda"):
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    counter = _Ops()
+    counter = AtenOps()
     with counter:
         step()
     result["aten_ops_per_step"] = counter.n

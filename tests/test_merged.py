@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import svdiff
 from svdiff.spectral import merged as merged_mod
 from svdiff.spectral import shifted_modules
+from svdiff.spectral.dispatch import AtenOps
 from svdiff.spectral.merged import MergedShifts
 from tiny_models import tiny_text_encoder, tiny_unet
 
@@ -185,16 +185,6 @@ def test_compiles_without_a_graph_break():
     _close(_flat_grads(ms), pr)
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops_per_step(unet, optimizer, input_grad: bool) -> int:
     def step():
         x = torch.randn(2, 4, 64, 64, device="meta", requires_grad=input_grad)
@@ -206,7 +196,7 @@ def _ops_per_step(unet, optimizer, input_grad: bool) -> int:
             optimizer.zero_grad(set_to_none=True)
 
     step()  # the first step merges and allocates; count a steady one
-    counter = _Count()
+    counter = AtenOps()
     with counter:
         step()
     return counter.n
