@@ -8,7 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import SvdiffError
+from .checks import MAX_SCALE, check_range, png_path
+from .errors import Interrupted, SvdiffError
+
+
+class _Parser(argparse.ArgumentParser):
+    """A flag error in one line and a pointer to --help, not the usage screen (subcommands inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_target_flags(p: argparse.ArgumentParser) -> None:
@@ -36,18 +44,35 @@ def _base_flag(p: argparse.ArgumentParser) -> None:
         "--pretrained-model-name-or-path",
         dest="base",
         default=None,
-        help="sd15, sd21, sdxl (built-in architectures), a diffusers folder or a hub id; "
+        help="sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, flux-dev, flux-schnell (built-in "
+        "architectures), a diffusers folder or a hub id; "
         "default: the embedded tiny pipeline",
     )
 
 
 def cmd_targets(args) -> int:
     from .io import count_targets
-    from .spectral import PRESETS
+    from .spectral.targets import PRESETS, RANGES
 
     if args.list:
         for name, (_, text) in PRESETS.items():
             print(f"{name:12s} {text}")
+        for name, (_, text) in RANGES.items():
+            print(f"{name + ':A-B':12s} {text}")
+        return 0
+    if args.memory:
+        from .memory import format_memory, training_memory
+
+        report = training_memory(
+            args.base,
+            args.preset,
+            args.include,
+            args.exclude,
+            args.dtype,
+            tuple(args.resolution),
+            batch=args.batch,
+        )
+        print(json.dumps(report, indent=2) if args.json else format_memory(report))
         return 0
     report = count_targets(args.base, args.preset, args.include, args.exclude)
     if args.json:
@@ -67,8 +92,8 @@ def cmd_targets(args) -> int:
 def cmd_inspect(args) -> int:
     from .io import format_summary, plot_blocks, read_shift_file, summarize
 
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise SvdiffError(f"--plot must name a .png file, not {args.plot}")
+    if args.plot is not None:
+        png_path("--plot", args.plot)
     shift_file = read_shift_file(args.file)
     summary = summarize(shift_file, top=args.top)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
@@ -100,17 +125,30 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _alpha(alpha: float | None) -> float:
+    """--alpha of an interpolation (0.5 when not given); outside [0, 1] it extrapolates, which is allowed."""
+    if alpha is None:
+        return 0.5
+    check_range("--alpha", alpha, -MAX_SCALE, MAX_SCALE)
+    if not 0.0 <= alpha <= 1.0:
+        print(f"warning: --alpha {alpha} is outside [0, 1]: extrapolating", file=sys.stderr)
+    return alpha
+
+
 def cmd_merge(args) -> int:
     from .io import merge_shift_files, save_shift_file
 
     if args.interpolate:
         if len(args.files) != 2 or args.weights:
             raise SvdiffError("--interpolate takes exactly two files and no --weights")
-        if not 0.0 <= args.alpha <= 1.0:
-            print(f"warning: --alpha {args.alpha} is outside [0, 1]: extrapolating", file=sys.stderr)
-        weights = [args.alpha, 1.0 - args.alpha]
+        alpha = _alpha(args.alpha)
+        weights = [alpha, 1.0 - alpha]
     else:
+        if args.alpha is not None:
+            raise SvdiffError("--alpha needs --interpolate (without it the files are summed)")
         weights = args.weights or [1.0] * len(args.files)
+        for w in weights:
+            check_range("--weights", w, -MAX_SCALE, MAX_SCALE)
     tensors, meta = merge_shift_files(args.files, weights)
     path = save_shift_file(args.output, tensors, dtype=args.save_dtype, **meta)
     print(
@@ -123,23 +161,20 @@ def cmd_merge(args) -> int:
 def cmd_generate(args) -> int:
     from .models import default_guidance
     from .pictures import grid
-    from .sample import apply_shifts, load_pipeline, parse_shift_arg, sample_per_prompt
+    from .sample import apply_shifts, check_sampling, load_pipeline, parse_shift_arg, sample_per_prompt
 
-    if args.interpolate and not 0.0 <= args.alpha <= 1.0:
-        print(f"warning: --alpha {args.alpha} is outside [0, 1]: extrapolating", file=sys.stderr)
-    if args.alpha != 0.5 and not args.interpolate:
+    if args.alpha is not None and not args.interpolate:
         raise SvdiffError("--alpha needs --interpolate A B")
-    if args.num_images < 1:
-        raise SvdiffError(f"--num_images must be at least 1, not {args.num_images}")
+    alpha = _alpha(args.alpha) if args.interpolate else 0.5
+    check_range("--num_images", args.num_images, 1, 1024, integer=True)
+    check_sampling(args.num_inference_steps, args.guidance_scale, args.eta, args.seed)
     style = None
     if args.style_mix:
         if not all("=" in item for item in args.style_mix):
             raise SvdiffError("--style_mix takes geometry=FILE appearance=FILE")
         style = dict(item.partition("=")[::2] for item in args.style_mix)
     shifts = [parse_shift_arg(s) for s in args.shifts]
-    out = Path(args.output)
-    if out.suffix.lower() != ".png":
-        raise SvdiffError(f"--output must be a .png file, not {out}")
+    out = png_path("--output", args.output)
     from .io import read_shift_file
 
     for path in [p for p, _ in shifts] + list(args.interpolate or []) + list((style or {}).values()):
@@ -147,7 +182,7 @@ def cmd_generate(args) -> int:
     if args.per_prompt and (args.interpolate or style or len(shifts) != len(args.prompt)):
         raise SvdiffError("--per-prompt takes one --shifts FILE[:SCALE] per --prompt, and no --interpolate/--style_mix")
     pipe = load_pipeline(args.base, scheduler=args.scheduler)
-    loaded = apply_shifts(pipe, shifts, args.interpolate, args.alpha, style, fused=not args.per_prompt)
+    loaded = apply_shifts(pipe, shifts, args.interpolate, alpha, style, fused=not args.per_prompt)
     rows = sample_per_prompt(
         pipe,
         args.prompt,
@@ -293,7 +328,7 @@ def cmd_edit(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="svdiff", description="Personalize diffusion models by training only the singular values of their weights."
     )
     from . import __version__
@@ -361,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_flags(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--memory", action="store_true", help="what training needs in memory, by component (meta tensors)")
+    p.add_argument("--resolution", type=int, nargs="+", default=[512, 1024], help="with --memory (default 512 1024)")
+    p.add_argument("--dtype", default="bf16", help="with --memory: the base weights' dtype, fp32, fp16 or bf16")
+    p.add_argument("--batch", type=int, default=1, help="with --memory (default 1)")
     p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("inspect", help="metadata, counts, size and the most-moved layers of a shift file")
@@ -374,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one per file (default: all 1, a sum)")
     p.add_argument("--interpolate", action="store_true", help="alpha·A + (1 − alpha)·B")
-    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--alpha", type=float, default=None, help="with --interpolate (default 0.5)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument(
         "--save_dtype",
@@ -395,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw prompt i with --shifts file i alone, all prompts in the same batches",
     )
     p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None, help="alpha·A + (1 − alpha)·B")
-    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--alpha", type=float, default=None, help="with --interpolate (default 0.5)")
     p.add_argument("--style_mix", "--style-mix", nargs=2, metavar=("geometry=A", "appearance=B"), default=None)
     p.add_argument("--num_images", "--num-images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -463,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
     except SvdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checks import check_range, png_path
 from .data.images import to_model_input
 from .errors import SvdiffError
 
@@ -83,10 +84,7 @@ def open_edit_image(image: str | Path | Image.Image) -> Image.Image:
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    try:
-        return open_image(Path(image))
-    except Exception as e:
-        raise SvdiffError(f"cannot read image {image}: {e}") from None
+    return open_image(Path(image))  # its error names the file and the reason
 
 
 def fine_tune(
@@ -184,7 +182,7 @@ def edit_image(
     grid `output` (input, reconstruction with the source prompt, one column per target), its single images and a
     JSON of the settings beside it; returns the settings with the images."""
     from .pictures import grid
-    from .sample import apply_trained, load_pipeline
+    from .sample import apply_trained, check_sampling, load_pipeline
 
     began = time.time()
     prompts = [source_prompt, *target_prompts]
@@ -192,8 +190,9 @@ def edit_image(
         raise SvdiffError("the source prompt and every target prompt must be non-empty")
     if not 0.0 <= slerp_alpha <= 1.0:
         raise SvdiffError(f"--slerp_alpha {slerp_alpha} is outside [0, 1]")
-    if eta < 0:
-        raise SvdiffError(f"--eta {eta} cannot be negative")
+    check_sampling(num_inference_steps, guidance_scale, eta, seed)  # before minutes of fine-tuning
+    check_range("--max_train_steps", max_train_steps, 1, 10**8, integer=True)
+    output = png_path("--output", output)
     if shifts is not None and method != "svdiff":
         raise SvdiffError("--shifts reuses spectral shifts: it needs --method svdiff")
     source = open_edit_image(image)
@@ -201,7 +200,6 @@ def edit_image(
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if min(source.size) < resolution:
         warnings.warn(f"the image is {source.width}×{source.height}, smaller than {resolution}: enlarged", stacklevel=2)
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if shifts is None:
         trained = fine_tune(

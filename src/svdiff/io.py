@@ -46,6 +46,8 @@ _ITEM_SIZES = {"F16": 2, "BF16": 2, "F32": 4}
 PACKED_SIZES = _ITEM_SIZES | {"I8": 1}
 # Loose enough that the same base loaded in fp16 or bf16 matches its fp32 fingerprint; another base does not.
 PROBE_RTOL, PROBE_ATOL = 2e-2, 1e-4
+# A layer's mean |w| moves by far less under fp16/bf16 rounding (unbiased, averaged over the whole weight).
+MEAN_ABS_RTOL = 5e-3
 
 
 # Bounded depth and length: a deeply nested JSON value from a file must not overflow the stack in a message.
@@ -127,6 +129,7 @@ def _prepare(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Te
         delta = value.detach().to(device="cpu", dtype=stored, copy=True)
         if not torch.isfinite(delta).all():
             raise _Invalid(f"{key} has non-finite values (NaN or inf) once stored as {dtype}")
+        check_shift_bound({key: delta})
         prepared[key] = delta
     return prepared
 
@@ -203,6 +206,7 @@ def read_shift_file(path: str | os.PathLike) -> ShiftFile:
         tensors = _load(data)
         if metadata["format_version"] >= 2:
             tensors = _unpack(tensors, metadata.pop("key_table"))
+        check_shift_bound(tensors)
     except _Invalid as e:
         raise ShiftFileError(f"cannot read {file}: {e}") from None
     except OSError as e:
@@ -319,9 +323,14 @@ def _check_fingerprint(fingerprint: Any) -> dict[str, dict[str, Any]]:
             and isinstance(entry.get("shapes"), str)
             and isinstance(probe, list)
             and all(_is_finite_number(x) for x in probe)
+            and all(_is_finite_number(x) for x in _numbers(entry.get("weights", [])))
         ):
             raise _Invalid(f"fingerprint of {_clip(component)} needs 'shapes' text and a 'probe' of numbers")
     return fingerprint
+
+
+def _numbers(x: Any) -> list:
+    return x if isinstance(x, list) else [None]  # not a list: one non-number, so the check above fails
 
 
 def _check_entries(entries: dict[str, Any], data_len: int, sizes: dict[str, int] = _ITEM_SIZES) -> None:
@@ -419,6 +428,20 @@ def _unpack(tensors: dict[str, torch.Tensor], table: dict[str, list[list]]) -> d
     return out
 
 
+# The largest |δ| a shift file may hold. Adam moves each δ by about the learning rate per step, so a run at the
+# default 1e-3 reaches ~0.5 in 500 steps, and a merge of files with weights up to 100 stays far below this; a
+# value beyond it only turns the layer into noise (and fp16 ends at 65504).
+MAX_SHIFT = 1000.0
+
+
+def check_shift_bound(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuses δ beyond ±MAX_SHIFT: called on every file read and before every write."""
+    for key, delta in tensors.items():
+        peak = float(delta.abs().max()) if delta.numel() else 0.0
+        if not peak <= MAX_SHIFT:
+            raise _Invalid(f"{_clip(key)} holds |δ| = {peak:g}, beyond the bound {MAX_SHIFT:g} of any trained shift")
+
+
 def _check_coverage(keys: Any, fingerprint: dict) -> None:
     # Every component with shifts must be fingerprinted, or a wrong base could go unnoticed.
     for key in keys:
@@ -471,15 +494,26 @@ def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
             return f"{component}: component missing from the base"
         if have["shapes"] != want["shapes"]:
             return f"{component}: architecture differs (layer shapes)"
-        if not _probes_close(want["probe"], have["probe"]):
+        if not _probes_close(want, have):
             return f"{component}: weights differ from the base this file was trained on"
     return None
 
 
-def _probes_close(want: list[float], have: list[float]) -> bool:
-    return len(want) == len(have) and all(
-        abs(a - b) <= PROBE_ATOL + PROBE_RTOL * abs(a) for a, b in zip(want, have, strict=True)
-    )
+def _probes_close(want: dict, have: dict) -> bool:
+    """Every target's summary (mean |w|, middle value) where both fingerprints have them; the 16-layer probe of a
+    file written before per-target summaries existed."""
+    if want.get("weights") and have.get("weights"):
+        a, b = want["weights"], have["weights"]
+        return len(a) == len(b) and all(
+            _close(x, y, MEAN_ABS_RTOL, 0.0) if i % 2 == 0 else _close(x, y, PROBE_RTOL, PROBE_ATOL)
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+        )
+    a, b = want["probe"], have["probe"]
+    return len(a) == len(b) and all(_close(x, y, PROBE_RTOL, PROBE_ATOL) for x, y in zip(a, b, strict=True))
+
+
+def _close(want: float, have: float, rtol: float, atol: float) -> bool:
+    return abs(want - have) <= atol + rtol * abs(want)
 
 
 def check_against(shift_file: ShiftFile, targets: dict[str, dict[str, int]], fingerprint: dict) -> None:
@@ -526,7 +560,14 @@ def count_targets(base, preset: str, include=None, exclude=None) -> dict:
         for dtype in ("fp16", "fp32", "int8"):
             size = 0
             if tensors:
-                prints = {c: {"shapes": "0" * 16, "probe": [0.0] * 64} for c in components}
+                prints = {  # as long as a real fingerprint: two 5-digit numbers per target of the component
+                    c: {
+                        "shapes": "0" * 16,
+                        "probe": [-0.012346] * 64,
+                        "weights": [-0.012346] * 2 * len(find_targets(m)),
+                    }
+                    for c, m in components.items()
+                }
                 path = save_shift_file(
                     f"{tmp}/{dtype}.safetensors",
                     tensors,

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checks import MAX_INFERENCE_STEPS, MAX_SCALE, MAX_SEED, check_range
 from .errors import SvdiffError
-from .models import ARCHITECTURES, load_shifts, mixed_batch, resolve_base
+from .models import ARCHITECTURES, adapter_name_of, load_shifts, mixed_batch, resolve_base
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -48,6 +49,15 @@ def load_pipeline(base=None, *, scheduler: str = "ddim", dtype=None, device=None
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def check_sampling(num_inference_steps: int, guidance_scale: float | None = None, eta: float = 0.0, seed: int = 0):
+    """Refuses sampling settings no scheduler can run, or that give noise instead of an image."""
+    check_range("--num_inference_steps", num_inference_steps, 1, MAX_INFERENCE_STEPS, integer=True)
+    if guidance_scale is not None:
+        check_range("--guidance_scale", guidance_scale, 0.0, 100.0)
+    check_range("--eta", eta, 0.0, 1.0)
+    check_range("--seed", seed, 0, MAX_SEED, integer=True)
 
 
 def sample(
@@ -94,6 +104,7 @@ def sample_per_prompt(
         raise SvdiffError("the prompt is empty")
     if shift_sets is not None and len(shift_sets) != len(prompts):
         raise SvdiffError(f"{len(prompts)} prompts but {len(shift_sets)} shift sets: give one per prompt")
+    check_sampling(num_inference_steps, guidance_scale, eta, seed)
     jobs = [(p, seed + i) for p in range(len(prompts)) for i in range(num_images)]
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress):
@@ -101,7 +112,7 @@ def sample_per_prompt(
         generators = [torch.Generator().manual_seed(s) for _, s in chunk]
         mixed = mixed_batch(pipe, [shift_sets[p] for p, _ in chunk]) if shift_sets is not None else nullcontext()
         with mixed:
-            images += pipe(
+            pixels = pipe(
                 [prompts[p] for p, _ in chunk],
                 negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                 num_inference_steps=num_inference_steps,
@@ -110,8 +121,21 @@ def sample_per_prompt(
                 height=height,
                 width=width,
                 eta=eta,  # used by DDIM (η > 0 adds noise), ignored by schedulers without it
+                output_type="np",
             ).images
+        images += pipe.numpy_to_pil(finite_images(pixels))
     return [images[p * num_images : (p + 1) * num_images] for p in range(len(prompts))]
+
+
+def finite_images(pixels):
+    """The decoded batch, refused if it holds NaN or inf: saved as PNG it would be a black picture, exit 0."""
+    import numpy as np
+
+    if not np.isfinite(pixels).all():
+        raise SvdiffError(
+            "the model produced NaN or infinite pixels: the shifts (or their scales) are too large for this base"
+        )
+    return pixels
 
 
 def parse_shift_arg(text: str) -> tuple[Path, float]:
@@ -120,9 +144,11 @@ def parse_shift_arg(text: str) -> tuple[Path, float]:
     if not sep:
         return Path(text), 1.0
     try:
-        return Path(path), float(scale)
+        value = float(scale)
     except ValueError:
         raise SvdiffError(f"--shifts {text!r}: the scale after ':' is not a number") from None
+    check_range(f"--shifts {path}: the scale", value, -MAX_SCALE, MAX_SCALE)
+    return Path(path), value
 
 
 def apply_shifts(
@@ -138,7 +164,7 @@ def apply_shifts(
     loaded = {}
 
     def load(path, scale, **kw):
-        name = f"{len(loaded)}:{Path(path).parent.name if Path(path).stem == 'svdiff_weights' else Path(path).stem}"
+        name = f"{len(loaded)}:{adapter_name_of(path)}"
         loaded[load_shifts(pipe, path, name, scale, cache=cache, progress=False, **kw)] = scale
 
     for path, scale in shifts:

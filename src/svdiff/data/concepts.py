@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..checks import overlaps
 from ..errors import SvdiffError
 from .images import image_files, is_image, load_image_folder, open_images
 
@@ -40,6 +41,8 @@ def read_concepts(args) -> list[Concept]:
             raise SvdiffError(f"cannot read --concepts_list {path}: {e.strerror}") from None
         except ValueError as e:
             raise SvdiffError(f"--concepts_list {path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise SvdiffError(f"--concepts_list {path} is nested too deeply to be a list of concepts") from None
         if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
             raise SvdiffError(f"--concepts_list {path} must hold a non-empty list of objects")
         where = str(path)
@@ -53,6 +56,17 @@ def read_concepts(args) -> list[Concept]:
                 raise SvdiffError(f"concept {i} in {where}: {key} is missing")
         if args.with_prior_preservation and not (entry.get("class_prompt") and entry.get("class_data_dir")):
             raise SvdiffError(f"concept {i} in {where}: prior preservation needs class_prompt and class_data_dir")
+        class_dir = entry.get("class_data_dir")
+        if class_dir is not None and not isinstance(class_dir, str):
+            raise SvdiffError(f"concept {i} in {where}: class_data_dir must be text")
+        # svdiff writes class images there: a list from elsewhere must not aim them out of the current folder
+        if args.concepts_list is not None and class_dir and ".." in Path(class_dir).parts:
+            raise SvdiffError(f"concept {i} in {where}: class_data_dir {class_dir!r} climbs out with '..'")
+        if class_dir and overlaps(class_dir, entry["instance_data_dir"]):
+            raise SvdiffError(
+                f"concept {i} in {where}: the class folder {class_dir} and the instance folder "
+                f"{entry['instance_data_dir']} overlap (class images would be mixed with the photos)"
+            )
         concepts.append(
             Concept(
                 instance_prompt=entry["instance_prompt"],

@@ -3,6 +3,7 @@ greyscale files, a stray text file; and the resize/crop/flip that turns an image
 
 from __future__ import annotations
 
+import errno
 import math
 import warnings
 from pathlib import Path
@@ -44,7 +45,8 @@ def open_image(path: Path) -> Image.Image:
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 return Image.alpha_composite(white, rgba).convert("RGB")
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        # a decompression bomb (a small file that claims billions of pixels) is refused by Pillow before decoding
         raise SvdiffError(f"cannot read image {path}: {e}") from None
 
 
@@ -67,8 +69,20 @@ def load_image_folder(folder) -> list[Image.Image]:
     """The readable images of a training folder (unreadable ones skipped with a warning)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SvdiffError(f"image folder {folder} does not exist")
+        raise SvdiffError(f"image folder {folder} {_why_not_a_folder(folder)}")
     return open_images(image_files([folder]), skip_unreadable=True)
+
+
+def _why_not_a_folder(path: Path) -> str:
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that loops"
+        if path.is_symlink():
+            return "is a symbolic link to nothing"
+        return "does not exist"
+    return "is a file, not a folder"
 
 
 def to_model_input(

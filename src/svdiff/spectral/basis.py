@@ -140,10 +140,22 @@ def factor_errors(a, u, sigma, vh) -> torch.Tensor:
 
 def _fix_signs(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor):
     """Each pair (uᵢ, vᵢ) is defined up to a joint sign; pick the one whose largest-magnitude uᵢ entry is positive."""
-    peak = u.abs().argmax(dim=1, keepdim=True)
-    sign = torch.sign(u.gather(1, peak))
+    sign = _peak_signs(u)
     sign[sign == 0] = 1
     return u * sign, sigma, vh * sign.transpose(1, 2)
+
+
+def _peak_signs(u: torch.Tensor) -> torch.Tensor:
+    """The sign of each column's largest-magnitude entry, for a batch u (b × m × r): b × 1 × r."""
+    return torch.sign(u.gather(1, u.abs().argmax(dim=1, keepdim=True)))
+
+
+def is_canonical(u: torch.Tensor, sigma: torch.Tensor) -> bool:
+    """Whether factors are in the order and signs `decompose` gives: σ non-negative and descending, each uᵢ's
+    largest-magnitude entry positive. Any other order or sign reconstructs the same W, but a δ trained on the
+    canonical factors means something else on them (δᵢ would shift another singular value)."""
+    descending = bool((sigma[..., :-1] >= sigma[..., 1:]).all()) and bool((sigma >= 0).all())
+    return descending and bool((_peak_signs(u.reshape(-1, *u.shape[-2:])) >= 0).all())
 
 
 def _empty_like_factors(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

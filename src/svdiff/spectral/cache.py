@@ -4,8 +4,10 @@ One safetensors file per weight matrix: `<cache>/<key[:2]>/<key>.safetensors` ho
 hashes the weight's bytes, dtype and matrix shape (and the engine's version), so a second attach to the same base
 reads its factors instead of decomposing again, whatever the weight's name. Nothing read is trusted: an entry is
 used only if it loads, has the right shapes and passes the engine's own accuracy check against the weight it is
-for (reconstruction and orthogonality, estimated with random probes); a truncated, corrupted or mismatched entry
-is deleted and recomputed.
+for (reconstruction and orthogonality, estimated with random probes) and is in canonical order and signs (σ
+descending, each uᵢ's largest entry positive: reordered factors rebuild W exactly but would give δ another
+meaning); a truncated, corrupted, reordered or mismatched entry is deleted and recomputed. A cache that cannot be
+written (full, read-only) warns once and the run goes on.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import platformdirs
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .basis import TOLERANCE, SpectralBasis, factor_errors
+from .basis import TOLERANCE, SpectralBasis, factor_errors, is_canonical
 
 ENGINE_VERSION = "1"
 
@@ -47,6 +50,9 @@ def content_keys(matrices: list[torch.Tensor]) -> list[str]:
 
 
 class SVDCache:
+    # Cache folders found full or read-only in this process: not tried again, so the warning comes once.
+    unwritable: set[Path] = set()
+
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else cache_dir()
 
@@ -66,25 +72,43 @@ class SVDCache:
                 tensors = {k: f.get_tensor(k) for k in ("U", "S", "Vh")}
             u, s, vh = (tensors[k].to(matrix.device) for k in ("U", "S", "Vh"))
             ok = ok and u.shape == (m, r) and s.shape == (r,) and vh.shape == (r, n)
+            ok = ok and is_canonical(u[None], s[None])
             ok = ok and bool(factor_errors(matrix[None], u[None], s[None], vh[None])[0] <= TOLERANCE)
         except Exception:  # any unreadable entry is treated the same way: recompute it
             ok = False
         if not ok:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only cache keeps its bad entry; this run recomputes the factors anyway
+                pass
             return None
         return SpectralBasis(u, s, vh)
 
-    def put(self, key: str, basis: SpectralBasis) -> None:
+    def put(self, key: str, basis: SpectralBasis) -> bool:
+        """Stores the factors; False when the cache folder cannot take them (full, read-only): that costs speed
+        next time, not this run, so it warns once and stops trying."""
+        if self.root in SVDCache.unwritable:
+            return False
         tensors = {"U": basis.U.float().cpu(), "S": basis.S.float().cpu(), "Vh": basis.Vh.float().cpu()}
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(fd)
             save_file(tensors, tmp, metadata={"key": key, "engine": ENGINE_VERSION})
             os.replace(tmp, path)
+            return True
+        except (OSError, SafetensorError) as e:
+            SVDCache.unwritable.add(self.root)
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            warnings.warn(
+                f"cannot write the SVD cache at {self.root} ({reason}): factors are recomputed next time", stacklevel=3
+            )
+            return False
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def entries(self) -> list[Path]:
         return sorted(self.root.glob("*/*.safetensors")) if self.root.is_dir() else []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import types
-import warnings
 from contextlib import contextmanager
 
 import torch
@@ -101,11 +100,7 @@ def compute_bases(
     for i, basis in zip(missing, computed, strict=True):
         found[i] = basis
         if store is not None and keys[i] is not None:
-            try:
-                store.put(keys[i], basis)
-            except OSError as e:  # a read-only or full cache folder costs speed next time, not this run
-                warnings.warn(f"cannot write the SVD cache at {store.root}: {e}", stacklevel=2)
-                store = None
+            store.put(keys[i], basis)  # False (and one warning) when the cache folder is full or read-only
     return found  # type: ignore[return-value]
 
 
@@ -203,18 +198,38 @@ def set_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], name: str = "d
 
 
 def fingerprint(model: nn.Module, probes: int = 16) -> dict:
-    """An identity card of a base model: a hash of every target's name and shape (the architecture) and a few
-    weight values from layers spread across it (which base), compared with a tolerance so fp16/bf16 copies match."""
+    """An identity card of a base model, compared with a tolerance so its fp16/bf16 copies match:
+
+    - `shapes`: a hash of every target's name and shape (the architecture);
+    - `weights`: two numbers per target, in `find_targets` order — the mean |w| (all of the weight) and its middle
+      value — so a base with any one layer replaced is another base;
+    - `probe`: four values of each of `probes` layers spread across the model, what files written before
+      `weights` existed compare; still written so that their readers accept new files.
+    """
     targets = find_targets(model)
     shapes = hashlib.sha256("".join(f"{t.name}:{tuple(t.module.weight.shape)};" for t in targets).encode())
-    matrices = [t for t in targets if t.module.weight.ndim >= 2]
+    weights = [_base_weight(t.module).detach() for t in targets]
     probe: list[float] = []
-    if matrices and not matrices[0].module.weight.is_meta:
-        step = max(1, len(matrices) // probes)
-        for t in matrices[::step][:probes]:
-            shift = getattr(t.module, ATTR, None)
-            fused = isinstance(shift, SpectralShift) and shift.original is not None
-            flat = (shift.original if fused else t.module.weight).detach().reshape(-1)
+    summary: list[float] = []
+    if weights and not weights[0].is_meta:
+        matrices = [w.reshape(-1) for w in weights if w.ndim >= 2]
+        for flat in matrices[:: max(1, len(matrices) // probes)][:probes]:
             n = flat.numel()
             probe += [float(flat[i]) for i in (0, n // 3, 2 * n // 3, n - 1)]
-    return {"shapes": shapes.hexdigest()[:16], "probe": probe}
+        for w in weights:
+            flat = w.reshape(-1)
+            mean_abs = float(flat.abs().sum(dtype=torch.float64)) / max(1, flat.numel())
+            summary += [_significant(mean_abs), _significant(float(flat[flat.numel() // 2]))]
+    return {"shapes": shapes.hexdigest()[:16], "probe": probe, "weights": summary}
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    """The module's base weight, also while shifts are fused into it."""
+    shift = getattr(module, ATTR, None)
+    fused = isinstance(shift, SpectralShift) and shift.original is not None
+    return shift.original if fused else module.weight
+
+
+def _significant(x: float, digits: int = 5) -> float:
+    """`x` to `digits` significant digits: far finer than the comparison's tolerance, and short in JSON."""
+    return float(f"{x:.{digits}g}")

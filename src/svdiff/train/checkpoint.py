@@ -1,7 +1,8 @@
 """Checkpoints: `checkpoint-N/` holds only what the run changes — the trained parameters (δ for svdiff), the
 optimizer and lr-scheduler state (through `accelerator.save_state`), the loss history and the step; never the
-frozen base. A checkpoint is written under a hidden temporary name and renamed when complete, so a run killed
-while saving leaves the previous checkpoints intact and `latest` never picks a partial one.
+frozen base. A checkpoint is written under a hidden temporary name and renamed when complete, and older ones are
+pruned only after that, so a run killed while saving leaves the previous checkpoints intact and `latest` never
+picks a partial one.
 
 Every random draw of a step is a function of (seed, step), so the step is the whole data position: a run resumed
 from `checkpoint-N` repeats exactly what the uninterrupted run did after step N.
@@ -13,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import SvdiffError
@@ -44,37 +46,68 @@ def resolve(output_dir: Path, resume: str | None) -> Path | None:
 
 
 def read_state(path: Path) -> dict:
+    """The checkpoint's state.json, checked: a damaged one is refused in one line, never half used."""
     try:
-        return json.loads((path / STATE).read_text())
-    except (OSError, ValueError) as e:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError, RecursionError) as e:
         raise SvdiffError(f"cannot read checkpoint {path}: {e}") from None
+    step, run, losses = (state.get(k) if isinstance(state, dict) else None for k in ("step", "run", "losses"))
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise SvdiffError(f"checkpoint {path} is damaged: its step is {step!r}, not a count")
+    if not (isinstance(run, dict) and isinstance(losses, list)):
+        raise SvdiffError(f"checkpoint {path} is damaged: its state.json lacks the run or the loss history")
+    return state
 
 
 def check_matches(path: Path, run: dict) -> None:
-    """Refuses a checkpoint made by a different run (another method, preset, base, subject…). A setting the
-    checkpoint does not record (it predates the setting) is not held against it."""
+    """Refuses a checkpoint made by a different run (another method, preset, base, subject, optimizer setting…).
+    A setting the checkpoint does not record (it predates the setting) is not held against it."""
     saved = read_state(path)["run"]
     for key, value in run.items():
         if key in saved and saved[key] != value:
-            raise SvdiffError(f"checkpoint {path} does not match this run: {key} was {saved.get(key)!r}, now {value!r}")
+            if key == "data":
+                raise SvdiffError(
+                    f"checkpoint {path} was trained on other images: resuming it on these would mix two subjects"
+                )
+            raise SvdiffError(
+                f"checkpoint {path} does not match this run: {key} was {saved.get(key)!r}, now {value!r} (resume "
+                "with the checkpoint's value, or train into another --output_dir)"
+            )
 
 
-def save(accelerator, output_dir: Path, step: int, trainable, run: dict, losses: list, limit: int | None) -> Path:
-    """Writes `checkpoint-<step>` (all processes call this); keeps at most `limit` checkpoints."""
+def save(accelerator, output_dir: Path, step: int, trainable, run: dict, losses: list, limit: int | None, **extra):
+    """Writes `checkpoint-<step>` (all processes call this), then keeps at most `limit` checkpoints. Older ones
+    are removed only once the new one is complete and in place, so a kill at any moment leaves one to resume;
+    a write that fails (a full disk) removes its temporary folder and ends in one line naming the last good
+    checkpoint. `extra` is kept in state.json (the run's settings, for the record of a resume)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
+    old = output_dir / f".checkpoint-{step}.old"
+    kept = checkpoints(output_dir)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            save_file(trainable.state(), str(tmp / TRAINED))
+            (tmp / STATE).write_text(json.dumps({"step": step, "run": run, "losses": losses, **extra}))
+            if final.exists():  # a rerun's checkpoint of the same step: the old one stays whole until replaced
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if limit is not None:
-            for old in checkpoints(output_dir)[: max(0, len(checkpoints(output_dir)) - limit + 1)]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        save_file(trainable.state(), str(tmp / TRAINED))
-        (tmp / STATE).write_text(json.dumps({"step": step, "run": run, "losses": losses}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        good = [p for p in kept if p != final and p.is_dir()] or ([final] if final.is_dir() else [])
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise SvdiffError(
+            f"cannot write checkpoint {final}: {reason}; "
+            + (f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written")
+        ) from None
+    if accelerator.is_main_process and limit is not None:
+        for stale in checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -82,7 +115,12 @@ def save(accelerator, output_dir: Path, step: int, trainable, run: dict, losses:
 def load(accelerator, path: Path, trainable) -> tuple[int, list]:
     """Restores the trained parameters, optimizer, lr scheduler; returns (step, loss history)."""
     state = read_state(path)
-    tensors = load_file(str(path / TRAINED))
+    try:
+        tensors = load_file(str(path / TRAINED))
+    except (OSError, SafetensorError) as e:
+        raise SvdiffError(
+            f"checkpoint {path} is damaged ({TRAINED}: {e}); resume from another one or delete it"
+        ) from None
     expected = {k: tuple(p.shape) for k, p in trainable.params.items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != found:
@@ -91,6 +129,10 @@ def load(accelerator, path: Path, trainable) -> tuple[int, list]:
             f"checkpoint {path} does not match this run: {len(found)} trained tensors, expected {len(expected)}"
             + (f" (first difference: {missing[0]})" if missing else "")
         )
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # torch and Accelerate raise many kinds for a truncated or altered state file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SvdiffError(f"checkpoint {path} is damaged ({reason}); resume from another one or delete it") from None
     trainable.load_state(tensors)
-    return int(state["step"]), state["losses"]
+    return state["step"], state["losses"]

@@ -3,7 +3,12 @@ card (README.md) saying what was trained, on which base, and how to use it."""
 
 from __future__ import annotations
 
+import html
+import re
+import shlex
 from pathlib import Path
+
+import yaml
 
 from ..models import base_name
 from ..pictures import grid, line_chart
@@ -71,7 +76,7 @@ image = pipe({prompt!r}).images[0]
 or from the command line:
 
 ```bash
-svdiff generate {base_flag}--shifts {weights} --prompt {prompt_q}
+svdiff generate {base_flag}--shifts {weights_q} --prompt {prompt_q}
 ```""",
     "lora": """```python
 from diffusers import StableDiffusionPipeline
@@ -90,42 +95,65 @@ image = pipe({prompt!r}).images[0]
 }
 
 
+def markdown_text(text) -> str:
+    """`text` shown as itself in Markdown: one line, HTML escaped, Markdown's punctuation backslash-escaped (a prompt
+    may hold anything, and must neither open a heading, a table cell or a link nor inject HTML)."""
+    flat = " ".join(str(text).split())
+    return re.sub(r"([\\`*_\[\]()#|!~])", r"\\\1", html.escape(flat, quote=False))
+
+
+def _fenced(block: str) -> str:
+    """A code fence longer than any run of backticks inside, so the block cannot close it early."""
+    longest = max((len(m) for m in re.findall(r"`+", block)), default=0)
+    return "`" * max(3, longest + 1)
+
+
 def write_model_card(output_dir: Path, args, concepts, summary: dict) -> Path:
     given = args.pretrained_model_name_or_path
     base = repr(str(given)) if given else "svdiff.default_base()"
-    base_label = args.pretrained_model_name_or_path or "the embedded svdiff-tiny pipeline"
-    prompt = concepts[0].instance_prompt
+    base_label = markdown_text(args.pretrained_model_name_or_path or "the embedded svdiff-tiny pipeline")
+    # one line, as the tokenizer sees it (it collapses whitespace): a newline cannot break the front matter or the
+    # pasted command
+    prompt = " ".join(concepts[0].instance_prompt.split())
     usage = USAGE[args.method].format(
         base=base,
         weights=summary["weights"],
         output=str(output_dir),
         prompt=prompt,
-        prompt_q='"' + prompt.replace('"', '\\"') + '"',
-        base_flag=f"--pretrained_model_name_or_path {given} " if given else "",
+        # what a person pastes into a shell: every value quoted, so `$(…)` or `;` in a prompt or path stays text
+        weights_q=shlex.quote(str(summary["weights"])),
+        prompt_q=shlex.quote(prompt),
+        base_flag=f"--pretrained_model_name_or_path {shlex.quote(str(given))} " if given else "",
     )
+    fence = _fenced(usage)
+    usage = usage.replace("```", fence)
     concept_lines = "\n".join(
-        f"- `{c.instance_prompt}` ({len(c.instance_images)} images"
-        + (f"; prior: `{c.class_prompt}`, {len(c.class_images)} class images)" if c.class_images else ")")
+        f"- {markdown_text(c.instance_prompt)} ({len(c.instance_images)} images"
+        + (f"; prior: {markdown_text(c.class_prompt)}, {len(c.class_images)} class images)" if c.class_images else ")")
         for c in concepts
     )
+    front = {
+        "base_model": base_name(args.pretrained_model_name_or_path),
+        "library_name": "svdiff",
+        "tags": ["text-to-image", "stable-diffusion", "diffusers", "svdiff"]
+        + ([] if args.method == "svdiff" else [args.method]),
+        "instance_prompt": prompt,
+    }
+    resumed = summary.get("resumed")
+    resumed_row = ""
+    if resumed:
+        changes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in resumed["changed"].items()) or "no settings changed"
+        resumed_row = f"\n| resumed | from step {resumed['step']} ({markdown_text(changes)}) |"
     samples = Path(summary["samples"]).relative_to(output_dir)
     rate_1d = f" (1-D weights {args.learning_rate_1d:g})" if args.method == "svdiff" else ""
     text = f"""---
-base_model: {base_name(args.pretrained_model_name_or_path)}
-library_name: svdiff
-tags:
-- text-to-image
-- stable-diffusion
-- diffusers
-- svdiff{"" if args.method == "svdiff" else chr(10) + "- " + args.method}
-instance_prompt: {prompt}
----
+{yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=2**20)}---
 
-# {output_dir.resolve().name}
+# {markdown_text(output_dir.resolve().name)}
 
 {TITLES[args.method]} trained with `svdiff train` on {base_label}.
 
-Trigger prompt: `{prompt}`
+Trigger prompt: {markdown_text(prompt)}
 
 {concept_lines}
 
@@ -142,7 +170,7 @@ Trigger prompt: `{prompt}`
 | | |
 |---|---|
 | method | {args.method} |
-| steps | {summary["steps"]} (global batch {summary["global_batch"]}) |
+| steps | {summary["steps"]} (global batch {summary["global_batch"]}) |{resumed_row}
 | learning rate | {args.learning_rate:g}{rate_1d} |
 | prior preservation | {f"yes, weight {args.prior_loss_weight:g}" if args.with_prior_preservation else "no"} |
 | text encoder trained | {"yes" if args.train_text_encoder else "no"} |
