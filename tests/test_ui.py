@@ -28,6 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SUBJECT = ROOT / "examples" / "subjects" / "heart_sks"
 CHROMIUM = Path("/usr/bin/chromium")
 RUN = "runs/heart/svdiff_weights.safetensors"
+# What an element shows: its text and the values of its fields (a textarea's value is not its text)
+SHOWN = """window._shown = (id) => {
+    const el = document.getElementById(id);
+    if (!el) return "";
+    return [el.innerText, ...[...el.querySelectorAll("textarea, input")].map((e) => e.value)].join(" ");
+};"""
 
 
 def _missing() -> str | None:
@@ -89,13 +95,19 @@ def page(server):
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-        page.set_default_timeout(60_000)
-        page.failure_picture = server[1].parent / "failure.png"
-        page.goto(server[0])
-        page.wait_for_selector("#train_start")
-        yield page
+        yield _open(browser, *server)
         browser.close()
+
+
+def _open(browser, url: str, workspace: Path):
+    """The app in a new browser context (no cookies or storage shared with another)."""
+    page = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True).new_page()
+    page.set_default_timeout(60_000)
+    page.failure_picture = workspace.parent / "failure.png"
+    page.add_init_script(SHOWN)
+    page.goto(url)
+    page.wait_for_selector("#train_start")
+    return page
 
 
 def _fill(page, elem_id: str, text) -> None:
@@ -115,12 +127,13 @@ def _tab(page, name: str) -> None:
 
 
 def _says(page, elem_id: str, text: str, timeout: float = 60_000) -> None:
+    """Waits until the element's text, or the value of a field in it, contains `text`."""
     from playwright.sync_api import TimeoutError as Timeout
 
     try:
-        page.locator(f"#{elem_id}", has_text=text).wait_for(timeout=timeout)
+        page.wait_for_function("([id, text]) => _shown(id).includes(text)", arg=[elem_id, text], timeout=timeout)
     except Timeout:
-        shown = page.locator(f"#{elem_id}").first.inner_text(timeout=5_000)
+        shown = page.evaluate("(id) => _shown(id)", elem_id)
         page.screenshot(path=str(page.failure_picture), full_page=True)
         raise AssertionError(f"#{elem_id} shows {shown!r}, not {text!r} (page: {page.failure_picture})") from None
 
@@ -197,6 +210,7 @@ def test_train_generate_merge_export_in_the_browser(page, server, tmp_path):
     page.click("#export_run")
     _says(page, "files_message", "outside the workspace")
     assert not (workspace.parent / "outside.safetensors").exists()
+    assert page.request.get(url + "gradio_api/file=/etc/passwd").status == 403  # the server serves the workspace only
     _screenshot(page, tmp_path, "files")
 
     # Generate: the run's file at 1 with its negation at 0, then at 1 (they cancel: the base); the grids differ
@@ -230,12 +244,10 @@ def test_train_generate_merge_export_in_the_browser(page, server, tmp_path):
 @browser_only
 def test_a_closed_page_that_comes_back_sees_its_job(page, server):
     """The queue lives in the workspace: a new page (another browser) shows the job the first one started."""
-    url, _ = server
-    other = page.context.browser.new_page()
-    other.goto(url)
+    other = _open(page.context.browser, *server)
     _says(other, "train_progress", "job 0001")
     _says(other, "train_jobs", "runs/heart")
-    other.close()
+    other.context.close()
 
 
 # --- without a browser ---
@@ -384,6 +396,7 @@ def test_queue_runs_one_job_at_a_time_and_reads_the_bar(trainer):
 def test_stop_checkpoints_and_resume_continues(trainer):
     job = trainer.submit(["--max_train_steps", "400", "--delay", "0.05", "--output_dir", "runs/s"], "runs/s", 400)
     _until(lambda: job.step > 2)
+    assert os.getpgid(job.pid) == job.pid != os.getpgid(0)  # a Ctrl-C at the server's terminal does not reach it
     trainer.stop(job.id)
     _until(lambda: job.state == "stopped")
     assert job.returncode == 130 and "stopped by SIGINT" in job.message and 2 < job.step < 400

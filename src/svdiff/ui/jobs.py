@@ -173,6 +173,9 @@ class Trainer:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env=env,
+                    # its own process group: a Ctrl-C at the server's terminal reaches the server only, which then
+                    # sends the one SIGINT that makes `svdiff train` checkpoint (a second one stops it at once)
+                    start_new_session=True,
                 )
             except OSError as e:
                 with self._lock:
