@@ -85,6 +85,8 @@ def _table(obj) -> str:
     "change_meta, change_tensors, fragment",
     [
         ({"key_table": "not base64 !"}, None, "key_table is not valid"),
+        ({"fingerprint": json.dumps({"unet": PRINT})}, None, "fingerprint is not valid"),
+        ({"fingerprint": _table({"unet": {"shapes": 3}})}, None, "fingerprint of unet needs"),
         ({"key_table": base64.b64encode(b"not zlib").decode()}, None, "key_table is not valid"),
         ({"key_table": _table(["unet"])}, None, "key_table is not a map of components"),
         ({"key_table": _table({"unet": [["a.weight", 0]]})}, None, "gives a.weight the length 0"),
@@ -193,3 +195,45 @@ def test_files_written_without_the_level_load_with_or_without_it(tmp_path):
     targets = {"text_encoder": {t.name: t.length for t in svdiff.spectral.find_targets(wrapped)}}
     renamed = with_live_names(read_shift_file(file), {"text_encoder": wrapped}, targets)
     assert set(renamed.tensors) == {f"text_encoder.text_model.{k}" for k in get_deltas(te)}
+
+
+def test_int8_generations_match_fp16_within_2_of_255_on_the_embedded_base(tmp_path):
+    import numpy as np
+
+    from svdiff.models import components_of
+    from svdiff.sample import apply_shifts, load_pipeline, sample
+
+    pipe = load_pipeline(None, device="cpu")
+    g = torch.Generator().manual_seed(4)
+    components = components_of(pipe)
+    for model in components.values():
+        for p in svdiff.add_shifts(model, progress=False).values():
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    files = {
+        d: save_shifts(tmp_path / f"{d}.safetensors", components, base_model="svdiff-tiny", preset="all", dtype=d)
+        for d in ("fp16", "int8")
+    }
+    values = sum(d.numel() for d in read_shift_file(files["fp16"]).tensors.values())
+    layers = len(read_shift_file(files["fp16"]).tensors)
+    # a byte per value less, plus one float32 scale per layer and its header entries
+    assert files["fp16"].stat().st_size - files["int8"].stat().st_size >= values - 4 * layers - 300
+    images = {}
+    for dtype, file in files.items():
+        fresh = load_pipeline(None, device="cpu")
+        apply_shifts(fresh, [(file, 1.0)])
+        images[dtype] = [
+            np.asarray(im, dtype=np.int16)
+            for im in sample(fresh, "a photo of a red heart", num_images=2, num_inference_steps=8, progress=False)
+        ]
+    base = [
+        np.asarray(im, dtype=np.int16)
+        for im in sample(
+            load_pipeline(None, device="cpu"),
+            "a photo of a red heart",
+            num_images=2,
+            num_inference_steps=8,
+            progress=False,
+        )
+    ]
+    assert max(np.abs(a - b).max() for a, b in zip(images["fp16"], base, strict=True)) > 10  # the shifts matter
+    assert max(np.abs(a - b).max() for a, b in zip(images["fp16"], images["int8"], strict=True)) <= 2

@@ -247,6 +247,7 @@ def test_a_closed_page_that_comes_back_sees_its_job(page, server):
     other = _open(page.context.browser, *server)
     _says(other, "train_progress", "job 0001")
     _says(other, "train_jobs", "runs/heart")
+    _says(other, "train_subjects", "sks-heart")  # added after the server started
     other.context.close()
 
 

@@ -3,7 +3,16 @@
 __version__ = "0.1.0"  # first, so submodules can read it while the package is importing
 
 from .errors import SvdiffError
-from .models import default_base, fuse, load_shifts, set_scales, shift_sets_of, unfuse, unload_shifts
+from .models import (
+    default_base,
+    fuse,
+    load_shifts,
+    mixed_batch,
+    set_scales,
+    shift_sets_of,
+    unfuse,
+    unload_shifts,
+)
 from .spectral import add_shifts, get_deltas, remove_shifts, set_deltas
 
 __all__ = [
@@ -14,6 +23,7 @@ __all__ = [
     "fuse",
     "get_deltas",
     "load_shifts",
+    "mixed_batch",
     "remove_shifts",
     "set_deltas",
     "set_scales",

@@ -105,6 +105,7 @@ def save_shift_file(
         metadata = _encode_metadata(base_model, fingerprint, preset, dtype, extra or {})
         _check_coverage(prepared, fingerprint)
         packed, metadata["key_table"] = _pack(prepared, dtype)
+        metadata["fingerprint"] = _deflate(metadata["fingerprint"])  # two numbers per layer: a third of it, packed
         _write_atomic(file, safetensors.torch.save(packed, metadata))
     except _Invalid as e:
         raise ShiftFileError(f"cannot write {file}: {e}") from None
@@ -150,8 +151,27 @@ def _pack(prepared: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torc
             packed[f"{component}.scale"] = scales
         else:
             packed[f"{component}.delta"] = torch.cat([delta for _, delta in layers])
-    text = base64.b64encode(zlib.compress(json.dumps(table, separators=(",", ":")).encode(), 9)).decode()
-    return packed, text
+    return packed, _deflate(json.dumps(table, separators=(",", ":")))
+
+
+def _deflate(text: str) -> str:
+    """How version 2 stores its long metadata entries (key table, fingerprint): zlib-compressed, base64."""
+    return base64.b64encode(zlib.compress(text.encode(), 9)).decode()
+
+
+def _inflate(text: Any, key: str) -> str:
+    """The text of a `_deflate`d entry; its size is bounded before it is inflated, so a hostile entry costs no more
+    than a header may."""
+    if not isinstance(text, str):
+        raise _Invalid(f"metadata lacks the required key {key!r}")
+    try:
+        inflater = zlib.decompressobj()
+        plain = inflater.decompress(base64.b64decode(text, validate=True), MAX_HEADER_BYTES)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError("truncated, or larger than a header may be")
+        return plain.decode("utf-8")
+    except (ValueError, zlib.error) as e:
+        raise _Invalid(f"{key} is not valid ({_clip(str(e))})") from None
 
 
 def _encode_metadata(base_model: str, fingerprint: dict, preset: str, dtype: str, extra: dict) -> dict:
@@ -275,11 +295,12 @@ def _decode_metadata(raw: Any) -> dict[str, Any]:
         if key not in raw:
             raise _Invalid(f"metadata lacks the required key {key!r}")
     metadata: dict[str, Any] = {}
+    version = _decode_version(raw["format_version"])
     for key, value in raw.items():
         if key == "format_version":
-            metadata[key] = _decode_version(value)
+            metadata[key] = version
         elif key == "fingerprint":
-            metadata[key] = _decode_fingerprint(value)
+            metadata[key] = _decode_fingerprint(_inflate(value, key) if version >= 2 else value)
         elif key in TEXT_KEYS:
             metadata[key] = value
         else:
@@ -366,17 +387,10 @@ def _check_entries(entries: dict[str, Any], data_len: int, sizes: dict[str, int]
 
 
 def _decode_key_table(text: Any) -> dict[str, list[list]]:
-    """{component: [[parameter, δ length], ...]} of a version 2 file, checked; its size is bounded before it is
-    inflated, so a hostile table costs no more than the header allows."""
-    if not isinstance(text, str):
-        raise _Invalid("metadata lacks the required key 'key_table'")
+    """{component: [[parameter, δ length], ...]} of a version 2 file, checked."""
     try:
-        inflater = zlib.decompressobj()
-        plain = inflater.decompress(base64.b64decode(text, validate=True), MAX_HEADER_BYTES)
-        if inflater.unconsumed_tail or not inflater.eof:
-            raise ValueError("truncated, or larger than a header may be")
-        table = json.loads(plain.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (ValueError, zlib.error, RecursionError) as e:
+        table = json.loads(_inflate(text, "key_table"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:
         raise _Invalid(f"key_table is not valid ({_clip(str(e))})") from None
     if not (isinstance(table, dict) and table):
         raise _Invalid("key_table is not a map of components")

@@ -161,6 +161,7 @@ def train_page(demo: gr.Blocks, workspace: Workspace, trainer: Trainer, base=Non
     for box in (identifier, class_word):
         box.change(show_prompts, [identifier, class_word], preview)
     demo.load(show_prompts, [identifier, class_word], preview)
+    demo.load(lambda: gr.update(choices=workspace.subjects()), None, subjects)  # added since the server started
     add.click(add_subject, [photos, example, identifier, class_word, subjects], [subjects, photos, train_message])
     start.click(
         start_training,
