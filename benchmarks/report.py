@@ -398,14 +398,20 @@ def render_svd_engine(r: dict) -> str:
 
 def render_step_flops(r: dict) -> str:
     t = r["tflops_per_step"]
-    return table(
-        ["", "TFLOPs per step", "× frozen base"],
-        [
-            ["frozen base", t["frozen_base"], 1.0],
-            ["svdiff (float32 factors)", t["svdiff"], r["ratio_to_frozen"]["svdiff"]],
-            ["svdiff (bf16 factors)", t["svdiff_bf16_factors"], r["ratio_to_frozen"]["svdiff_bf16_factors"]],
-            ["naive rebuild", t["naive_rebuild"], r["ratio_to_frozen"]["naive_rebuild"]],
-        ],
+    return (
+        table(
+            ["", "TFLOPs per step", "× frozen base"],
+            [
+                ["frozen base", t["frozen_base"], 1.0],
+                ["svdiff (float32 factors)", t["svdiff"], r["ratio_to_frozen"]["svdiff"]],
+                ["svdiff (bf16 factors)", t["svdiff_bf16_factors"], r["ratio_to_frozen"]["svdiff_bf16_factors"]],
+                ["svdiff merged once per step", t["svdiff_merged"], r["ratio_to_frozen"]["svdiff_merged"]],
+                ["naive rebuild", t["naive_rebuild"], r["ratio_to_frozen"]["naive_rebuild"]],
+            ],
+        )
+        + "\n\nAten ops per step: "
+        + ", ".join(f"{k} {v}" for k, v in r["aten_ops_per_step"].items())
+        + "."
     )
 
 
