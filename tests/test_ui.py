@@ -343,6 +343,9 @@ flags = sys.argv[4:]  # after: -m svdiff train
 value = lambda name, default=None: flags[flags.index(name) + 1] if name in flags else default
 steps, out = int(value("--max_train_steps")), Path(value("--output_dir"))
 start = 5 if "--resume_from_checkpoint" in flags else 0
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # inherited: a SIGINT before the loop would be lost
+    print("error: SIGINT is ignored", file=sys.stderr)
+    sys.exit(3)
 stop = []
 signal.signal(signal.SIGINT, lambda *_: stop.append(1))
 if "--fail" in flags:
@@ -407,6 +410,24 @@ def test_stop_checkpoints_and_resume_continues(trainer):
     _until(lambda: again.state in ("cancelled", "stopped"))
     with pytest.raises(SvdiffError, match="nothing to stop"):
         trainer.stop(again.id)
+
+
+def test_stop_reaches_jobs_of_a_server_that_ignores_sigint(tmp_path):
+    """A shell starts a background server with SIGINT ignored; its training processes must not inherit that."""
+    from svdiff.ui.jobs import Trainer
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_TRAIN.format(python=sys.executable))
+    fake.chmod(0o755)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        queue = Trainer(Workspace(tmp_path / "ws"), python=str(fake), poll=0.05)
+        job = queue.submit(["--max_train_steps", "3", "--output_dir", "runs/i"], "runs/i", 3)
+        _until(lambda: job.state not in ("queued", "running"))
+        queue.close(timeout=10)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert job.state == "done", job.message
 
 
 def test_a_failed_job_shows_the_error_line(trainer):

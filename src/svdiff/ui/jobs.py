@@ -61,6 +61,10 @@ class Trainer:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # a server started in the background by a shell ignores SIGINT, and its training processes would inherit
+            # that: Stop could not reach one before its loop installs its own handler
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self._jobs = {job.id: job for job in map(self._read, sorted(self.folder.glob("*.json")))}
         for job in self._jobs.values():
             if job.state in ("running", "stopping") and not _is_training(job.pid):
