@@ -60,25 +60,10 @@ def check_sampling(num_inference_steps: int, guidance_scale: float | None = None
     check_range("--seed", seed, 0, MAX_SEED, integer=True)
 
 
-def sample(
-    pipe,
-    prompt: str,
-    *,
-    num_images: int = 4,
-    seed: int = 0,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-    negative_prompt: str | None = None,
-    eta: float = 0.0,
-    height: int | None = None,
-    width: int | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> list:
-    """`num_images` images of `prompt`; image i always comes from seed + i, whatever the batch size."""
-    settings = dict(num_images=num_images, seed=seed, num_inference_steps=num_inference_steps, eta=eta)
-    settings |= dict(guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height, width=width)
-    return sample_per_prompt(pipe, [prompt], batch_size=batch_size, progress=progress, **settings)[0]
+def sample(pipe, prompt: str, **settings) -> list:
+    """`num_images` images of `prompt`; image i always comes from seed + i, whatever the batch size. `settings` are
+    `sample_per_prompt`'s keywords."""
+    return sample_per_prompt(pipe, [prompt], **settings)[0]
 
 
 def sample_per_prompt(
