@@ -447,8 +447,8 @@ def test_fuzz_consistent_offsets(scratch, specs, data):
         name.split(".")[0] in FINGERPRINT and "." in name for name, *_ in specs
     )
     sound = valid_names and all(d in ("F16", "BF16", "F32") and n < 2**62 and flat for _, d, n, flat in specs)
-    if sound:
-        assert isinstance(result, ShiftFile) or "non-finite values" in result
+    if sound:  # random bytes are refused only for their values: non-finite, or beyond the bound of any real δ
+        assert isinstance(result, ShiftFile) or "non-finite values" in result or "beyond the bound" in result
 
 
 # --- applying to a model ---

@@ -2,6 +2,7 @@
 exit 2, with no file changed outside the output folder; existing folders, checkpoints, full disks, Ctrl-C and a
 second run lose nothing; resumed runs refuse or record every changed flag; the model card quotes what it shows."""
 
+import base64
 import errno
 import json
 import os
@@ -23,7 +24,7 @@ from PIL import Image
 from svdiff.cli import main
 from svdiff.errors import SvdiffError
 from svdiff.io import WEIGHTS_NAME, read_shift_file, save_shift_file
-from tiny_models import PROMPT, SUBJECT, save_tiny_pipeline
+from tiny_models import PROMPT, SUBJECT, cli_args, save_tiny_pipeline
 
 FINGERPRINT = {"unet": {"shapes": "0" * 16, "probe": [0.5]}}
 
@@ -41,32 +42,8 @@ def world(tmp_path_factory):
         preset="all",
     )
     run = root / "run"
-    assert main(train_args(base, run, "--max_train_steps", "2", "--checkpointing_steps", "1")) == 0
+    assert main(cli_args(base, run, "--max_train_steps", "2", "--checkpointing_steps", "1")) == 0
     return {"root": root, "base": base, "shifts": shifts, "run": run}
-
-
-def train_args(base, out, *extra, data=SUBJECT):
-    return [
-        "train",
-        "--pretrained_model_name_or_path",
-        str(base),
-        "--instance_data_dir",
-        str(data),
-        "--instance_prompt",
-        PROMPT,
-        "--output_dir",
-        str(out),
-        "--validation_steps",
-        "0",
-        "--num_validation_images",
-        "1",
-        "--validation_inference_steps",
-        "2",
-        "--report_to",
-        "none",
-        "--no-progress",
-        *extra,
-    ]
 
 
 def run_cli(argv) -> int:
@@ -150,6 +127,16 @@ def with_file(folder, name):
     return folder / name
 
 
+def train_with(*flags):
+    """A case: a short training run into tmp/o with `flags`."""
+    return lambda w, t: (cli_args(w["base"], t / "o", *flags), t / "o")
+
+
+def generate_with(*flags):
+    """A case: `svdiff generate` with `flags`, writing into tmp."""
+    return lambda w, t: (["generate", "--prompt", "a", *flags, "--output", str(t / "g.png")], None)
+
+
 def symlink_loop(tmp):
     os.symlink(tmp / "loop-b", tmp / "loop-a")
     os.symlink(tmp / "loop-a", tmp / "loop-b")
@@ -166,31 +153,31 @@ def held_lock(tmp):
 
 # (name, how to build argv from (world, tmp) -> (argv, output folder or None), the words the error line holds)
 CASES = [
-    ("output_dir empty", lambda w, t: (train_args(w["base"], ""), None), "--output_dir is empty"),
+    ("output_dir empty", lambda w, t: (cli_args(w["base"], ""), None), "--output_dir is empty"),
     (
         "output_dir . holding a README",
-        lambda w, t: (train_args(w["base"], with_file(t, "README.md").parent.relative_to(t)), None),
+        lambda w, t: (cli_args(w["base"], with_file(t, "README.md").parent.relative_to(t)), None),
         "holds files svdiff did not write (README.md)",
     ),
     (
         "output_dir is the instance folder",
-        lambda w, t: (train_args(w["base"], photos(t), data=t / "photos"), None),
+        lambda w, t: (cli_args(w["base"], photos(t), data=t / "photos"), None),
         "overlaps the instance folder",
     ),
     (
         "output_dir inside the instance folder",
-        lambda w, t: (train_args(w["base"], photos(t) / "out", data=t / "photos"), None),
+        lambda w, t: (cli_args(w["base"], photos(t) / "out", data=t / "photos"), None),
         "overlaps the instance folder",
     ),
     (
         "output_dir holding a stranger's file",
-        lambda w, t: (train_args(w["base"], with_file(t / "out", "notes.txt").parent), None),
+        lambda w, t: (cli_args(w["base"], with_file(t / "out", "notes.txt").parent), None),
         "holds files svdiff did not write (notes.txt)",
     ),
     (
         "class folder = instance folder",
         lambda w, t: (
-            train_args(
+            cli_args(
                 w["base"],
                 t / "out",
                 "--with_prior_preservation",
@@ -206,86 +193,86 @@ CASES = [
     ),
     (
         "second run while the folder is held",
-        lambda w, t: (train_args(w["base"], held_lock(t)), None),
+        lambda w, t: (cli_args(w["base"], held_lock(t)), None),
         "is in use by another svdiff run",
     ),
     (
         "learning_rate negative",
-        lambda w, t: (train_args(w["base"], t / "o", "--learning_rate=-1e-3"), t / "o"),
+        train_with("--learning_rate=-1e-3"),
         "--learning_rate -0.001 must be in (0, 1]",
     ),
     (
         "snr_gamma negative",
-        lambda w, t: (train_args(w["base"], t / "o", "--snr_gamma", "-1"), t / "o"),
+        train_with("--snr_gamma", "-1"),
         "--snr_gamma -1.0 must be in (0, 1000]",
     ),
     (
         "max_grad_norm nan",
-        lambda w, t: (train_args(w["base"], t / "o", "--max_grad_norm", "nan"), t / "o"),
+        train_with("--max_grad_norm", "nan"),
         "--max_grad_norm nan must be in",
     ),
-    ("adam_beta1 2", lambda w, t: (train_args(w["base"], t / "o", "--adam_beta1", "2"), t / "o"), "[0, 1)"),
-    ("adam_epsilon -1", lambda w, t: (train_args(w["base"], t / "o", "--adam_epsilon", "-1"), t / "o"), "(0, 1]"),
+    ("adam_beta1 2", train_with("--adam_beta1", "2"), "[0, 1)"),
+    ("adam_epsilon -1", train_with("--adam_epsilon", "-1"), "(0, 1]"),
     (
         "adam_weight_decay -1",
-        lambda w, t: (train_args(w["base"], t / "o", "--adam_weight_decay=-1"), t / "o"),
+        train_with("--adam_weight_decay=-1"),
         "--adam_weight_decay",
     ),
-    ("lr_power -3", lambda w, t: (train_args(w["base"], t / "o", "--lr_power", "-3"), t / "o"), "--lr_power"),
+    ("lr_power -3", train_with("--lr_power", "-3"), "--lr_power"),
     (
         "validation_inference_steps 100000",
-        lambda w, t: (train_args(w["base"], t / "o", "--validation_inference_steps", "100000"), t / "o"),
+        train_with("--validation_inference_steps", "100000"),
         "[1, 1000]",
     ),
     (
         "seed beyond 64 bits",
-        lambda w, t: (train_args(w["base"], t / "o", "--seed", "99999999999999999999"), t / "o"),
+        train_with("--seed", "99999999999999999999"),
         "--seed 99999999999999999999 must be an integer in [0, 4294967295]",
     ),
     (
         "resolution 12",
-        lambda w, t: (train_args(w["base"], t / "o", "--resolution", "12"), t / "o"),
+        train_with("--resolution", "12"),
         "must be a multiple of 8",
     ),
     (
         "resolution 68",
-        lambda w, t: (train_args(w["base"], t / "o", "--resolution", "68"), t / "o"),
+        train_with("--resolution", "68"),
         "must be a multiple of 8",
     ),
     (
         "resolution above twice the base",
-        lambda w, t: (train_args(w["base"], t / "o", "--resolution", "40"), t / "o"),
+        train_with("--resolution", "40"),
         "more than twice this base's size 16",
     ),
     (
         "resolution 100000",
-        lambda w, t: (train_args(w["base"], t / "o", "--resolution", "100000"), t / "o"),
+        train_with("--resolution", "100000"),
         "--resolution 100000 must be",
     ),
     (
         "100k-deep concepts list",
-        lambda w, t: (train_args(w["base"], t / "o", *deep_concepts(t)), t / "o"),
+        lambda w, t: (cli_args(w["base"], t / "o", *deep_concepts(t)), t / "o"),
         "nested too deeply",
     ),
     (
         "class_data_dir climbing out",
-        lambda w, t: (train_args(w["base"], t / "o", *climbing_concepts(t)), t / "o"),
+        lambda w, t: (cli_args(w["base"], t / "o", *climbing_concepts(t)), t / "o"),
         "climbs out with '..'",
     ),
     (
         "a file as instance folder",
-        lambda w, t: (train_args(w["base"], t / "o", data=with_file(t, "f.png")), t / "o"),
+        lambda w, t: (cli_args(w["base"], t / "o", data=with_file(t, "f.png")), t / "o"),
         "is a file, not a folder",
     ),
     (
         "symlink loop as instance folder",
-        lambda w, t: (train_args(w["base"], t / "o", data=symlink_loop(t)), t / "o"),
+        lambda w, t: (cli_args(w["base"], t / "o", data=symlink_loop(t)), t / "o"),
         "is a symbolic link that loops",
     ),
     (
         "resume a truncated checkpoint",
         lambda w, t: (
-            train_args(
+            cli_args(
                 w["base"],
                 corrupt(w, t, "truncated"),
                 "--max_train_steps",
@@ -300,7 +287,7 @@ CASES = [
     (
         'resume a checkpoint with "step": "x"',
         lambda w, t: (
-            train_args(
+            cli_args(
                 w["base"], corrupt(w, t, "step"), "--max_train_steps", "2", "--resume_from_checkpoint", "checkpoint-1"
             ),
             None,
@@ -310,7 +297,7 @@ CASES = [
     (
         "resume with another learning rate",
         lambda w, t: (
-            train_args(
+            cli_args(
                 w["base"],
                 resumable(w, t),
                 "--max_train_steps",
@@ -327,7 +314,7 @@ CASES = [
     (
         "resume with other photos under the same prompt",
         lambda w, t: (
-            train_args(
+            cli_args(
                 w["base"],
                 resumable(w, t),
                 "--max_train_steps",
@@ -343,7 +330,7 @@ CASES = [
     (
         "resume past max_train_steps",
         lambda w, t: (
-            train_args(w["base"], at_step(w, t, 2), "--max_train_steps", "1", "--resume_from_checkpoint", "latest"),
+            cli_args(w["base"], at_step(w, t, 2), "--max_train_steps", "1", "--resume_from_checkpoint", "latest"),
             None,
         ),
         "past --max_train_steps 1",
@@ -351,17 +338,17 @@ CASES = [
     ("argparse error", lambda w, t: (["train", "--max_train_steps", "x"], None), "invalid int value: 'x'"),
     (
         "generate --num_inference_steps -3",
-        lambda w, t: (["generate", "--prompt", "a", "--num_inference_steps=-3", "--output", str(t / "g.png")], None),
+        generate_with("--num_inference_steps=-3"),
         "--num_inference_steps -3 must be an integer in [1, 1000]",
     ),
     (
         "generate --num_inference_steps 0",
-        lambda w, t: (["generate", "--prompt", "a", "--num_inference_steps", "0", "--output", str(t / "g.png")], None),
+        generate_with("--num_inference_steps", "0"),
         "[1, 1000]",
     ),
     (
         "generate --eta -5",
-        lambda w, t: (["generate", "--prompt", "a", "--eta=-5", "--output", str(t / "g.png")], None),
+        generate_with("--eta=-5"),
         "--eta -5.0 must be in [0, 1]",
     ),
     (
@@ -382,10 +369,7 @@ CASES = [
     ),
     (
         "generate --seed beyond 64 bits",
-        lambda w, t: (
-            ["generate", "--prompt", "a", "--seed", "99999999999999999999", "--output", str(t / "g.png")],
-            None,
-        ),
+        generate_with("--seed", "99999999999999999999"),
         "--seed",
     ),
     (
@@ -499,7 +483,7 @@ def test_a_kill_between_writing_and_renaming_a_checkpoint_keeps_the_previous_one
         return real(self, target)
 
     monkeypatch.setattr(Path, "rename", killed)
-    argv = train_args(
+    argv = cli_args(
         world["base"],
         tmp_path / "o",
         "--max_train_steps",
@@ -533,7 +517,7 @@ def test_a_full_disk_during_a_checkpoint_names_the_last_good_one_and_frees_the_s
 
     monkeypatch.setattr(checkpoint, "save_file", full)
     out = tmp_path / "o"
-    assert main(train_args(world["base"], out, "--max_train_steps", "4", "--checkpointing_steps", "1")) == 2
+    assert main(cli_args(world["base"], out, "--max_train_steps", "4", "--checkpointing_steps", "1")) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (
         f"error: cannot write checkpoint {out / 'checkpoint-2'}: No space left on device; "
@@ -574,7 +558,7 @@ def test_ctrl_c_saves_the_current_step_says_how_to_resume_and_the_next_start_say
 
     monkeypatch.setattr(loop, "_loss", interrupted)
     out = tmp_path / "o"
-    argv = train_args(world["base"], out, "--max_train_steps", "6", "--checkpointing_steps", "0")
+    argv = cli_args(world["base"], out, "--max_train_steps", "6", "--checkpointing_steps", "0")
     assert main(argv) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (
@@ -608,7 +592,7 @@ def test_a_run_killed_without_warning_is_noted_at_the_next_start(world, tmp_path
     out = resumable(world, tmp_path)
     with (out / "run.log").open("a") as f:
         f.write("2026-12-04 10:00:00 start: svdiff train {}\n2026-12-04 10:00:05 checkpoint: checkpoint-1 (step 1)\n")
-    assert main(train_args(world["base"], out, "--max_train_steps", "1")) == 0
+    assert main(cli_args(world["base"], out, "--max_train_steps", "1")) == 0
     err = capsys.readouterr().err
     assert (
         f"note: the last run in {out} stopped at step 1 (killed, or the machine stopped); to continue it from "
@@ -618,7 +602,7 @@ def test_a_run_killed_without_warning_is_noted_at_the_next_start(world, tmp_path
 
 def test_sigterm_in_a_real_process_saves_and_exits_143(world, tmp_path):
     out = tmp_path / "o"
-    argv = train_args(world["base"], out, "--max_train_steps", "100000", "--checkpointing_steps", "2")
+    argv = cli_args(world["base"], out, "--max_train_steps", "100000", "--checkpointing_steps", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "svdiff", *map(str, argv)], env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -659,14 +643,14 @@ def test_the_lock_is_exclusive_released_and_a_dead_holder_is_taken_over(tmp_path
 def test_a_previous_runs_own_outputs_do_not_block_the_next_run(world, tmp_path):
     out = resumable(world, tmp_path)
     (out / "run.log").unlink()  # a folder from before run.log existed: only svdiff's own names
-    assert main(train_args(world["base"], out, "--max_train_steps", "1")) == 0
+    assert main(cli_args(world["base"], out, "--max_train_steps", "1")) == 0
     (out / "mine.txt").write_text("x")  # its run.log now says svdiff owns the folder
-    assert main(train_args(world["base"], out, "--max_train_steps", "1")) == 0
+    assert main(cli_args(world["base"], out, "--max_train_steps", "1")) == 0
 
 
 def test_overwrite_trains_into_a_folder_with_other_files(world, tmp_path):
     (tmp_path / "README.md").write_text("mine")
-    assert main(train_args(world["base"], tmp_path, "--max_train_steps", "1", "--overwrite")) == 0
+    assert main(cli_args(world["base"], tmp_path, "--max_train_steps", "1", "--overwrite")) == 0
     assert (tmp_path / "README.md").read_text().startswith("---\n")
 
 
@@ -675,7 +659,7 @@ def test_overwrite_trains_into_a_folder_with_other_files(world, tmp_path):
 
 def test_a_flag_changed_on_resume_is_applied_and_recorded(world, tmp_path):
     out = resumable(world, tmp_path)
-    argv = train_args(
+    argv = cli_args(
         world["base"], out, "--max_train_steps", "3", "--snr_gamma", "5", "--resume_from_checkpoint", "latest"
     )
     assert main(argv) == 0
@@ -760,7 +744,7 @@ def test_the_fingerprint_covers_every_layer_and_still_matches_half_precision_cop
 
     unet = load_components(world["base"])["unet"]
     before = fingerprint(unet)
-    assert len(before["weights"]) == 2 * len(find_targets(unet))
+    assert len(base64.b64decode(before["weights"])) == 2 * 2 * len(find_targets(unet))  # two float16 per target
     for dtype in (torch.float16, torch.bfloat16):
         copy = load_components(world["base"])["unet"].to(dtype)
         assert fingerprint_mismatch({"unet": before}, {"unet": fingerprint(copy)}) is None

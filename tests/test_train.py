@@ -16,36 +16,12 @@ from svdiff.cli import main
 from svdiff.errors import SvdiffError
 from svdiff.io import WEIGHTS_NAME, read_shift_file
 from svdiff.train import train
-from tiny_models import PROMPT, SUBJECT, quick, save_tiny_pipeline
+from tiny_models import PROMPT, SUBJECT, cli_args, quick, save_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-
-
-def cli_args(base, out, *extra):
-    return [
-        "train",
-        "--pretrained_model_name_or_path",
-        str(base),
-        "--instance_data_dir",
-        str(SUBJECT),
-        "--instance_prompt",
-        PROMPT,
-        "--output_dir",
-        str(out),
-        "--validation_steps",
-        "0",
-        "--num_validation_images",
-        "1",
-        "--validation_inference_steps",
-        "2",
-        "--report_to",
-        "none",
-        "--no-progress",
-        *extra,
-    ]
 
 
 def test_a_run_writes_weights_card_samples_loss_and_logs(base, tmp_path):

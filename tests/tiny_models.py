@@ -137,3 +137,28 @@ def tiny_flux() -> FluxTransformer2DModel:
         .eval()
         .requires_grad_(False)
     )
+
+
+def cli_args(base, out, *extra, data=SUBJECT) -> list[str]:
+    """`svdiff train` arguments of a short, quiet run of the example heart (or `data`) on `base` into `out`."""
+    return [
+        "train",
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        PROMPT,
+        "--output_dir",
+        str(out),
+        "--validation_steps",
+        "0",
+        "--num_validation_images",
+        "1",
+        "--validation_inference_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--no-progress",
+        *extra,
+    ]

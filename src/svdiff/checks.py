@@ -47,10 +47,15 @@ def png_path(flag: str, text) -> Path:
     return path
 
 
+def within(a, b) -> bool:
+    """Whether folder `a` is `b` or lies inside it (symbolic links followed)."""
+    a, b = (Path(os.path.realpath(p)) for p in (a, b))  # realpath, unlike resolve, accepts a symlink loop
+    return a == b or b in a.parents
+
+
 def overlaps(a, b) -> bool:
     """Whether folders `a` and `b` are the same or one lies inside the other (symbolic links followed)."""
-    a, b = (Path(os.path.realpath(p)) for p in (a, b))  # realpath, unlike resolve, accepts a symlink loop
-    return a == b or a in b.parents or b in a.parents
+    return within(a, b) or within(b, a)
 
 
 def _number(x) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import reprlib
@@ -25,6 +26,7 @@ import svdiff
 from svdiff.errors import SvdiffError
 from svdiff.names import checkpoint_name, live_name
 from svdiff.spectral import add_shifts, find_targets, fingerprint, get_deltas, set_deltas
+from svdiff.spectral.shifts import encode_summary
 
 WEIGHTS_NAME = "svdiff_weights.safetensors"
 FORMAT, FORMAT_VERSION = "svdiff", 2
@@ -344,14 +346,22 @@ def _check_fingerprint(fingerprint: Any) -> dict[str, dict[str, Any]]:
             and isinstance(entry.get("shapes"), str)
             and isinstance(probe, list)
             and all(_is_finite_number(x) for x in probe)
-            and all(_is_finite_number(x) for x in _numbers(entry.get("weights", [])))
+            and ("weights" not in entry or _summary(entry["weights"]) is not None)
         ):
             raise _Invalid(f"fingerprint of {_clip(component)} needs 'shapes' text and a 'probe' of numbers")
     return fingerprint
 
 
-def _numbers(x: Any) -> list:
-    return x if isinstance(x, list) else [None]  # not a list: one non-number, so the check above fails
+def _summary(text: Any) -> list[float] | None:
+    """A fingerprint's per-target numbers (base64 of little-endian float16 pairs), or None if malformed."""
+    try:
+        raw = base64.b64decode(text, validate=True) if isinstance(text, str) else b"x"
+    except ValueError:
+        return None
+    if len(raw) % 4:
+        return None
+    values = torch.frombuffer(bytearray(raw), dtype=torch.float16).tolist() if raw else []
+    return values if all(math.isfinite(v) for v in values) else None
 
 
 def _check_entries(entries: dict[str, Any], data_len: int, sizes: dict[str, int] = _ITEM_SIZES) -> None:
@@ -517,7 +527,7 @@ def _probes_close(want: dict, have: dict) -> bool:
     """Every target's summary (mean |w|, middle value) where both fingerprints have them; the 16-layer probe of a
     file written before per-target summaries existed."""
     if want.get("weights") and have.get("weights"):
-        a, b = want["weights"], have["weights"]
+        a, b = _summary(want["weights"]), _summary(have["weights"])
         return len(a) == len(b) and all(
             _close(x, y, MEAN_ABS_RTOL, 0.0) if i % 2 == 0 else _close(x, y, PROBE_RTOL, PROBE_ATOL)
             for i, (x, y) in enumerate(zip(a, b, strict=True))
@@ -574,11 +584,11 @@ def count_targets(base, preset: str, include=None, exclude=None) -> dict:
         for dtype in ("fp16", "fp32", "int8"):
             size = 0
             if tensors:
-                prints = {  # as long as a real fingerprint: two 5-digit numbers per target of the component
+                prints = {  # as long as a real fingerprint: two numbers per target of the component
                     c: {
                         "shapes": "0" * 16,
                         "probe": [-0.012346] * 64,
-                        "weights": [-0.012346] * 2 * len(find_targets(m)),
+                        "weights": encode_summary([0.0] * 2 * len(find_targets(m))),
                     }
                     for c, m in components.items()
                 }

@@ -2,9 +2,10 @@
 
 A run writes a known set of names into `--output_dir` and replaces those that exist. So a folder that holds
 anything else — a clone with its own README.md, a photo folder, notes — is someone's folder, refused unless
-`--overwrite`; a folder that is, holds or lies inside an instance or class folder is always refused (the next run
-would read its pictures as photos). A lock file with the holder's process id makes a second run into the same
-folder stop at once, instead of both writing and one run's outputs being lost.
+`--overwrite`; a folder that is or lies inside an instance or class folder is always refused (the next run would
+read its pictures as photos). A class folder inside the output folder is fine (`svdiff demo` generates its class
+images there): the run's own outputs never land in it. A lock file with the holder's process id makes a second
+run into the same folder stop at once, instead of both writing and one run's outputs being lost.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..checks import overlaps
+from ..checks import within
 from ..errors import SvdiffError
 from .runlog import LOG
 
@@ -45,7 +46,7 @@ def check_folder(output_dir: Path, concepts, logging_dir: str, overwrite: bool) 
     """Refuses an output folder the run must not write into; writes nothing."""
     for c in concepts:
         for kind, folder in (("instance", c.instance_data_dir), ("class", c.class_data_dir)):
-            if folder is not None and overlaps(output_dir, folder):
+            if folder is not None and within(output_dir, folder):
                 raise SvdiffError(
                     f"--output_dir {output_dir} overlaps the {kind} folder {folder}: the next run would read its "
                     "pictures as training images; choose another folder"
