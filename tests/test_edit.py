@@ -135,7 +135,7 @@ def test_a_small_image_is_enlarged_with_a_warning(tmp_path):
         (["--source_prompt", " "], "must be non-empty"),
         (["--target_prompt", ""], "must be non-empty"),
         (["--slerp_alpha", "1.5"], "outside [0, 1]"),
-        (["--eta", "-1"], "cannot be negative"),
+        (["--eta", "-1"], "--eta -1.0 must be in [0, 1]"),
         (["--method", "full", "--shifts", "x.safetensors"], "needs --method svdiff"),
     ],
 )

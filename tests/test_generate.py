@@ -74,7 +74,7 @@ def test_generate_writes_grid_singles_and_settings(folder, tmp_path, monkeypatch
         (["--shifts", "missing.safetensors"], "missing.safetensors"),
         (["--alpha", "0.2"], "--alpha needs --interpolate"),
         (["--scheduler", "nope"], "unknown scheduler"),
-        (["--output", "grid.jpg"], "must be a .png"),
+        (["--output", "grid.jpg"], "must name a .png file"),
         (["--num_images", "0"], "--num_images 0 must be an integer in [1, 1024]"),
         (["--base", "sd15"], "built-in architecture without weights"),
         (["--style_mix", "a.safetensors", "b.safetensors"], "geometry=FILE appearance=FILE"),
