@@ -20,7 +20,9 @@ Here, for one component (a UNet, a text encoder, a transformer):
   gradient's storage.
 
 With δ = 0, d = 0 and W′ = W + 0 is W bit for bit. The module weights (and factors) become views of their
-group's stacked tensors, so merging holds one extra copy of the weights (W′), not two.
+group's stacked tensors, so merging holds one extra copy of the weights (W′), not two, plus each group's weight
+gradients from its first layer's backward to its last. Since the wiring holds views, it is made once the model
+has its final device and dtype; casting, moving, fusing or removing shifts afterwards needs `close()` first.
 """
 
 from __future__ import annotations
@@ -70,10 +72,6 @@ class Group:
     grad: torch.Tensor | None = None
     base_m: torch.Tensor | None = None  # base and W′ seen as k × m × n
     merged_m: torch.Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
 
     def matrix(self, t: torch.Tensor) -> torch.Tensor:
         """A k × weight-shape stack seen as k × m × n."""
@@ -128,7 +126,7 @@ class MergedShifts:
     def __init__(self, model: nn.Module, name: str = "default", choose: str = "auto", report=None):
         if choose not in CHOICES:
             raise ValueError(f"choose must be one of {', '.join(CHOICES)}, not {choose!r}")
-        self.model, self.name, self.choose, self.report = model, name, choose, report
+        self.model, self.name, self.report = model, name, report
         shifted = shifted_modules(model)
         if not shifted:
             raise ValueError("the model has no spectral shifts")
