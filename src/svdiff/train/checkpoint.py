@@ -100,7 +100,7 @@ def save(accelerator, output_dir: Path, step: int, trainable, run: dict, losses:
     except (OSError, RuntimeError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         good = [p for p in kept if p != final and p.is_dir()] or ([final] if final.is_dir() else [])
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        reason = getattr(e, "strerror", None) or _write_failure(output_dir, e)
         raise SvdiffError(
             f"cannot write checkpoint {final}: {reason}; "
             + (f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written")
@@ -110,6 +110,15 @@ def save(accelerator, output_dir: Path, step: int, trainable, run: dict, losses:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_failure(output_dir: Path, error: Exception) -> str:
+    """torch's serializer reports a full disk as an internal error ('unexpected pos …'): say what matters."""
+    try:
+        free = f"{shutil.disk_usage(output_dir).free // 2**20} MB free on its disk"
+    except OSError:
+        free = "its disk cannot be read"
+    return f"the write failed with {free} ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
 
 
 def load(accelerator, path: Path, trainable) -> tuple[int, list]:
