@@ -137,6 +137,25 @@ def generate_with(*flags):
     return lambda w, t: (["generate", "--prompt", "a", *flags, "--output", str(t / "g.png")], None)
 
 
+def edit_with(*flags):
+    """A case: `svdiff edit` of one example photo with `flags`; the last flag's value is a file name in tmp."""
+    *head, last = flags
+    return lambda w, t: (
+        [
+            "edit",
+            "--image",
+            str(SUBJECT / "00.png"),
+            "--source_prompt",
+            "a",
+            "--target_prompt",
+            "b",
+            *head,
+            str(t / last),
+        ],
+        None,
+    )
+
+
 def symlink_loop(tmp):
     os.symlink(tmp / "loop-b", tmp / "loop-a")
     os.symlink(tmp / "loop-a", tmp / "loop-b")
@@ -403,40 +422,12 @@ CASES = [
     ),
     (
         "edit --output noext",
-        lambda w, t: (
-            [
-                "edit",
-                "--image",
-                str(SUBJECT / "00.png"),
-                "--source_prompt",
-                "a",
-                "--target_prompt",
-                "b",
-                "--output",
-                str(t / "noext"),
-            ],
-            None,
-        ),
+        edit_with("--output", "noext"),
         "--output must name a .png file",
     ),
     (
         "edit --num_inference_steps 0",
-        lambda w, t: (
-            [
-                "edit",
-                "--image",
-                str(SUBJECT / "00.png"),
-                "--source_prompt",
-                "a",
-                "--target_prompt",
-                "b",
-                "--num_inference_steps",
-                "0",
-                "--output",
-                str(t / "e.png"),
-            ],
-            None,
-        ),
+        edit_with("--num_inference_steps", "0", "--output", "e.png"),
         "[1, 1000]",
     ),
 ]
