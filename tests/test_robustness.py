@@ -218,7 +218,7 @@ CASES = [
     (
         "learning_rate negative",
         train_with("--learning_rate=-1e-3"),
-        "--learning_rate -0.001 must be in (0, 1]",
+        "--learning_rate -0.001 must be in [0, 1]",
     ),
     (
         "snr_gamma negative",

@@ -39,7 +39,7 @@ INT_RANGES = {
 OPTIONAL = frozenset({"checkpoints_total_limit", "resolution", "snr_gamma"})  # None: not set (or off)
 # (low, high, "(" for an open low end, ")" for an open high end)
 FLOAT_RANGES = {
-    "learning_rate": (0.0, 1.0, "("),
+    "learning_rate": (0.0, 1.0),  # 0: a frozen run, a reference loss for what training gains
     "learning_rate_1d": (0.0, 1.0),
     "prior_loss_weight": (0.0, 1e3),
     "cut_mix_unmix_prob": (0.0, 1.0),
