@@ -46,6 +46,12 @@ def test_text_encoder_off_saves_only_unet_shifts(base, tmp_path):
     assert {k.split(".")[0] for k in read_shift_file(tmp_path / WEIGHTS_NAME).tensors} == {"unet"}
 
 
+def test_a_preset_that_leaves_the_text_encoder_without_shifts_trains(base, tmp_path):
+    train(quick(base, tmp_path, preset="unet-ca", max_train_steps=2))
+    keys = read_shift_file(tmp_path / WEIGHTS_NAME).tensors
+    assert keys and all(k.startswith("unet.") and ".attn2." in k for k in keys)
+
+
 def test_prior_preservation_generates_then_reuses_class_images(base, tmp_path):
     class_dir = tmp_path / "class"
     args = dict(

@@ -40,12 +40,15 @@ class Trainable:
         times the shape groups on a GPU and keeps per-call layers on a CPU) and its δ held in flat parameters:
         checkpoints keep naming each target's δ (now views of them), the optimizer steps the flat parameters at
         the same two rates. Returns the wirings (they have a state_dict)."""
+        from ..spectral import shifted_modules
         from ..spectral.merged import MergedShifts
 
         on_cpu = next(iter(self.params.values())).device.type == "cpu"
         if choose == "auto" and on_cpu:  # a CPU pays for the weight gradients merging needs: per call measures faster
             choose = "per-call"  # (benchmarks/train_methods.py), and a run then computes the same bits every time
-        merged = {n: MergedShifts(m, choose=choose, report=report) for n, m in self.components.items()}
+        merged = {  # a preset may leave a component without shifts (unet-ca: the text encoder)
+            n: MergedShifts(m, choose=choose, report=report) for n, m in self.components.items() if shifted_modules(m)
+        }
         rates = {"matrix": self.groups[0]["lr"], "vector": self.groups[-1]["lr"]}
         views = {f"{c}.{k}": p for c, m in merged.items() for k, p in m.deltas().items()}
         self.params = {k: views[k] for k in self.params}
