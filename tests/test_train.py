@@ -52,6 +52,22 @@ def test_a_preset_that_leaves_the_text_encoder_without_shifts_trains(base, tmp_p
     assert keys and all(k.startswith("unet.") and ".attn2." in k for k in keys)
 
 
+def test_compile_runs_the_training_steps_compiled_and_sampling_eagerly(base, tmp_path, monkeypatch):
+    calls = []
+
+    def compile(fn, **kwargs):  # stands in for torch.compile: the same function, and a record of each use
+        def compiled(*a, **kw):
+            calls.append(torch.is_grad_enabled())
+            return fn(*a, **kw)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile)
+    train(quick(base, tmp_path, compile=True, max_train_steps=2, validation_steps=1))
+    assert calls and all(calls)  # every training step went through the compiled forward, no sampling step did
+    assert list((tmp_path / "samples").glob("step-*.png"))
+
+
 def test_prior_preservation_generates_then_reuses_class_images(base, tmp_path):
     class_dir = tmp_path / "class"
     args = dict(

@@ -311,7 +311,10 @@ def _step_path(args, trainable, unet, accelerator) -> None:
         for wiring in trainable.merge_steps(choose, report=accelerator.print):
             accelerator.register_for_checkpointing(wiring)
     if args.compile:
-        unet.forward = torch.compile(unet.forward)
+        # Only training steps run compiled: sampling (validation, class images) runs under no_grad at other
+        # shapes, where a second compile of the whole denoiser costs more than the few steps it would speed.
+        eager, compiled = unet.forward, torch.compile(unet.forward)
+        unet.forward = lambda *a, **kw: (compiled if torch.is_grad_enabled() else eager)(*a, **kw)
 
 
 def _optimizer(args, groups):
