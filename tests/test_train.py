@@ -282,6 +282,19 @@ def test_an_unreadable_image_is_skipped_when_others_remain(base, tmp_path):
         train(quick(base, tmp_path / "out", instance_data_dir=str(folder), max_train_steps=1))
 
 
+def test_a_pipeline_of_another_family_is_refused_in_one_line(base, tmp_path, capsys, monkeypatch):
+    import svdiff.sample
+
+    class FluxPipeline:  # what diffusers loads from a Flux folder: a transformer, two text encoders, no UNet
+        transformer, text_encoder, text_encoder_2 = object(), object(), object()
+
+    monkeypatch.setattr(svdiff.sample, "load_pipeline", lambda *a, **kw: FluxPipeline())
+    assert main(cli_args(base, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a FluxPipeline" in err[0] and "Stable Diffusion 1.x/2.x" in err[0]
+    assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
+
+
 def test_unknown_scheduler_is_refused_by_the_parser(base, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(cli_args(base, tmp_path, "--lr_scheduler", "sometimes"))

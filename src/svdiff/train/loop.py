@@ -270,8 +270,11 @@ def _load_base(args, device):
         device=device,
         dtype=torch.float32,
     )
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise SvdiffError("svdiff train handles SD 1.x/2.x pipelines; SDXL (two text encoders) is not supported yet")
+    if getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe, "unet", None) is None:
+        raise SvdiffError(
+            f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}: training handles Stable Diffusion "
+            "1.x/2.x pipelines; SDXL, SD3 and Flux are counted and sized (svdiff targets --base …) but not trained yet"
+        )
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         if getattr(pipe, name, None) is None:
             raise SvdiffError(f"{args.pretrained_model_name_or_path} has no {name}: not a Stable Diffusion pipeline")
