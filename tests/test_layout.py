@@ -20,6 +20,7 @@ from svdiff.io import (
     save_shifts,
 )
 from svdiff.spectral import fingerprint, get_deltas
+from svdiff.spectral.shifts import shape_hash
 from tiny_models import tiny_text_encoder
 
 PRINT = {"shapes": "0" * 16, "probe": [0.5]}
@@ -195,6 +196,40 @@ def test_files_written_without_the_level_load_with_or_without_it(tmp_path):
     targets = {"text_encoder": {t.name: t.length for t in svdiff.spectral.find_targets(wrapped)}}
     renamed = with_live_names(read_shift_file(file), {"text_encoder": wrapped}, targets)
     assert set(renamed.tensors) == {f"text_encoder.text_model.{k}" for k in get_deltas(te)}
+
+
+def test_a_file_loads_into_the_text_encoder_of_either_transformers_layout(tmp_path):
+    """A file written now (published names and architecture hash) and one written before the published names
+    (flat names and hash), each loaded into transformers 5's flat text encoder and transformers 4's nested one."""
+    te = _shifted_text_encoder()
+    want = {k: v.half().float() for k, v in get_deltas(te).items()}
+    published = save_shifts(tmp_path / "published.safetensors", {"text_encoder": te}, base_model="b", preset="all")
+    flat_names = save_shift_file(
+        tmp_path / "flat.safetensors",
+        {f"text_encoder.{k}": v for k, v in get_deltas(te).items()},
+        base_model="b",
+        fingerprint={"text_encoder": fingerprint(te)},
+        preset="all",
+    )
+
+    def flat():
+        model = _shifted_text_encoder()
+        svdiff.remove_shifts(model)
+        return model, ""
+
+    def nested():
+        model, _ = flat()
+        return CLIPTextModel(model), "text_model."
+
+    nested_model, _ = nested()
+    assert read_shift_file(published).metadata["fingerprint"]["text_encoder"]["shapes"] == shape_hash(nested_model)
+    for file in (published, flat_names):
+        for make in (flat, nested):
+            model, level = make()
+            load_shifts({"text_encoder": model}, file, progress=False, cache=False)
+            got = get_deltas(model)
+            assert got.keys() == {level + k for k in want}
+            assert all(torch.equal(got[level + k], v) for k, v in want.items())
 
 
 def test_int8_generations_match_fp16_within_2_of_255_on_the_embedded_base(tmp_path):

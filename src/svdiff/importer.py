@@ -102,9 +102,8 @@ def import_svdiff_pytorch(
     paths: list[str | Path], output: str | Path, *, base: str | Path | None = None, dtype: str = "fp32"
 ) -> dict:
     """Write svdiff-pytorch's file(s) (or their folder) as one svdiff shift file for `base`; returns a report."""
-    from .io import save_shift_file
+    from .io import base_fingerprint, save_shift_file
     from .models import base_name, load_components
-    from .spectral import fingerprint
 
     files = _files(paths)
     components = load_components(base)
@@ -121,7 +120,7 @@ def import_svdiff_pytorch(
         output,
         tensors,
         base_model=base_name(base),
-        fingerprint={c: fingerprint(components[c]) for c in files},
+        fingerprint={c: base_fingerprint(components[c]) for c in files},
         preset="all",
         dtype=dtype,
         extra={"imported_from": {c: str(f) for c, f in files.items()}, "imported_format": "svdiff-pytorch"},

@@ -24,9 +24,9 @@ import torch
 
 import svdiff
 from svdiff.errors import SvdiffError
-from svdiff.names import checkpoint_name, live_name
+from svdiff.names import bare_name, checkpoint_name, live_name
 from svdiff.spectral import add_shifts, find_targets, fingerprint, get_deltas, set_deltas
-from svdiff.spectral.shifts import encode_summary
+from svdiff.spectral.shifts import encode_summary, shape_hash
 
 WEIGHTS_NAME = "svdiff_weights.safetensors"
 FORMAT, FORMAT_VERSION = "svdiff", 2
@@ -510,13 +510,26 @@ def _clip(value: Any, limit: int = 80) -> str:
 # --- applying ---
 
 
-def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
-    """The first component of `expected` that `actual` does not match, in one line; None if all match."""
+def base_fingerprint(model: torch.nn.Module) -> dict:
+    """The fingerprint files record: its architecture hash over the published checkpoints' names, so that it is
+    the same whatever version of the model's library is installed."""
+    return fingerprint(model, name=lambda n: checkpoint_name(model, n))
+
+
+def accepted_shapes(model: torch.nn.Module) -> set[str]:
+    """The architecture hashes a file made for `model` may carry: over its published names, and over the names
+    without their nested level (how files written under a flattening library version spelled them)."""
+    return {shape_hash(model, lambda n: checkpoint_name(model, n)), shape_hash(model, lambda n: bare_name(model, n))}
+
+
+def fingerprint_mismatch(expected: dict, actual: dict, shapes: dict[str, set[str]] | None = None) -> str | None:
+    """The first component of `expected` that `actual` does not match, in one line; None if all match. `shapes`
+    gives, per component, every architecture hash that stands for `actual`'s (default: its own)."""
     for component, want in expected.items():
         have = actual.get(component)
         if have is None:
             return f"{component}: component missing from the base"
-        if have["shapes"] != want["shapes"]:
+        if want["shapes"] not in (shapes or {}).get(component, {have["shapes"]}):
             return f"{component}: architecture differs (layer shapes)"
         if not _probes_close(want, have):
             return f"{component}: weights differ from the base this file was trained on"
@@ -540,16 +553,22 @@ def _close(want: float, have: float, rtol: float, atol: float) -> bool:
     return abs(want - have) <= atol + rtol * abs(want)
 
 
-def check_against(shift_file: ShiftFile, targets: dict[str, dict[str, int]], fingerprint: dict) -> None:
+def check_against(
+    shift_file: ShiftFile,
+    targets: dict[str, dict[str, int]],
+    fingerprint: dict,
+    shapes: dict[str, set[str]] | None = None,
+) -> None:
     """Refuse a file that does not fit the model: another base, a layer it lacks, or a δ of the wrong length.
 
-    `targets` maps component -> parameter -> δ length for the model; a file may cover any subset of it.
+    `targets` maps component -> parameter -> δ length for the model; a file may cover any subset of it; `shapes`
+    as in `fingerprint_mismatch`.
     """
     where = f"cannot load {shift_file.path or 'shift file'}"
     components = shift_file.components()
     # Only components the file shifts must match: a UNet-only file fits a pipeline with any text encoder.
     expected = {name: fp for name, fp in shift_file.metadata["fingerprint"].items() if name in components}
-    mismatch = fingerprint_mismatch(expected, fingerprint)
+    mismatch = fingerprint_mismatch(expected, fingerprint, shapes)
     if mismatch:
         base = _clip(repr(shift_file.metadata.get("base_model")))
         raise ShiftFileError(f"{where}: it was trained on {base}, not on this model ({mismatch})")
@@ -676,7 +695,7 @@ def save_shifts(
         deltas = get_deltas(model, name)
         if deltas:  # under the published checkpoints' names, whatever version of the model's library is installed
             tensors.update({f"{component}.{checkpoint_name(model, k)}": v for k, v in deltas.items()})
-            prints[component] = fingerprint(model)
+            prints[component] = base_fingerprint(model)
     if not tensors:
         raise ShiftFileError(f"cannot write {path}: the model has no shift set {name!r}")
     return save_shift_file(
@@ -702,7 +721,8 @@ def load_shifts(
     shift_file = path if isinstance(path, ShiftFile) else read_shift_file(path)
     targets = {c: {t.name: t.length for t in find_targets(m)} for c, m in components.items()}
     shift_file = with_live_names(shift_file, components, targets)
-    check_against(shift_file, targets, {c: fingerprint(m) for c, m in components.items()})
+    prints = {c: base_fingerprint(m) for c, m in components.items()}
+    check_against(shift_file, targets, prints, {c: accepted_shapes(m) for c, m in components.items()})
     for component, deltas in shift_file.components().items():
         deltas = {k: v for k, v in deltas.items() if _selected(f"{component}.{k}", include, exclude)}
         if not deltas:

@@ -37,3 +37,9 @@ def live_name(model: nn.Module, stored: str, live: set[str] | dict) -> str:
             if candidate in live:
                 return candidate
     return stored
+
+
+def bare_name(model: nn.Module, live: str) -> str:
+    """`model`'s parameter `live` without the level, as transformers 5 names it."""
+    level = NESTED.get(type(model).__name__)
+    return live.removeprefix(f"{level}.") if level else live

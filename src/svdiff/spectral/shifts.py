@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import types
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -198,10 +199,17 @@ def set_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], name: str = "d
         shift.deltas[name].copy_(value.to(shift.deltas[name].device, torch.float32))
 
 
-def fingerprint(model: nn.Module, probes: int = 16) -> dict:
+def shape_hash(model: nn.Module, name: Callable[[str], str] | None = None) -> str:
+    """A hash of every target's name (as `name` spells it) and shape: the architecture, not the weights."""
+    spell = name or (lambda n: n)
+    text = "".join(f"{spell(t.name)}:{tuple(t.module.weight.shape)};" for t in find_targets(model))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint(model: nn.Module, probes: int = 16, name: Callable[[str], str] | None = None) -> dict:
     """An identity card of a base model, compared with a tolerance so its fp16/bf16 copies match:
 
-    - `shapes`: a hash of every target's name and shape (the architecture);
+    - `shapes`: `shape_hash` of every target's name, spelled by `name` (the caller's stable names), and shape;
     - `weights`: two numbers per target, in `find_targets` order — the mean |w| (all of the weight) and its middle
       value — so a base with any one layer replaced is another base; stored as base64 of little-endian float16
       pairs (2.6 kB for SD 1.5's 490 targets: far finer than the comparison's tolerance, and small in a header);
@@ -209,7 +217,6 @@ def fingerprint(model: nn.Module, probes: int = 16) -> dict:
       `weights` existed compare; still written so that their readers accept new files.
     """
     targets = find_targets(model)
-    shapes = hashlib.sha256("".join(f"{t.name}:{tuple(t.module.weight.shape)};" for t in targets).encode())
     weights = [_base_weight(t.module).detach() for t in targets]
     probe: list[float] = []
     summary: list[float] = []
@@ -223,7 +230,7 @@ def fingerprint(model: nn.Module, probes: int = 16) -> dict:
             # float32 accumulation (torch sums in blocks): 8× faster than float64, errors far below the tolerance
             mean_abs = float(torch.linalg.vector_norm(flat, 1, dtype=torch.float32)) / max(1, flat.numel())
             summary += [mean_abs, float(flat[flat.numel() // 2])]
-    return {"shapes": shapes.hexdigest()[:16], "probe": probe, "weights": encode_summary(summary)}
+    return {"shapes": shape_hash(model, name), "probe": probe, "weights": encode_summary(summary)}
 
 
 def encode_summary(values: list[float]) -> str:
