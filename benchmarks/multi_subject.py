@@ -285,10 +285,11 @@ def train_pair(
             for c, n in zip(concepts, pair, strict=True):
                 word = subject_card(n)["class_word"]
                 c.update(class_prompt=f"a photo of a {word}", class_data_dir=str(runs / "class_images" / word))
-        (out / "concepts.json").write_text(json.dumps(concepts))
+        listed = out.with_name(out.name + ".concepts.json")  # beside the run: its folder holds svdiff's files only
+        listed.write_text(json.dumps(concepts))
         train(
             train_args(
-                concepts_list=str(out / "concepts.json"),
+                concepts_list=str(listed),
                 output_dir=str(out),
                 max_train_steps=steps,
                 validation_steps=0,
