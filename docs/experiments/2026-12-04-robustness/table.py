@@ -9,16 +9,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 SRC = Path(sys.argv[1]).resolve()
 OUT = Path(sys.argv[2])
 ONLY = sys.argv[3:]
-PY = "/work/main/.venv/bin/python"
-SUBJ = "/work/main/examples/subjects/heart_sks"
-OTHER = "/work/main/examples/subjects/heart_xyz"
-WORK = Path("/tmp/rb/work-" + SRC.parent.name + os.environ.get("TABLE_TAG", ""))
+REPO = Path(__file__).resolve().parents[3]
+PY = sys.executable  # the checkout's .venv python, as run: .venv/bin/python docs/experiments/…/table.py
+SUBJ = str(REPO / "examples/subjects/heart_sks")
+OTHER = str(REPO / "examples/subjects/heart_xyz")
+WORK = Path(tempfile.gettempdir()) / "rb" / ("work-" + SRC.parent.name + os.environ.get("TABLE_TAG", ""))
 shutil.rmtree(WORK, ignore_errors=True)
 WORK.mkdir(parents=True)
 CACHE = WORK / "cache"
