@@ -63,7 +63,7 @@ def svdiff_delta(components, key) -> torch.Tensor:
     m = components[component]
     shifted = shifted_modules(m)
     module, shift = shifted[live_name(m, f"{path}.weight", shifted)]
-    return shift.delta_weight(shift.d(), module.weight).double()
+    return shift.delta_weight(shift.diagonal_change(), module.weight).double()
 
 
 def applied(components, patches) -> set[str]:

@@ -53,7 +53,7 @@ def effective_weights(components) -> dict[str, torch.Tensor]:
     out = {}
     for component, model in components.items():
         for name, (module, shift) in shifted_modules(model).items():
-            w = module.weight.double() + shift.delta_weight(shift.d(), module.weight).double()
+            w = module.weight.double() + shift.delta_weight(shift.diagonal_change(), module.weight).double()
             out[f"{component}.{checkpoint_name(model, name).removesuffix('.weight')}"] = w
     return out
 

@@ -11,7 +11,7 @@ import svdiff
 from svdiff.spectral import merged as merged_mod
 from svdiff.spectral import shifted_modules
 from svdiff.spectral.dispatch import AtenOps
-from svdiff.spectral.merged import MergedShifts
+from svdiff.spectral.merged import MergedShifts, StepPath
 from tiny_models import tiny_text_encoder, tiny_unet
 
 
@@ -66,7 +66,7 @@ def test_zero_delta_gives_the_base_weights_and_outputs_bit_for_bit():
 
 def test_text_encoder_with_embeddings_is_bit_exact_at_zero_and_trains():
     torch.manual_seed(0)
-    # float64: in float32 the per-call reference runs its layers on their factors (plan "spectral"), whose
+    # float64: in float32 the per-call reference runs its layers on their factors (the SPECTRAL plan), whose
     # round-off the attention amplifies to ~1e-3 in these tiny gradients
     base = tiny_text_encoder().double()
     model = copy.deepcopy(base)
@@ -156,7 +156,7 @@ def test_auto_times_each_group_and_keeps_the_faster(monkeypatch):
     x = _inputs()
     b(*x).sample.pow(2).mean().backward()
     paths = [g.path for g in ms.groups]
-    assert paths == ["merged" if i % 2 == 0 else "per-call" for i in range(len(ms.groups))]
+    assert paths == [StepPath.MERGED if i % 2 == 0 else StepPath.PER_CALL for i in range(len(ms.groups))]
     assert all("merged_ms" in p and "per_call_ms" in p for p in ms.paths())
     assert len(lines) == 1 and "shape groups merged" in lines[0]
     a(*x).sample.pow(2).mean().backward()
@@ -222,6 +222,7 @@ def test_the_chosen_paths_come_back_from_a_checkpoint(monkeypatch):
     ms = MergedShifts(b, choose="auto")
     b(*_inputs()).sample.pow(2).mean().backward()
     state = ms.state_dict()
+    assert {type(p) for p in state["paths"]} == {str}  # the values `--step_path` takes, not a class of ours
     _, _, _, c = _pair()
 
     def no_timing(fn, device):

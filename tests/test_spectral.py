@@ -11,7 +11,7 @@ from torch import nn
 import svdiff
 from svdiff.spectral import SpectralShift, decompose, find_targets, shifted_modules
 from svdiff.spectral import kinds as kinds_mod
-from svdiff.spectral.kinds import SPECTRAL, Plan
+from svdiff.spectral.kinds import SPECTRAL, DeltaGrad, Plan, Route
 from svdiff.spectral.layer import _Shifted
 
 
@@ -61,7 +61,7 @@ def test_zero_shift_and_zero_scale_are_bit_exact(name):
     x = make_x()
     with torch.no_grad():
         assert torch.equal(layer(x), base(x))  # δ = 0
-    # while δ trains, a layer may compute through its factors (Plan "spectral"): equal up to the SVD's round-off
+    # while δ trains, a layer may compute through its factors (the SPECTRAL plan): equal up to the SVD's round-off
     torch.testing.assert_close(layer(x), base(x), rtol=1e-5, atol=1e-5)
     _randomize(params)
     with torch.no_grad():
@@ -112,14 +112,19 @@ def test_random_shapes_match_eq2(m, n, k, seed):
         torch.testing.assert_close(layer(x).double(), ref(x.double()), rtol=1e-4, atol=1e-4)
 
 
-PLANS = [
-    Plan(f, gx, gd) for f in ("rebuild", "factored") for gx in ("rebuild", "factored") for gd in ("weight", "factored")
-] + [SPECTRAL]
+EXACT = (Route.REBUILD, Route.FACTORED)
+PLANS = [Plan(f, gx, gd) for f in EXACT for gx in EXACT for gd in DeltaGrad] + [SPECTRAL]
+
+
+def _plan_id(plan: Plan) -> str:
+    return f"{plan.forward.value}-{plan.grad_x.value}-{plan.grad_delta.value}"
 
 
 def _force(monkeypatch, plan: Plan):
     monkeypatch.setattr(
-        kinds_mod.Kind, "plan", lambda self, *a: plan if self.can_factor else Plan("rebuild", "rebuild", "weight")
+        kinds_mod.Kind,
+        "plan",
+        lambda self, *a: plan if self.can_factor else Plan(Route.REBUILD, Route.REBUILD, DeltaGrad.WEIGHT),
     )
 
 
@@ -149,7 +154,7 @@ def _gradcheck(name, plan):
 
 
 @pytest.mark.parametrize("name", MATRIX_LAYERS)
-@pytest.mark.parametrize("plan", PLANS, ids=str)
+@pytest.mark.parametrize("plan", PLANS, ids=_plan_id)
 def test_gradcheck_every_plan(name, plan):
     assert _gradcheck(name, plan)
 
@@ -225,7 +230,7 @@ def test_gradcheck_unfolded_convolution(monkeypatch, name):
     assert _gradcheck(name, SPECTRAL)
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=str)
+@pytest.mark.parametrize("plan", PLANS, ids=_plan_id)
 def test_backward_keeps_no_weight_sized_tensor(monkeypatch, plan):
     _force(monkeypatch, plan)
     layer = nn.Linear(64, 48)
@@ -243,8 +248,8 @@ def test_plan_follows_flops():
     shift = wide.spectral_shift
     many = torch.randn(2, 64, 64, 64, device="meta", requires_grad=True)
     few = torch.randn(1, 64, 2, 2, device="meta", requires_grad=True)
-    assert shift.kind.plan(wide, shift, many, False).forward == "rebuild"  # many tokens share one weight
-    assert shift.kind.plan(wide, shift, few, False).forward == "factored"  # a big matrix for four tokens
+    assert shift.kind.plan(wide, shift, many, False).forward is Route.REBUILD  # many tokens share one weight
+    assert shift.kind.plan(wide, shift, few, False).forward is Route.FACTORED  # a big matrix for four tokens
     # while δ trains, a 3×3 convolution runs through its factors: x·V is the convolution itself
     assert shift.kind.plan(wide, shift, many, True) == SPECTRAL
     square = nn.Linear(64, 64)
@@ -452,11 +457,11 @@ def test_half_keeps_sigma_and_delta_in_float32():
     layer = nn.Linear(32, 24)
     params = svdiff.add_shifts(layer, cache=False, progress=False)
     _randomize(params, std=2e-3)
-    d32 = layer.spectral_shift.d().detach().clone()
+    d32 = layer.spectral_shift.diagonal_change().detach().clone()
     layer.half()
     assert layer.weight.dtype == torch.float16
     assert layer.spectral_shift.S.dtype == torch.float32 and params["weight"].dtype == torch.float32
-    assert torch.equal(layer.spectral_shift.d().detach(), d32)
+    assert torch.equal(layer.spectral_shift.diagonal_change().detach(), d32)
 
 
 def test_unbatched_conv_input():

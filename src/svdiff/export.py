@@ -78,7 +78,7 @@ def _shifted(components: dict[str, nn.Module]):
     published checkpoints' names."""
     for component, model in components.items():
         for name, (module, shift) in shifted_modules(model).items():
-            d = shift.d()
+            d = shift.diagonal_change()
             if d is not None:
                 yield (
                     f"{component}.{checkpoint_name(model, name).removesuffix('.weight')}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -12,28 +13,43 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 
+class Route(Enum):
+    """How a call applies W' = W + U·diag(d)·Vᵀ to activations (forward) or to their gradient (grad_x):
+    REBUILD   the layer's op with W + ΔW, ΔW = (U·d)·Vᵀ (forward); g through W + ΔW, rebuilt again (grad_x)
+    FACTORED  op(x, W) + ((x·V)·d)·Uᵀ (forward); g through W, plus ((g·U)·d)·Vᵀ (grad_x)
+    SPECTRAL  ((x·V)·(σ + d))·Uᵀ (forward); ((g·U)·(σ + d))·Vᵀ (grad_x): the base op not run at all"""
+
+    REBUILD = "rebuild"
+    FACTORED = "factored"
+    SPECTRAL = "spectral"
+
+
+class DeltaGrad(Enum):
+    """How a call computes δ's gradient: WEIGHT, diag(Uᵀ·G·V) from the weight gradient G; FACTORED,
+    Σ (g·U) ⊙ (x·V)."""
+
+    WEIGHT = "weight"
+    FACTORED = "factored"
+
+
 @dataclass(frozen=True)
 class Plan:
-    """How one call applies W' = W + U·diag(d)·Vᵀ:
-    forward      "rebuild": the layer's op with W + ΔW, ΔW = (U·d)·Vᵀ;  "factored": op(x, W) + ((x·V)·d)·Uᵀ;
-                 "spectral": ((x·V)·(σ + d))·Uᵀ, the base op not run at all
-    grad_x       "rebuild": g through W + ΔW (rebuilt again);  "factored": g through W, plus ((g·U)·d)·Vᵀ;
-                 "spectral": ((g·U)·(σ + d))·Vᵀ
-    grad_delta   "weight": diag(Uᵀ·G·V) from the weight gradient G;  "factored": Σ (g·U) ⊙ (x·V)
+    """How one call applies W' = W + U·diag(d)·Vᵀ: its forward and x's gradient each take a `Route`, δ's gradient a
+    `DeltaGrad`.
 
-    Every choice but "spectral" is exact. "spectral" (forward and grad_x together) computes with U·diag(σ)·Vᵀ in
+    Every route but SPECTRAL is exact. SPECTRAL (forward and grad_x together) computes with U·diag(σ)·Vᵀ in
     place of W, equal to it up to the factorization's round-off; it is only chosen while δ trains, with float32
     or float64 factors and activations, so a δ of zero still reproduces the base layer bit for bit everywhere
     else (inference, fused weights, low-precision runs). It spares a convolution's weight gradient: x·V is
     V's convolution, which the forward computes anyway, and Σ (g·U) ⊙ (x·V) then costs almost nothing.
     """
 
-    forward: str
-    grad_x: str
-    grad_delta: str
+    forward: Route
+    grad_x: Route
+    grad_delta: DeltaGrad
 
 
-SPECTRAL = Plan("spectral", "spectral", "factored")
+SPECTRAL = Plan(Route.SPECTRAL, Route.SPECTRAL, DeltaGrad.FACTORED)
 # On a CPU, a convolution with V's filters over at most UNFOLD_POSITIONS output positions and with at least
 # UNFOLD_VALUES filter values runs as a product of unfolded patches (`Conv._unfolds`; benchmarks/conv_paths.py).
 UNFOLD_POSITIONS = 64
@@ -64,19 +80,20 @@ class Kind:
         R, A, B, G = 2 * m * n * r, 2 * t * m * r, 2 * t * r * n, 2 * t * m * n
 
         def cost(p: Plan) -> int:
-            if p.forward == "spectral":  # replaces the base op (and its x-gradient); g·U serves δ's gradient
+            if p.forward is Route.SPECTRAL:  # replaces the base op (and its x-gradient); g·U serves δ's gradient
                 return (A + B - G) * (2 if need_x else 1) + (0 if need_x else A)
-            total = R if p.forward == "rebuild" else A + B
+            total = R if p.forward is Route.REBUILD else A + B
             if need_x:
-                total += R if p.grad_x == "rebuild" else A + B  # g·U (kept for δ) then (g·U·d)·Vᵀ
-            if train and p.grad_delta == "weight":
+                total += R if p.grad_x is Route.REBUILD else A + B  # g·U (kept for δ) then (g·U·d)·Vᵀ
+            if train and p.grad_delta is DeltaGrad.WEIGHT:
                 total += G + R  # diag(Uᵀ·G·V)
             elif train:  # Σ (g·U) ⊙ (x·V): reuse g·U from grad_x and x·V from a factored forward
-                total += (0 if need_x and p.grad_x == "factored" else A) + (0 if p.forward == "factored" else B)
+                reused_gu = need_x and p.grad_x is Route.FACTORED
+                total += (0 if reused_gu else A) + (0 if p.forward is Route.FACTORED else B)
             return total
 
-        choices = ("rebuild", "factored") if self.can_factor else ("rebuild",)
-        grads = ("weight", "factored") if self.can_factor else ("weight",)
+        choices = (Route.REBUILD, Route.FACTORED) if self.can_factor else (Route.REBUILD,)
+        grads = (DeltaGrad.WEIGHT, DeltaGrad.FACTORED) if self.can_factor else (DeltaGrad.WEIGHT,)
         plans = [Plan(f, gx, gd) for f in choices for gx in choices for gd in grads]
         precise = (torch.float32, torch.float64)
         if self.can_factor and train and shift.U.dtype in precise and x.dtype in precise:

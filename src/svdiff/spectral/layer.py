@@ -24,7 +24,7 @@ from torch import nn
 
 from . import mixed
 from .basis import SpectralBasis
-from .kinds import SPECTRAL, Conv, Embedding, Kind, Plan
+from .kinds import SPECTRAL, Conv, DeltaGrad, Embedding, Kind, Plan, Route
 
 
 class SpectralShift(nn.Module):
@@ -64,8 +64,9 @@ class SpectralShift(nn.Module):
             total = total + delta * scale
         return total
 
-    def d(self) -> torch.Tensor | None:
-        """d = ReLU(σ + Σ s·δ) − σ for matrices, Σ s·δ for 1-D weights; None when nothing is active."""
+    def diagonal_change(self) -> torch.Tensor | None:
+        """d, what the active sets add on the diagonal: to the singular values for matrices, d = ReLU(σ + Σ s·δ) − σ
+        (so W' = W + U·diag(d)·Vᵀ); to the weight itself for 1-D weights, d = Σ s·δ. None when nothing is active."""
         total = self.combined()
         if total is None or self.kind.is_vector:
             return total
@@ -126,15 +127,15 @@ class _Shifted(torch.autograd.Function):
         shifted = shift.spectrum(total)
         d = None if plan == SPECTRAL else shifted - shift.S  # a layer run on its factors alone needs only σ + d
         h = None
-        if plan.forward == "rebuild":
+        if plan.forward is Route.REBUILD:
             y = kind.forward(module, x, weight + shift.delta_weight(d, weight))
-        elif plan.forward == "spectral":
+        elif plan.forward is Route.SPECTRAL:
             h = kind.down(module, shift, x)
             y = kind.up(module, shift, kind.scale(h, shifted), bias)
         else:
             h = kind.down(module, shift, x)
             y = kind.forward(module, x, weight) + kind.up(module, shift, kind.scale(h, d))
-        ctx.save_for_backward(x, d, shifted, h if plan.grad_delta == "factored" else None)
+        ctx.save_for_backward(x, d, shifted, h if plan.grad_delta is DeltaGrad.FACTORED else None)
         ctx.shift, ctx.module, ctx.plan = shift, module, plan
         return y
 
@@ -144,18 +145,18 @@ class _Shifted(torch.autograd.Function):
         shift, module, plan = ctx.shift, ctx.module, ctx.plan
         kind = shift.kind
         need_x, need_d, need_w, need_b = ctx.needs_input_grad[:4]
-        weight_gd = need_d and plan.grad_delta == "weight"
+        weight_gd = need_d and plan.grad_delta is DeltaGrad.WEIGHT
         w = module.weight
-        if need_x and plan.grad_x == "rebuild":
+        if need_x and plan.grad_x is Route.REBUILD:
             w = w + shift.delta_weight(d, w)
-        base_x = need_x and plan.grad_x != "spectral"  # x's gradient through the base op
+        base_x = need_x and plan.grad_x is not Route.SPECTRAL  # x's gradient through the base op
         gx = gw = gb = gu = None
         if base_x or need_w or weight_gd or need_b:
             gx, gw, gb = kind.backward(module, grad, x, w, base_x, need_w or weight_gd, need_b)
-        if need_x and plan.grad_x == "spectral":
+        if need_x and plan.grad_x is Route.SPECTRAL:
             gu = kind.up_transpose(module, shift, grad)
             gx = kind.down_transpose(module, shift, kind.scale(gu, shifted), x)
-        elif need_x and plan.grad_x == "factored":
+        elif need_x and plan.grad_x is Route.FACTORED:
             gu = kind.up_transpose(module, shift, grad)
             gx = gx + kind.down_transpose(module, shift, kind.scale(gu, d), x)
         gd = None

@@ -15,7 +15,7 @@ Here, for one component (a UNet, a text encoder, a transformer):
   when a group's gradients are complete (a hook on W′), δ's gradient diag(Uᵀ·G·V), through the ReLU, is added
   to the flat gradient in one batched product and G is freed. The micro-batches of a gradient accumulation add
   up there, since the gradient is linear in G;
-- a group may stay on the per-call path instead, where that measures faster (`choose="auto"` times both on the
+- a group may stay on the per-call path instead, where that measures faster (`StepPath.AUTO` times both on the
   device before the first step, as cudnn.benchmark does); its δ gradients accumulate straight into the flat
   gradient's storage.
 
@@ -32,6 +32,7 @@ import statistics
 import time
 import types
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -42,7 +43,17 @@ from .shifts import _shifted_forward, shifted_modules
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("auto", "merged", "per-call")
+
+class StepPath(StrEnum):
+    """The path a shape group's layers train on: MERGED once per step, or PER_CALL (each layer's own autograd
+    Function); AUTO, only as a choice, times both on the device. The values are what `--step_path` takes and what
+    checkpoints store."""
+
+    AUTO = "auto"
+    MERGED = "merged"
+    PER_CALL = "per-call"
+
+
 WEIGHT = "svdiff_merged_weight"  # the instance attribute holding a merged layer's view of W′ during a forward
 TIMING_REPEATS = 3
 
@@ -63,7 +74,7 @@ class Group:
     Ut: torch.Tensor | None = None  # its transpose, a view
     Vh: torch.Tensor | None = None  # k × r × n
     merged: torch.Tensor | None = None  # W′, a leaf that receives the layers' weight gradients
-    path: str = "merged"
+    path: StepPath = StepPath.MERGED
     timing: dict = field(default_factory=dict)
     # views made once, so a step issues no slicing per group: d (k × 1 × r, in the weights' dtype; δ itself
     # for 1-D weights), the ReLU's mask (k × r) and the group's part of the flat gradient
@@ -118,14 +129,15 @@ def _merged_forward(module: nn.Module, x, *args, **kwargs):
 class MergedShifts:
     """Wires the shift set `name` of `model` for merged training (see the module docstring).
 
-    `choose`: "merged" (every group that can), "per-call" (every group per call, δ still flat), or "auto" (timed
+    `choose`: MERGED (every group that can), PER_CALL (every group per call, δ still flat), or AUTO (timed
     per group before the first training forward). `report`, if given, is called with one line saying what was
     chosen. Call after the model has its final device and dtype; `close()` restores per-call layers (δ stays
     flat)."""
 
-    def __init__(self, model: nn.Module, name: str = "default", choose: str = "auto", report=None):
-        if choose not in CHOICES:
-            raise ValueError(f"choose must be one of {', '.join(CHOICES)}, not {choose!r}")
+    def __init__(self, model: nn.Module, name: str = "default", choose: StepPath | str = StepPath.AUTO, report=None):
+        if choose not in set(StepPath):
+            raise ValueError(f"choose must be one of {', '.join(StepPath)}, not {choose!r}")
+        choose = StepPath(choose)
         self.model, self.name, self.report = model, name, report
         shifted = shifted_modules(model)
         if not shifted:
@@ -163,7 +175,7 @@ class MergedShifts:
                 start=start,
                 stop=lengths[which],
                 base=torch.stack([shifted[n][0].weight.detach() for n in names]),
-                path="merged" if gkey[-1] and choose != "per-call" else "per-call",
+                path=StepPath.MERGED if gkey[-1] and choose is not StepPath.PER_CALL else StepPath.PER_CALL,
             )
             self.groups.append(group)
         device = next(iter(shifted.values()))[0].weight.device
@@ -205,7 +217,7 @@ class MergedShifts:
             for i, shift in enumerate(g.shifts):  # per-call groups accumulate their δ gradients here
                 shift.deltas[name].grad = g.grad[i]
         self._merged_at = None  # the flat parameters' versions at the last merge
-        self.chosen = choose != "auto"
+        self.chosen = choose is not StepPath.AUTO
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         for g in self.groups:
             self._set_path(g, g.path)
@@ -225,12 +237,12 @@ class MergedShifts:
     def paths(self) -> list[dict]:
         """Per shape group: its shape, how many targets, the path it runs on and, when timed, both timings."""
         return [
-            {"kind": g.key[0], "shape": list(g.key[1]), "targets": len(g.modules), "path": g.path} | g.timing
+            {"kind": g.key[0], "shape": list(g.key[1]), "targets": len(g.modules), "path": g.path.value} | g.timing
             for g in self.groups
         ]
 
     def summary(self) -> str:
-        merged = [g for g in self.groups if g.path == "merged"]
+        merged = [g for g in self.groups if g.path is StepPath.MERGED]
         return (
             f"{len(merged)}/{len(self.groups)} shape groups merged once per step, the others per call "
             f"({sum(len(g.modules) for g in merged)}/{sum(len(g.modules) for g in self.groups)} targets)"
@@ -241,7 +253,7 @@ class MergedShifts:
         (`accelerator.register_for_checkpointing` keeps it with the checkpoint)."""
         return {
             "chosen": self.chosen,
-            "paths": [g.path for g in self.groups],
+            "paths": [g.path.value for g in self.groups],  # plain strings: a checkpoint holds no class of ours
             "timing": [g.timing for g in self.groups],
         }
 
@@ -251,21 +263,22 @@ class MergedShifts:
         if not state["chosen"]:
             return
         for g, path, timing in zip(self.groups, state["paths"], state["timing"], strict=True):
-            self._set_path(g, path)
+            self._set_path(g, StepPath(path))
             g.timing = timing
         self.chosen = True
 
-    def use(self, path: str) -> None:
-        """Every group that can be merged on `path` ("merged" or "per-call"), as if chosen."""
+    def use(self, path: StepPath | str) -> None:
+        """Every group that can be merged on `path` (MERGED or PER_CALL), as if chosen."""
+        path = StepPath(path)
         for g in self.groups:
-            self._set_path(g, path if g.key[-1] else "per-call")
+            self._set_path(g, path if g.key[-1] else StepPath.PER_CALL)
         self.chosen = True
 
     def close(self) -> None:
         """Every layer back on its per-call forward, the hooks removed; δ stays in the flat parameters."""
         self._hook.remove()
         for g in self.groups:
-            self._set_path(g, "per-call")
+            self._set_path(g, StepPath.PER_CALL)
 
     # --- the step ---
 
@@ -277,7 +290,7 @@ class MergedShifts:
         """Build W′ of every merged group from the current δ."""
         self._update_d()
         for g in self.groups:
-            if g.path == "merged":
+            if g.path is StepPath.MERGED:
                 self._merge_group(g)
         self._merged_at = self._versions()
 
@@ -326,7 +339,7 @@ class MergedShifts:
         if training:
             self._hand_grads()
         for g in self.groups:
-            if g.path == "merged":
+            if g.path is StepPath.MERGED:
                 _install(g)
         return None
 
@@ -343,14 +356,14 @@ class MergedShifts:
                 buf.copy_(flat.grad)
             flat.grad = buf
 
-    def _set_path(self, g: Group, path: str) -> None:
+    def _set_path(self, g: Group, path: StepPath) -> None:
         g.path = path
         for m in g.modules:
             m.__dict__.pop(WEIGHT, None)
-            fn = _merged_forward if path == "merged" else _shifted_forward
+            fn = _merged_forward if path is StepPath.MERGED else _shifted_forward
             m.forward = types.MethodType(fn, m)
-            m._modules["spectral_shift"].deltas[self.name].requires_grad_(path == "per-call")
-        if path != "merged":
+            m._modules["spectral_shift"].deltas[self.name].requires_grad_(path is StepPath.PER_CALL)
+        if path is not StepPath.MERGED:
             g.merged = None
         self._merged_at = None
 
@@ -366,7 +379,7 @@ class MergedShifts:
         try:
             self.merge()
             for g in self.groups:
-                if g.path == "merged":
+                if g.path is StepPath.MERGED:
                     _install(g)
             originals = {m: m.__dict__["forward"] for g in self.groups for m in g.modules}
             for m, forward in originals.items():
@@ -377,7 +390,7 @@ class MergedShifts:
                 for m, forward in originals.items():
                     m.forward = forward
             for g in self.groups:
-                if g.path == "merged" and all(id(m) in seen for m in g.modules):
+                if g.path is StepPath.MERGED and all(id(m) in seen for m in g.modules):
                     self._time_group(g, [seen[id(m)] for m in g.modules])
         finally:
             for which, buf in self._grad.items():
@@ -412,10 +425,10 @@ class MergedShifts:
             run(_merged_forward)
 
         merged_s = _timed(merged, device)
-        self._set_path(g, "per-call")
+        self._set_path(g, StepPath.PER_CALL)
         per_call_s = _timed(lambda: run(_shifted_forward), device)
         g.timing = {"merged_ms": round(merged_s * 1e3, 3), "per_call_ms": round(per_call_s * 1e3, 3)}
-        self._set_path(g, "merged" if merged_s < per_call_s else "per-call")
+        self._set_path(g, StepPath.MERGED if merged_s < per_call_s else StepPath.PER_CALL)
 
 
 def _install(g: Group) -> None:

@@ -165,7 +165,7 @@ def _unfused(module: nn.Module, shift: SpectralShift):
 
 @torch.no_grad()
 def _fuse_one(module: nn.Module, shift: SpectralShift) -> None:
-    d = shift.d()
+    d = shift.diagonal_change()
     if d is None:
         return
     w = module.weight
