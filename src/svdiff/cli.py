@@ -10,6 +10,9 @@ from pathlib import Path
 
 from .checks import MAX_SCALE, check_range, png_path
 from .errors import Interrupted, SvdiffError
+from .flags import base_flag, flag
+
+SAVE_DTYPES = ("fp16", "fp32", "bf16", "int8")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,34 +23,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_target_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="all", help="parameter subset (see `svdiff targets --list`)")
-    p.add_argument(
-        "--include",
-        action="append",
-        default=None,
-        metavar="REGEX",
-        help="keep only weights whose name matches (repeatable)",
-    )
-    p.add_argument(
-        "--exclude",
-        action="append",
-        default=None,
-        metavar="REGEX",
-        help="drop weights whose name matches (repeatable)",
-    )
-
-
-def _base_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--base",
-        "--pretrained_model_name_or_path",
-        "--pretrained-model-name-or-path",
-        dest="base",
-        default=None,
-        help="sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, flux-dev, flux-schnell (built-in "
-        "architectures), a diffusers folder or a hub id; "
-        "default: the embedded tiny pipeline",
-    )
+    flag(p, "preset", default="all", help="parameter subset (see `svdiff targets --list`)")
+    for name, what in (("include", "keep only"), ("exclude", "drop")):
+        flag(p, name, action="append", metavar="REGEX", help=f"{what} weights whose name matches (repeatable)")
 
 
 def cmd_targets(args) -> int:
@@ -343,14 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="personalize an example subject on the embedded base; before/after pictures")
-    p.add_argument("--output_dir", "--output-dir", default="demo-output")
-    p.add_argument("--subject", default="examples/subjects/heart_sks", help="an example subject folder")
-    p.add_argument("--max_train_steps", "--max-train-steps", type=int, default=400)
-    p.add_argument("--num_class_images", "--num-class-images", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--base",
-        default=None,
+    flag(p, "output_dir", default="demo-output")
+    flag(p, "subject", default="examples/subjects/heart_sks", help="an example subject folder")
+    flag(p, "max_train_steps", type=int, default=400)
+    flag(p, "num_class_images", type=int, default=50)
+    flag(p, "seed", type=int, default=0)
+    flag(
+        p,
+        "base",
         help="another pipeline of the shapes world, e.g. a candidate from `python -m svdiff.world.pretrain` "
         "(default: the shipped one)",
     )
@@ -360,132 +338,124 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="the evidence report: every benchmark, the paper's claims checked")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer subjects, seeds and steps")
-    mode.add_argument("--smoke", action="store_true", help="a few steps of everything: checks the pipeline runs")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: docs/results/report)")
-    p.add_argument("--runs", type=Path, default=None, help="where trained runs are kept and reused")
+    flag(mode, "quick", action="store_true", help="fewer subjects, seeds and steps")
+    flag(mode, "smoke", action="store_true", help="a few steps of everything: checks the pipeline runs")
+    flag(p, "out", type=Path, help="report folder (default: docs/results/report)")
+    flag(p, "runs", type=Path, help="where trained runs are kept and reused")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("edit", help="edit one image by changing its caption (fine-tuned shifts, DDIM inversion)")
-    p.add_argument("--image", required=True)
-    p.add_argument("--source_prompt", "--source-prompt", required=True, help="the caption of the image as it is")
-    p.add_argument("--target_prompt", "--target-prompt", action="append", required=True, help="repeatable")
-    p.add_argument("--shifts", default=None, help="reuse the shift file of an earlier edit of this image")
-    p.add_argument("--method", default="svdiff", choices=["svdiff", "full"], help="full: the paper's baseline")
-    p.add_argument("--max_train_steps", "--max-train-steps", type=int, default=DEFAULT_EDIT_STEPS)
-    p.add_argument(
-        "--ddim_inversion",
-        "--ddim-inversion",
+    flag(p, "image", required=True)
+    flag(p, "source_prompt", required=True, help="the caption of the image as it is")
+    flag(p, "target_prompt", action="append", required=True, help="repeatable")
+    flag(p, "shifts", help="reuse the shift file of an earlier edit of this image")
+    flag(p, "method", default="svdiff", choices=["svdiff", "full"], help="full: the paper's baseline")
+    flag(p, "max_train_steps", type=int, default=DEFAULT_EDIT_STEPS)
+    flag(
+        p,
+        "ddim_inversion",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="start from the image's inverted noise map (on by default; off for large structural edits)",
     )
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η: fresh noise at every step")
-    p.add_argument(
-        "--slerp_alpha", "--slerp-alpha", type=float, default=0.0, help="Eq. 7: move the noise map towards fresh noise"
-    )
-    p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=3.0)
-    p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="edits.png")
-    _base_flag(p)
+    flag(p, "eta", type=float, default=0.0, help="DDIM η: fresh noise at every step")
+    flag(p, "slerp_alpha", type=float, default=0.0, help="Eq. 7: move the noise map towards fresh noise")
+    flag(p, "guidance_scale", type=float, default=3.0)
+    flag(p, "num_inference_steps", type=int, default=50)
+    flag(p, "seed", type=int, default=0)
+    flag(p, "output", default="edits.png")
+    base_flag(p)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("targets", help="count the spectral shifts a preset selects (no SVD is computed)")
-    _base_flag(p)
+    base_flag(p)
     _add_target_flags(p)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--list", action="store_true", help="list the presets")
-    p.add_argument("--memory", action="store_true", help="what training needs in memory, by component (meta tensors)")
-    p.add_argument("--resolution", type=int, nargs="+", default=[512, 1024], help="with --memory (default 512 1024)")
-    p.add_argument("--dtype", default="bf16", help="with --memory: the base weights' dtype, fp32, fp16 or bf16")
-    p.add_argument("--batch", type=int, default=1, help="with --memory (default 1)")
+    flag(p, "json", action="store_true")
+    flag(p, "list", action="store_true", help="list the presets")
+    flag(p, "memory", action="store_true", help="what training needs in memory, by component (meta tensors)")
+    flag(p, "resolution", type=int, nargs="+", default=[512, 1024], help="with --memory (default 512 1024)")
+    flag(p, "dtype", default="bf16", help="with --memory: the base weights' dtype, fp32, fp16 or bf16")
+    flag(p, "batch", type=int, default=1, help="with --memory (default 1)")
     p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("inspect", help="metadata, counts, size and the most-moved layers of a shift file")
     p.add_argument("file")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", metavar="PNG", default=None, help="also draw |δ| per block into this PNG")
+    flag(p, "top", type=int, default=10)
+    flag(p, "json", action="store_true")
+    flag(p, "plot", metavar="PNG", help="also draw |δ| per block into this PNG")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("merge", help="one shift file from several: weighted sum (Eq. 4) or interpolation (Eq. 5)")
     p.add_argument("files", nargs="+")
-    p.add_argument("--weights", type=float, nargs="+", default=None, help="one per file (default: all 1, a sum)")
-    p.add_argument("--interpolate", action="store_true", help="alpha·A + (1 − alpha)·B")
-    p.add_argument("--alpha", type=float, default=None, help="with --interpolate (default 0.5)")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument(
-        "--save_dtype",
-        "--save-dtype",
+    flag(p, "weights", type=float, nargs="+", help="one per file (default: all 1, a sum)")
+    flag(p, "interpolate", action="store_true", help="alpha·A + (1 − alpha)·B")
+    flag(p, "alpha", type=float, help="with --interpolate (default 0.5)")
+    flag(p, "output", "o", required=True)
+    flag(
+        p,
+        "save_dtype",
         default="fp32",
-        choices=["fp16", "fp32", "bf16", "int8"],
+        choices=SAVE_DTYPES,
         help="fp32 (default) keeps the merge exactly equal to loading its parts; int8 is the smallest file",
     )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="sample images with shift files (scaled, added, interpolated, style-mixed)")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for several rows")
-    p.add_argument("--shifts", action="append", default=[], metavar="FILE[:SCALE]", help="repeat to add subjects")
-    p.add_argument(
-        "--per-prompt",
-        "--per_prompt",
+    flag(p, "prompt", action="append", required=True, help="repeat for several rows")
+    flag(p, "shifts", action="append", default=[], metavar="FILE[:SCALE]", help="repeat to add subjects")
+    flag(
+        p,
+        "per_prompt",
         action="store_true",
         help="draw prompt i with --shifts file i alone, all prompts in the same batches",
     )
-    p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None, help="alpha·A + (1 − alpha)·B")
-    p.add_argument("--alpha", type=float, default=None, help="with --interpolate (default 0.5)")
-    p.add_argument("--style_mix", "--style-mix", nargs=2, metavar=("geometry=A", "appearance=B"), default=None)
-    p.add_argument("--num_images", "--num-images", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=25)
-    p.add_argument(
-        "--guidance_scale",
-        "--guidance-scale",
-        type=float,
-        default=None,
-        help="default: 3 on the embedded base, 7.5 on others",
-    )
-    p.add_argument("--negative_prompt", "--negative-prompt", default=None)
-    p.add_argument("--scheduler", default="ddim")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--output", default="grid.png")
-    _base_flag(p)
+    flag(p, "interpolate", nargs=2, metavar=("A", "B"), help="alpha·A + (1 − alpha)·B")
+    flag(p, "alpha", type=float, help="with --interpolate (default 0.5)")
+    flag(p, "style_mix", nargs=2, metavar=("geometry=A", "appearance=B"))
+    flag(p, "num_images", type=int, default=4)
+    flag(p, "seed", type=int, default=0)
+    flag(p, "num_inference_steps", type=int, default=25)
+    flag(p, "guidance_scale", type=float, help="default: 3 on the embedded base, 7.5 on others")
+    flag(p, "negative_prompt")
+    flag(p, "scheduler", default="ddim")
+    flag(p, "eta", type=float, default=0.0)
+    flag(p, "output", default="grid.png")
+    base_flag(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="a shift file as a LoRA (diffusers or kohya keys), exact at full rank")
     p.add_argument("file")
-    p.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"], help="kohya: for the UIs")
-    p.add_argument(
-        "--include-norms",
-        "--include_norms",
+    flag(p, "format", default="diffusers", choices=["diffusers", "kohya"], help="kohya: for the UIs")
+    flag(
+        p,
+        "include_norms",
         action="store_true",
         help="kohya: the UNet's 1-D norm shifts as exact differences (ComfyUI, AUTOMATIC1111 and Forge apply them)",
     )
-    p.add_argument(
-        "--comfyui-text-extras",
-        "--comfyui_text_extras",
+    flag(
+        p,
+        "comfyui_text_extras",
         action="store_true",
         help="kohya: the text encoder's norms and embeddings too, under names only ComfyUI maps (Forge refuses it)",
     )
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--rank", type=int, help="at most this rank per layer (largest |d| kept)")
-    group.add_argument("--energy", type=float, help="per layer, the fewest directions keeping this share of ‖ΔW‖²")
-    p.add_argument("-o", "--output", required=True)
-    _base_flag(p)
-    p.add_argument("--json", action="store_true")
+    flag(group, "rank", type=int, help="at most this rank per layer (largest |d| kept)")
+    flag(group, "energy", type=float, help="per layer, the fewest directions keeping this share of ‖ΔW‖²")
+    flag(p, "output", "o", required=True)
+    base_flag(p)
+    flag(p, "json", action="store_true")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="svdiff-pytorch's spectral_shifts(_te).safetensors as an svdiff shift file")
     p.add_argument("files", nargs="+", help="the file(s), or the folder holding them")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--save_dtype", "--save-dtype", default="fp32", choices=["fp16", "fp32", "bf16", "int8"])
-    _base_flag(p)
+    flag(p, "output", "o", required=True)
+    flag(p, "save_dtype", default="fp32", choices=SAVE_DTYPES)
+    base_flag(p)
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("cache", help="the on-disk cache of SVD factors ($SVDIFF_CACHE)")
     p.add_argument("action", choices=["list", "clear", "build"])
-    _base_flag(p)
+    base_flag(p)
     _add_target_flags(p)
     p.set_defaults(func=cmd_cache)
 

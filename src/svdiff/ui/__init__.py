@@ -4,18 +4,18 @@ nothing here imports it until the app starts."""
 
 from __future__ import annotations
 
-from ..cli import _base_flag
 from ..errors import SvdiffError
+from ..flags import base_flag, flag
 from .workspace import DEFAULT_WORKSPACE
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("ui", help="the local web app: train, generate, edit, merge and export in a browser")
-    p.add_argument("--workspace", default=DEFAULT_WORKSPACE, help="the one folder the app reads and writes")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="also make a public share link (off by default)")
-    _base_flag(p)
+    flag(p, "workspace", default=DEFAULT_WORKSPACE, help="the one folder the app reads and writes")
+    flag(p, "host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    flag(p, "port", type=int, default=7860)
+    flag(p, "share", action="store_true", help="also make a public share link (off by default)")
+    base_flag(p)
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..data.images import image_files, open_images
 from ..errors import SvdiffError
+from ..flags import flag
 from . import GUIDANCE_SCALE
 
 
@@ -15,34 +16,34 @@ def add_parser(subparsers) -> None:
     sub = world.add_subparsers(dest="world_command", required=True)
 
     p = sub.add_parser("render", help="render random scenes with their captions and ground truth")
-    p.add_argument("--out", type=Path, required=True, help="folder for NNNN.png and scenes.jsonl")
-    p.add_argument("-n", "--num", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--objects", type=int, choices=(1, 2), default=None, help="objects per scene (default: mixed)")
+    flag(p, "out", type=Path, required=True, help="folder for NNNN.png and scenes.jsonl")
+    flag(p, "num", "n", type=int, default=16)
+    flag(p, "seed", type=int, default=0)
+    flag(p, "objects", type=int, choices=(1, 2), help="objects per scene (default: mixed)")
     p.set_defaults(func=run_render)
 
     p = sub.add_parser("subjects", help="write subject folders (views + subject.json) for fine-tuning")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("-n", "--num", type=int, default=1, help="how many subjects")
-    p.add_argument("--views", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", default=None, help="class of every subject (default: random)")
-    p.add_argument("--identifier", default="sks")
-    p.add_argument("--examples", action="store_true", help="write the shipped example set (and its contact sheet)")
+    flag(p, "out", type=Path, required=True)
+    flag(p, "num", "n", type=int, default=1, help="how many subjects")
+    flag(p, "views", type=int, default=4)
+    flag(p, "seed", type=int, default=0)
+    flag(p, "shape", help="class of every subject (default: random)")
+    flag(p, "identifier", default="sks")
+    flag(p, "examples", action="store_true", help="write the shipped example set (and its contact sheet)")
     p.set_defaults(func=run_subjects)
 
     p = sub.add_parser("judge", help="which of the prompt's words each image shows, as JSON")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--reference", type=Path, default=None, help="folder of subject images to compare with")
+    flag(p, "prompt", required=True)
+    flag(p, "reference", type=Path, help="folder of subject images to compare with")
     p.set_defaults(func=run_judge)
 
     p = sub.add_parser("report", help="measure judge and base-model quality (prints JSON)")
-    p.add_argument("--quick", action="store_true", help="fewer samples: a rough figure in a minute")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
-    p.add_argument("--pictures", type=Path, default=None, help="also write base_samples.png here")
-    p.add_argument("--base", type=Path, default=None, help="a pipeline folder (default: the shipped base)")
+    flag(p, "quick", action="store_true", help="fewer samples: a rough figure in a minute")
+    flag(p, "seed", type=int, default=0)
+    flag(p, "guidance_scale", type=float, default=GUIDANCE_SCALE)
+    flag(p, "pictures", type=Path, help="also write base_samples.png here")
+    flag(p, "base", type=Path, help="a pipeline folder (default: the shipped base)")
     p.set_defaults(func=run_report)
 
 

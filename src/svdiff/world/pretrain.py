@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..flags import flag
 from ..pictures import grid
 from .render import BACKGROUNDS, caption, random_scene, render, world_words
 from .tokenizer import IDENTIFIERS, build_tokenizer
@@ -407,43 +408,37 @@ def assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir: Path, out: Path)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="where to write the pipeline folder")
-    p.add_argument("--work_dir", type=Path, default=Path("runs/pretrain"), help="checkpoints, to resume from")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--vae_steps", type=int, default=3000)
-    p.add_argument("--vae_batch_size", type=int, default=32)
-    p.add_argument("--vae_crop", type=int, default=32, help="side of the random windows the autoencoder sees")
-    p.add_argument("--vae_lr", type=float, default=3e-3)
-    p.add_argument("--num_scenes", type=int, default=20000)
-    p.add_argument("--steps", type=int, default=12000)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--caption_dropout", type=float, default=0.1)
-    p.add_argument("--timestep_shift", type=float, default=3.0, help="> 1 trains more often at high noise")
-    p.add_argument(
-        "--attribute_dropout",
-        type=float,
-        default=0.0,
-        help="chance that a caption leaves out an object's color, and its pattern",
-    )
-    p.add_argument("--object_weight", type=float, default=2.5, help="loss weight of latent cells holding an object")
-    p.add_argument(
-        "--right_first",
-        type=float,
-        default=0.0,
-        help="chance that a two-object caption names the right (bottom) object first",
-    )
-    p.add_argument(
-        "--init_from",
+    flag(p, "out", type=Path, required=True, help="where to write the pipeline folder")
+    flag(p, "work_dir", type=Path, default=Path("runs/pretrain"), help="checkpoints, to resume from")
+    flag(p, "seed", type=int, default=0)
+    flag(p, "device", default="cpu")
+    flag(p, "threads", type=int, default=2)
+    flag(p, "vae_steps", type=int, default=3000)
+    flag(p, "vae_batch_size", type=int, default=32)
+    flag(p, "vae_crop", type=int, default=32, help="side of the random windows the autoencoder sees")
+    flag(p, "vae_lr", type=float, default=3e-3)
+    flag(p, "num_scenes", type=int, default=20000)
+    flag(p, "steps", type=int, default=12000)
+    flag(p, "batch_size", type=int, default=32)
+    flag(p, "lr", type=float, default=1e-3)
+    flag(p, "ema_decay", type=float, default=0.999)
+    flag(p, "caption_dropout", type=float, default=0.1)
+    flag(p, "timestep_shift", type=float, default=3.0, help="> 1 trains more often at high noise")
+    for name, chance in (
+        ("attribute_dropout", "a caption leaves out an object's color, and its pattern"),
+        ("right_first", "a two-object caption names the right (bottom) object first"),
+    ):
+        flag(p, name, type=float, default=0.0, help=f"chance that {chance}")
+    flag(p, "object_weight", type=float, default=2.5, help="loss weight of latent cells holding an object")
+    flag(
+        p,
+        "init_from",
         type=Path,
         default=None,
         help="a pipeline folder to start from: its autoencoder is kept, its UNet and text encoder trained further",
     )
-    p.add_argument("--checkpoint_every", type=int, default=250)
-    p.add_argument("--preview_every", type=int, default=2500, help="a multiple of --checkpoint_every")
+    flag(p, "checkpoint_every", type=int, default=250)
+    flag(p, "preview_every", type=int, default=2500, help="a multiple of --checkpoint_every")
     return p.parse_args(argv)
 
 
