@@ -44,3 +44,13 @@ def test_smoke_report(tmp_path):
     for line in report.splitlines():
         if line.startswith("!["):
             assert (out / line.split("(", 1)[1].rstrip(")")).is_file(), line
+
+
+def test_bench_outside_a_checkout_says_to_clone_and_run_make_bench(tmp_path, monkeypatch, capsys):
+    from svdiff import cli
+
+    monkeypatch.setattr(cli, "CHECKOUT", tmp_path / "site-packages")  # installed from a wheel: no benchmarks/ beside
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "clone the repository" in err and "make bench" in err

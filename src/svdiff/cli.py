@@ -13,6 +13,7 @@ from .errors import Interrupted, SvdiffError
 from .flags import base_flag, flag
 
 SAVE_DTYPES = ("fp16", "fp32", "bf16", "int8")
+CHECKOUT = Path(__file__).resolve().parents[2]  # the repository, when svdiff runs from a source checkout
 
 
 class _Parser(argparse.ArgumentParser):
@@ -272,9 +273,12 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     import subprocess
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "report.py"
+    script = CHECKOUT / "benchmarks" / "report.py"
     if not script.is_file():
-        raise SvdiffError("svdiff bench runs the benchmarks of a source checkout; benchmarks/report.py is not here")
+        raise SvdiffError(
+            f"svdiff bench runs the benchmarks of a source checkout, and this svdiff is installed without them "
+            f"(no {script}): clone the repository and run `make bench` in it"
+        )
     flags = ["--quick"] if args.quick else ["--smoke"] if args.smoke else []
     flags += ["--out", str(args.out.resolve())] if args.out else []
     flags += ["--runs", str(args.runs.resolve())] if args.runs else []
