@@ -12,14 +12,13 @@ with alpha. Runs are shared with benchmarks/single_subject.py (same --runs).
 """
 
 import argparse
-import time
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import SUBJECTS, embed, emit, keep_half, machine, train_subject
+from common import SUBJECTS, QualityRun, embed, keep_half, train_subject
 
 METHODS = ("svdiff", "full")
 ADD = ("heart_sks", "star_zwx")
@@ -80,19 +79,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--runs", type=Path, default=Path("runs/subjects"))
-    p.add_argument("--out", default="docs/results/combine/combine.json")
-    p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
+    QualityRun.add_flags(p, "combine")
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder
     from svdiff.models import unfuse, unload_shifts
-    from svdiff.pictures import grid
     from svdiff.sample import apply_shifts, load_pipeline, sample
-    from svdiff.world import default_judge
-    from svdiff.world.judge import load
 
-    began = time.time()
-    judge = load(default_judge())
+    run = QualityRun(args)
+    judge = run.judge
     refs = {n: embed(judge, load_image_folder(SUBJECTS / n)) for n in {*ADD, *INTERPOLATE}}
     runs = {
         (m, key): train_subject(args.runs, name, m, args.steps, identifier=ident)
@@ -151,23 +146,19 @@ def main() -> None:
         }
         print(method, results["add"][method], results["interpolate"][method], flush=True)
 
-    picture = Path(args.picture or Path(args.out).with_suffix(".png"))
-    picture.parent.mkdir(parents=True, exist_ok=True)
-    grid(rows, cols=args.seeds, labels=labels).save(picture)
-    emit(
+    run.finish(
         {
             "benchmark": "combine",
-            "machine": machine(),
             "steps": args.steps,
             "seeds": args.seeds,
             "add_prompts": list(ADD_PROMPTS),
             "interpolate_prompts": list(INTERPOLATE_PROMPTS),
             "guidance_scale": args.guidance_scale,
             "results": results,
-            "picture": str(picture),
-            "minutes": round((time.time() - began) / 60, 1),
         },
-        args.out,
+        rows,
+        cols=args.seeds,
+        labels=labels,
     )
 
 

@@ -1,9 +1,12 @@
-"""Shared by the benchmarks: what machine ran them, and printing/saving the JSON."""
+"""Shared by the benchmarks: what machine ran them, printing/saving the JSON, and the start and end of a quality
+benchmark (the judge, the clock, the picture grid)."""
 
+import argparse
 import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,12 @@ def machine(device: str = "cpu") -> dict:
     return info
 
 
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work, so a timer around it measures the work (a no-op on a CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def emit(result: dict, out: str | None) -> None:
     """Print the JSON, and write it to `out` when given."""
     text = json.dumps(result, indent=2)
@@ -35,6 +44,33 @@ def emit(result: dict, out: str | None) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
     sys.stdout.flush()
+
+
+class QualityRun:
+    """What every quality benchmark does around its own measurements: the flags of its outputs, the judge, a clock
+    from the start, and at the end the pictures as one PNG grid (at --picture, or beside --out) and the JSON with
+    the machine, the picture and the minutes it took."""
+
+    @staticmethod
+    def add_flags(p: argparse.ArgumentParser, name: str) -> None:
+        p.add_argument("--out", default=f"docs/results/{name}/{name}.json")
+        p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
+
+    def __init__(self, args: argparse.Namespace):
+        from svdiff.world import default_judge
+        from svdiff.world.judge import load
+
+        self.out, self.picture = args.out, Path(args.picture or Path(args.out).with_suffix(".png"))
+        self.began = time.time()
+        self.judge = load(default_judge())
+
+    def finish(self, result: dict, pictures: list[Image.Image], cols: int, labels: list[str]) -> None:
+        from svdiff.pictures import grid
+
+        self.picture.parent.mkdir(parents=True, exist_ok=True)
+        grid(pictures, cols=cols, labels=labels).save(self.picture)
+        minutes = round((time.time() - self.began) / 60, 1)
+        emit(result | {"machine": machine(), "picture": str(self.picture), "minutes": minutes}, self.out)
 
 
 def subject_card(name: str) -> dict:

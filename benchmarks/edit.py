@@ -14,7 +14,6 @@ Fine-tuned models are kept in --runs and reused.
 import argparse
 import json
 import random
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from PIL import Image
 
 from svdiff.edit import DEFAULT_EDIT_STEPS
 
-from common import emit, machine
+from common import QualityRun
 
 KINDS = ("color", "pattern", "shape", "position")
 NON_STRUCTURAL = ("color", "pattern")
@@ -78,19 +77,16 @@ def main() -> None:
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--runs", type=Path, default=Path("runs/edit"))
-    p.add_argument("--out", default="docs/results/edit/edit.json")
+    QualityRun.add_flags(p, "edit")
     args = p.parse_args()
 
     from svdiff.data.images import to_model_input
     from svdiff.edit import draw_edits, fine_tune, to_pil
-    from svdiff.pictures import grid
     from svdiff.sample import apply_trained, load_pipeline
-    from svdiff.world import default_judge
-    from svdiff.world.judge import load
     from svdiff.world.render import caption, render
 
-    began = time.time()
-    judge = load(default_judge())
+    run = QualityRun(args)
+    judge = run.judge
     cases = scenes(args.scenes)
     tally = {(m, inv, k): [] for m in METHODS for inv in (True, False) for k in KINDS}
     minutes = {m: 0.0 for m in METHODS}
@@ -144,13 +140,9 @@ def main() -> None:
                 "structural (shape, place)": summarize(method, inversion, ("shape", "position")),
                 **{k: summarize(method, inversion, (k,)) for k in KINDS},
             }
-    picture = Path(args.out).with_suffix(".png")
-    picture.parent.mkdir(parents=True, exist_ok=True)
-    grid(rows, cols=1 + 2 * len(METHODS), labels=labels).save(picture)
-    emit(
+    run.finish(
         {
             "benchmark": "edit",
-            "machine": machine(),
             "scenes": args.scenes,
             "fine_tune_steps": args.steps,
             "guidance_scale": args.guidance_scale,
@@ -159,10 +151,10 @@ def main() -> None:
             + [f"{m} {'inverted' if inv else 'noise'}" for m in METHODS for inv in (True, False)],
             "results": results,
             "fine_tune_minutes": {m: round(v, 1) for m, v in minutes.items()},
-            "picture": str(picture),
-            "minutes": round((time.time() - began) / 60, 1),
         },
-        args.out,
+        rows,
+        cols=1 + 2 * len(METHODS),
+        labels=labels,
     )
 
 

@@ -36,7 +36,6 @@ of matched by background (`--no-cut_mix_match_background`), and once per sweep v
 import argparse
 import json
 import random
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from PIL import Image
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import SUBJECTS, embed, emit, keep_half, machine, subject_card
+from common import SUBJECTS, QualityRun, embed, keep_half, subject_card
 
 PAIRS = {"same class": ("heart_sks", "heart_xyz"), "different class": ("heart_sks", "star_zwx")}
 CONFIGS = {
@@ -115,20 +114,20 @@ def score(judge, images, pair, refs, threshold) -> dict:
     return {k: round(v / len(images), 4) for k, v in counts.items()}
 
 
-def lean_to_first(judge, images, pair, refs) -> float:
-    """The pictures' mean lean toward the first subject of the pair: judge similarity to its photos minus to the
-    second's."""
+def similarity_margin(judge, images, pair, refs) -> float:
+    """How much more the pictures look like the first subject of the pair than the second, on average: judge
+    similarity to the first's photos minus to the second's (the figures' "lean toward the first subject")."""
     e = embed(judge, images)
     return float(((e @ refs[pair[0]].T).mean(dim=1) - (e @ refs[pair[1]].T).mean(dim=1)).mean())
 
 
 def name_effect(judge, named, swapped, pair, refs) -> dict:
-    """How far each side follows the name it is given: a half's lean toward the first subject with the first
+    """How far each side follows the name it is given: a half's `similarity_margin` with the first
     subject named on the left, minus the same with the two names swapped (same seeds); the right side's sign
     flipped. Positive: the side draws whoever the prompt puts there; 0: it draws the same whatever the names."""
 
     def half(images, side):
-        return lean_to_first(judge, [keep_half(i, side) for i in images], pair, refs)
+        return similarity_margin(judge, [keep_half(i, side) for i in images], pair, refs)
 
     return {
         side: round(sign * (half(named, side) - half(swapped, side)), 4) for side, sign in (("left", 1), ("right", -1))
@@ -162,10 +161,10 @@ def base_order(pipe, judge, seeds: int, guidance_scale: float) -> dict:
 
 
 def identity_separation(judge, first, second, pair, refs) -> float:
-    """How far apart two sets of pictures are in the judge's eyes: the lean toward the first subject of `first`
+    """How far apart two sets of pictures are in the judge's eyes: the `similarity_margin` of `first`
     minus that of `second`. 0: alike; the subjects' own photos give the figure a perfect learner would reach
     (`identity_separation_of_photos` in the JSON)."""
-    return round(lean_to_first(judge, first, pair, refs) - lean_to_first(judge, second, pair, refs), 4)
+    return round(similarity_margin(judge, first, pair, refs) - similarity_margin(judge, second, pair, refs), 4)
 
 
 def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:
@@ -320,8 +319,7 @@ def main() -> None:
     p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--runs", type=Path, default=Path("runs/multi_subject"))
-    p.add_argument("--out", default="docs/results/multi_subject/multi_subject.json")
-    p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
+    QualityRun.add_flags(p, "multi_subject")
     p.add_argument(
         "--unmix_sweep", type=float, nargs="*", default=[], help="more Unmix weights for the same-class pair"
     )
@@ -344,14 +342,11 @@ def main() -> None:
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder
-    from svdiff.pictures import grid
     from svdiff.sample import load_pipeline
     from svdiff.train.args import UNMIX_WEIGHT
-    from svdiff.world import default_judge
-    from svdiff.world.judge import load
 
-    began = time.time()
-    judge = load(default_judge())
+    run = QualityRun(args)
+    judge = run.judge
     pipe = load_pipeline(args.base)
     results, rows, labels = {}, [], []
     order = base_order(pipe, judge, args.seeds, args.guidance_scale)
@@ -418,13 +413,9 @@ def main() -> None:
         results[pair_name]["cut_mix_gain_points"] = round(
             100 * (c["Cut-Mix-Unmix"]["disentangled"] - c["no Cut-Mix-Unmix"]["disentangled"]), 1
         )
-    picture = Path(args.picture or Path(args.out).with_suffix(".png"))
-    picture.parent.mkdir(parents=True, exist_ok=True)
-    grid(rows, cols=min(8, args.seeds), labels=labels).save(picture)
-    emit(
+    run.finish(
         {
             "benchmark": "multi_subject",
-            "machine": machine(),
             "steps": args.steps,
             "seeds": args.seeds,
             "train_seeds": args.train_seeds,
@@ -436,10 +427,10 @@ def main() -> None:
             "unmix_weight": UNMIX_WEIGHT,
             "base_order": order,
             "results": results,
-            "picture": str(picture),
-            "minutes": round((time.time() - began) / 60, 1),
         },
-        args.out,
+        rows,
+        cols=min(8, args.seeds),
+        labels=labels,
     )
 
 

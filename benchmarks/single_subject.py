@@ -15,14 +15,13 @@ The base row is the untuned model given the same prompts.
 """
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import SUBJECTS, embed, emit, files_bytes, machine, subject_card, train_subject
+from common import SUBJECTS, QualityRun, embed, files_bytes, subject_card, train_subject
 
 NAMES = ("heart_sks", "star_zwx", "circle_qlo", "square_vyx")
 METHODS = ("svdiff", "full", "lora")
@@ -82,18 +81,14 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--runs", type=Path, default=Path("runs/single_subject"))
-    p.add_argument("--out", default="docs/results/single_subject/single_subject.json")
-    p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
+    QualityRun.add_flags(p, "single_subject")
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder
-    from svdiff.pictures import grid
     from svdiff.sample import apply_trained, load_pipeline
-    from svdiff.world import default_judge
-    from svdiff.world.judge import load
 
-    began = time.time()
-    judge = load(default_judge())
+    run = QualityRun(args)
+    judge = run.judge
     per_subject, rows, labels = {}, [], []
     for name in NAMES[: args.subjects]:
         c = subject_card(name)
@@ -129,13 +124,9 @@ def main() -> None:
         if method != "base":
             keys += ["class_drift", "bytes", "train_minutes"]
         summary[method] = {k: mean(runs, k) for k in keys}
-    picture = Path(args.picture or Path(args.out).with_suffix(".png"))
-    picture.parent.mkdir(parents=True, exist_ok=True)
-    grid(rows, cols=args.prompts, labels=labels).save(picture)
-    emit(
+    run.finish(
         {
             "benchmark": "single_subject",
-            "machine": machine(),
             "steps": args.steps,
             "seeds": args.seeds,
             "prompts": list(CONTEXTS[: args.prompts]),
@@ -143,10 +134,10 @@ def main() -> None:
             "guidance_scale": args.guidance_scale,
             "summary": summary,
             "subjects": per_subject,
-            "picture": str(picture),
-            "minutes": round((time.time() - began) / 60, 1),
         },
-        args.out,
+        rows,
+        cols=args.prompts,
+        labels=labels,
     )
 
 

@@ -30,16 +30,11 @@ from svdiff.spectral import shifted_modules
 from svdiff.spectral.dispatch import AtenOps
 from svdiff.spectral.merged import MergedShifts
 
-from common import emit, machine
+from common import emit, machine, sync
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = ("frozen", "lora_r4_attn", "lora_r16_linear", "svdiff_merged", "svdiff_per_call", "naive_rebuild")
 ATTENTION = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def build(args) -> tuple[nn.Module, dict]:

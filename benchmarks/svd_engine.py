@@ -25,7 +25,7 @@ from svdiff.models import build_architecture
 from svdiff.spectral import SVDCache, find_targets
 from svdiff.spectral.shifts import compute_bases
 
-from common import emit, machine
+from common import emit, machine, sync
 
 
 def errors(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[float, float]:
@@ -41,11 +41,6 @@ def kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """A weight as nn.Linear and nn.Conv initialize it: uniform in ±1/√fan_in (Kaiming-uniform, a = √5)."""
     bound = 1 / shape[1] ** 0.5
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main():
