@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test demo bench bench-quick lint clean
+.PHONY: test test-fast demo bench bench-quick lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest
+
+# The same without the end-to-end tests (marked slow): minutes, not the whole suite.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
 
 # The main job on the embedded tiny base: personalize an example subject, then before/after pictures and figures.
 demo: $(STAMP)

@@ -111,6 +111,7 @@ def test_full_fine_tuning_edits_too(tmp_path, scene_file):
     assert result["shifts"].endswith("unet/diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_a_small_image_is_enlarged_with_a_warning(tmp_path):
     image, _ = render(SCENE)
     small = tmp_path / "small.png"

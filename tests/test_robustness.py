@@ -591,6 +591,7 @@ def test_a_run_killed_without_warning_is_noted_at_the_next_start(world, tmp_path
     ) in err
 
 
+@pytest.mark.slow
 def test_sigterm_in_a_real_process_saves_and_exits_143(world, tmp_path):
     out = tmp_path / "o"
     argv = cli_args(world["base"], out, "--max_train_steps", "100000", "--checkpointing_steps", "2")

@@ -159,6 +159,7 @@ def _run(base, out, *extra):
     return [sys.executable, "-m", "svdiff", *cli_args(base, out, *extra)], env
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bit_exact(base, tmp_path):
     flags = (
         "--max_train_steps",
@@ -199,6 +200,7 @@ def test_kill_9_then_resume_is_bit_exact(base, tmp_path):
     assert 0 < summary["steps_this_run"] < 120
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_global_batch(base, tmp_path):
     flags = ("--max_train_steps", "4", "--save_dtype", "fp32")
     cmd, env = _run(base, tmp_path / "two", *flags)

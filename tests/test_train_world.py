@@ -5,6 +5,8 @@ more like the subject's photos. And `svdiff demo` writes what it promises."""
 import json
 from pathlib import Path
 
+import pytest
+
 from svdiff.cli import main
 from svdiff.data.images import load_image_folder
 from svdiff.demo import demo_prompts, judge_subject, run_demo, subject_loss
@@ -15,6 +17,7 @@ from svdiff.world import GUIDANCE_SCALE
 from tiny_models import PROMPT, SUBJECT, quick, save_tiny_pipeline
 
 
+@pytest.mark.slow
 def test_a_short_run_on_the_embedded_base_fits_the_subject(tmp_path):
     summary = train(quick(None, tmp_path, max_train_steps=200))
     photos = load_image_folder(SUBJECT)
@@ -41,6 +44,7 @@ def test_a_short_run_on_the_embedded_base_fits_the_subject(tmp_path):
     assert subject_loss(pipe, photos, "a photo of a green square") > after
 
 
+@pytest.mark.slow
 def test_demo_writes_pictures_shift_file_and_figures(tmp_path):
     result = run_demo(tmp_path, SUBJECT, max_train_steps=4, num_class_images=2, images_per_prompt=1, progress=False)
     saved = json.loads((tmp_path / "demo_summary.json").read_text())

@@ -152,6 +152,7 @@ def _screenshot(page, tmp_path, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 @browser_only
 def test_train_generate_merge_export_in_the_browser(page, server, tmp_path):
     url, workspace = server
@@ -241,6 +242,7 @@ def test_train_generate_merge_export_in_the_browser(page, server, tmp_path):
             shutil.copy(shot, os.environ["SVDIFF_UI_SCREENSHOTS"])
 
 
+@pytest.mark.slow
 @browser_only
 def test_a_closed_page_that_comes_back_sees_its_job(page, server):
     """The queue lives in the workspace: a new page (another browser) shows the job the first one started."""

@@ -28,6 +28,7 @@ def test_object_cells_of_the_latent_grid():
     assert 4 <= len(rows) <= 36 and cols.max() < 8 and rows.min() >= 4 and rows.max() <= 11
 
 
+@pytest.mark.slow
 def test_a_few_steps_make_a_pipeline_and_a_second_call_resumes(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -79,6 +80,7 @@ def test_a_few_steps_make_a_pipeline_and_a_second_call_resumes(tmp_path):
     assert again["minutes"] is not None and again["phase_minutes"]["denoiser"] >= round(worked / 60, 1)
 
 
+@pytest.mark.slow
 def test_init_from_trains_an_existing_base_further(tmp_path):
     from diffusers import StableDiffusionPipeline
 
