@@ -82,8 +82,8 @@ def main() -> None:
     QualityRun.add_flags(p, "combine")
     args = p.parse_args()
 
+    from svdiff.adapters import unfuse, unload_shifts
     from svdiff.data.images import load_image_folder
-    from svdiff.models import unfuse, unload_shifts
     from svdiff.sample import apply_shifts, load_pipeline, sample
 
     run = QualityRun(args)

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 import svdiff
+from svdiff.adapters import components_of, save_shifts
 from svdiff.export import lora_layers
-from svdiff.io import save_shifts
-from svdiff.models import base_name, components_of, load_components
+from svdiff.models import base_name, load_components
 from svdiff.pictures import line_chart
 from svdiff.sample import load_pipeline, sample
 

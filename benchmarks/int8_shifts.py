@@ -29,8 +29,7 @@ def main() -> None:
     args = p.parse_args()
 
     import svdiff
-    from svdiff.io import save_shifts
-    from svdiff.models import components_of
+    from svdiff.adapters import components_of, save_shifts
     from svdiff.sample import apply_shifts, load_pipeline, sample
     from svdiff.spectral import set_deltas
 

@@ -26,7 +26,8 @@ def main() -> None:
     args = p.parse_args()
 
     import svdiff
-    from svdiff.models import components_of, default_guidance, fuse, set_scales, unfuse
+    from svdiff.adapters import components_of, fuse, set_scales, unfuse
+    from svdiff.models import default_guidance
     from svdiff.sample import load_pipeline, sample, sample_per_prompt
 
     began = time.time()

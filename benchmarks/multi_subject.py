@@ -214,7 +214,7 @@ def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:
 def evaluate(pipe, judge, weights: Path, pair, names, refs, threshold, args) -> tuple[dict, list]:
     """A trained run's scores (the pair prompts, the same with the names swapped, each subject alone) and its
     pair pictures."""
-    from svdiff.models import fuse, load_shifts, unload_shifts
+    from svdiff.adapters import fuse, load_shifts, unload_shifts
     from svdiff.sample import sample
 
     def draw(prompt):

@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    from svdiff.io import count_targets
+    from svdiff.adapters import count_targets
     from svdiff.models import load_components
 
     began = time.time()

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import svdiff
+from svdiff.adapters import attach, save_shifts
 from svdiff.cli import main
-from svdiff.io import ShiftFileError, load_shifts, read_shift_file, save_shifts
+from svdiff.format import ShiftFileError, read_shift_file
 from svdiff.models import build_architecture
 from svdiff.spectral import SVDCache, find_targets
 from svdiff.spectral.shifts import compute_bases
@@ -135,7 +136,7 @@ def test_shift_file_round_trip_on_models(tmp_path, cache, capsys):
     path = save_shifts(tmp_path / "out", src, base_model="tiny", preset="all", dtype="fp32")
     assert path.name == "svdiff_weights.safetensors"
     dst = _tiny_pair(0)
-    load_shifts(dst, path, cache=cache, progress=False)
+    attach(dst, path, cache=cache, progress=False)
     x = torch.randn(2, 3, 5, 5)
     tokens = torch.randint(0, 20, (2, 4))
     with torch.no_grad():
@@ -150,11 +151,11 @@ def test_shift_file_refuses_another_base(tmp_path, cache):
     svdiff.add_shifts(src["unet"], cache=cache, progress=False)
     path = save_shifts(tmp_path, {"unet": src["unet"]}, base_model="tiny", preset="all")
     with pytest.raises(ShiftFileError, match="trained on 'tiny'.*weights differ"):
-        load_shifts(_tiny_pair(1), path, cache=cache, progress=False)
+        attach(_tiny_pair(1), path, cache=cache, progress=False)
     other = _tiny_pair(0)
     other["unet"] = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 1))
     with pytest.raises(ShiftFileError, match="architecture"):
-        load_shifts(other, path, cache=cache, progress=False)
+        attach(other, path, cache=cache, progress=False)
     assert read_shift_file(path).metadata["preset"] == "all"
 
 
@@ -168,7 +169,7 @@ def test_fp16_loaded_base_still_matches(tmp_path, cache):
             p.normal_(std=0.2)
     path = save_shifts(tmp_path, {"unet": src["unet"]}, base_model="tiny", preset="all")
     half = {k: v.half() for k, v in _tiny_pair(0).items()}
-    load_shifts(half, path, cache=cache, progress=False)
+    attach(half, path, cache=cache, progress=False)
     (adapter,) = svdiff.spectral.shift_sets(half["unet"])  # the name the file was loaded under
     loaded = svdiff.get_deltas(half["unet"], adapter)
     assert loaded.keys() == params.keys()

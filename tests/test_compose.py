@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import svdiff
+from svdiff.adapters import save_shifts
 from svdiff.cli import main
-from svdiff.io import read_shift_file, save_shifts
+from svdiff.format import read_shift_file
 
 
 def _pipe(seed=0):

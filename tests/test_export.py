@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import svdiff
+from svdiff.adapters import save_shifts
 from svdiff.cli import main
 from svdiff.export import lora_layers, to_state_dict
-from svdiff.io import save_shifts
 from tiny_models import tiny_pipeline
 
 LINEAR_AND_CONV = {"unet": [r"norm"], "text_encoder": [r"layer_norm|embeddings"]}

@@ -194,8 +194,8 @@ def test_stock_diffusers_loads_the_default_kohya_export_and_refuses_one_with_nor
 def test_export_command_prints_what_each_tool_carries(tmp_path, capsys):
     import json
 
+    from svdiff.adapters import save_shifts
     from svdiff.cli import main
-    from svdiff.io import save_shifts
     from tiny_models import tiny_pipeline
 
     pipe = tiny_pipeline()

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import svdiff
+from svdiff.adapters import save_shifts
 from svdiff.cli import main
-from svdiff.io import save_shifts
 from svdiff.models import default_guidance, load_components
 from svdiff.train import train_args
 from svdiff.train.args import check

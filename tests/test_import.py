@@ -10,8 +10,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from svdiff.adapters import attach
 from svdiff.cli import main
-from svdiff.io import load_shifts, read_shift_file
+from svdiff.format import read_shift_file
 from svdiff.names import checkpoint_name
 from svdiff.spectral import shifted_modules
 from tiny_models import tiny_pipeline
@@ -75,7 +76,7 @@ def test_imported_files_give_the_weights_svdiff_pytorch_runs_with(base, tmp_path
     assert any(k.startswith("text_encoder.text_model.embeddings.token_embedding") for k in shift_file.tensors)
     fresh = tiny_pipeline()
     components = {"unet": fresh.unet, "text_encoder": fresh.text_encoder}
-    load_shifts(components, out, progress=False, cache=False)
+    attach(components, out, progress=False, cache=False)
     got = effective_weights(components)
     assert got.keys() == want.keys()
     for key, w in want.items():

@@ -13,18 +13,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from svdiff.io import (
+from svdiff.adapters import check_against
+from svdiff.format import (
     FORMAT_VERSION,
     WEIGHTS_NAME,
     ShiftFile,
     ShiftFileError,
-    check_against,
     fingerprint_mismatch,
-    format_summary,
     read_shift_file,
     save_shift_file,
-    summarize,
 )
+from svdiff.inspection import format_summary, summarize
 
 FINGERPRINT = {
     "unet": {"shapes": "3f9a", "probe": [0.2718, -1.4142, 3.1416]},

@@ -11,14 +11,8 @@ import torch
 from torch import nn
 
 import svdiff
-from svdiff.io import (
-    ShiftFileError,
-    count_targets,
-    load_shifts,
-    read_shift_file,
-    save_shift_file,
-    save_shifts,
-)
+from svdiff.adapters import attach, components_of, count_targets, save_shifts, with_live_names
+from svdiff.format import ShiftFileError, read_shift_file, save_shift_file
 from svdiff.spectral import fingerprint, get_deltas
 from svdiff.spectral.shifts import shape_hash
 from tiny_models import tiny_text_encoder
@@ -167,7 +161,7 @@ def test_text_encoder_keys_carry_the_text_model_level(tmp_path):
     assert keys and all(k.startswith("text_encoder.text_model.") for k in keys)
     fresh = _shifted_text_encoder()
     svdiff.remove_shifts(fresh)
-    load_shifts({"text_encoder": fresh}, file, progress=False, cache=False)
+    attach({"text_encoder": fresh}, file, progress=False, cache=False)
     want, got = get_deltas(te), get_deltas(fresh)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k].half().float(), got[k]) for k in want)
@@ -186,13 +180,11 @@ def test_files_written_without_the_level_load_with_or_without_it(tmp_path):
     )
     flat = _shifted_text_encoder()
     svdiff.remove_shifts(flat)
-    load_shifts({"text_encoder": flat}, file, progress=False, cache=False)
+    attach({"text_encoder": flat}, file, progress=False, cache=False)
     assert set(get_deltas(flat)) == set(get_deltas(te))
     nested = _shifted_text_encoder()
     svdiff.remove_shifts(nested)
     wrapped = CLIPTextModel(nested)
-    from svdiff.io import with_live_names
-
     targets = {"text_encoder": {t.name: t.length for t in svdiff.spectral.find_targets(wrapped)}}
     renamed = with_live_names(read_shift_file(file), {"text_encoder": wrapped}, targets)
     assert set(renamed.tensors) == {f"text_encoder.text_model.{k}" for k in get_deltas(te)}
@@ -226,7 +218,7 @@ def test_a_file_loads_into_the_text_encoder_of_either_transformers_layout(tmp_pa
     for file in (published, flat_names):
         for make in (flat, nested):
             model, level = make()
-            load_shifts({"text_encoder": model}, file, progress=False, cache=False)
+            attach({"text_encoder": model}, file, progress=False, cache=False)
             got = get_deltas(model)
             assert got.keys() == {level + k for k in want}
             assert all(torch.equal(got[level + k], v) for k, v in want.items())
@@ -235,7 +227,6 @@ def test_a_file_loads_into_the_text_encoder_of_either_transformers_layout(tmp_pa
 def test_int8_generations_match_fp16_within_2_of_255_on_the_embedded_base(tmp_path):
     import numpy as np
 
-    from svdiff.models import components_of
     from svdiff.sample import apply_shifts, load_pipeline, sample
 
     pipe = load_pipeline(None, device="cpu")

@@ -129,7 +129,7 @@ def test_merged_run_writes_the_same_shift_file(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from svdiff.io import save_shifts
+    from svdiff.adapters import save_shifts
 
     _, a, _, b = _pair()
     MergedShifts(b, choose="merged")

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import svdiff
-from svdiff.models import mixed_batch, set_scales
-from svdiff.spectral.mixed import per_sample
+from svdiff.adapters import mixed_batch, set_scales
+from svdiff.spectral.batches import per_sample
 from tiny_models import tiny_pipeline
 
 ASSIGNMENT = [{"A": 1.0}, {"B": 0.7}, {}, {"A": 0.5, "B": -0.5}]
@@ -101,7 +101,7 @@ def test_mixed_batches_refuse_what_they_cannot_do(pipe):
 
 @pytest.fixture(scope="module")
 def two_files(tmp_path_factory):
-    from svdiff.io import save_shifts
+    from svdiff.adapters import save_shifts
     from svdiff.models import load_components
     from svdiff.world.tokenizer import build_tokenizer
 

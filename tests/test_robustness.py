@@ -23,7 +23,7 @@ from PIL import Image
 
 from svdiff.cli import main
 from svdiff.errors import SvdiffError
-from svdiff.io import WEIGHTS_NAME, read_shift_file, save_shift_file
+from svdiff.format import WEIGHTS_NAME, read_shift_file, save_shift_file
 from tiny_models import PROMPT, SUBJECT, cli_args, save_tiny_pipeline
 
 FINGERPRINT = {"unet": {"shapes": "0" * 16, "probe": [0.5]}}
@@ -76,10 +76,10 @@ def resumable(world, tmp):
 
 def shift_file_with(tmp, value):
     """A shift file holding `value`, written past the writer's own bound check (as a foreign tool might)."""
-    import svdiff.io as io
+    import svdiff.format as shift_format
 
-    real = io.check_shift_bound
-    io.check_shift_bound = lambda tensors: None
+    real = shift_format.check_shift_bound
+    shift_format.check_shift_bound = lambda tensors: None
     try:
         return save_shift_file(
             tmp / "big.safetensors",
@@ -89,7 +89,7 @@ def shift_file_with(tmp, value):
             preset="all",
         )
     finally:
-        io.check_shift_bound = real
+        shift_format.check_shift_bound = real
 
 
 def deep_concepts(tmp):
@@ -730,7 +730,7 @@ def test_a_cache_entry_with_its_factors_reordered_is_refused(tmp_path):
 
 
 def test_the_fingerprint_covers_every_layer_and_still_matches_half_precision_copies(world):
-    from svdiff.io import fingerprint_mismatch
+    from svdiff.format import fingerprint_mismatch
     from svdiff.models import load_components
     from svdiff.spectral import find_targets, fingerprint
 
@@ -758,7 +758,7 @@ def test_the_fingerprint_covers_every_layer_and_still_matches_half_precision_cop
 
 
 def test_shift_values_beyond_the_bound_are_refused_on_write_and_on_read(tmp_path):
-    from svdiff.io import ShiftFileError
+    from svdiff.format import ShiftFileError
 
     with pytest.raises(ShiftFileError, match=r"holds \|δ\| = 60000, beyond the bound 1000"):
         save_shift_file(

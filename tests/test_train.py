@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from svdiff.cli import main
 from svdiff.errors import SvdiffError
-from svdiff.io import WEIGHTS_NAME, read_shift_file
+from svdiff.format import WEIGHTS_NAME, read_shift_file
 from svdiff.train import train
 from tiny_models import PROMPT, SUBJECT, cli_args, quick, save_tiny_pipeline
 

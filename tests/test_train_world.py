@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from svdiff.adapters import fuse, load_shifts
 from svdiff.cli import main
 from svdiff.data.images import load_image_folder
 from svdiff.demo import demo_prompts, judge_subject, run_demo, subject_loss
-from svdiff.models import fuse, load_shifts
 from svdiff.sample import load_pipeline, sample
 from svdiff.train import train
 from svdiff.world import GUIDANCE_SCALE

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+from svdiff.adapters import components_of
 from svdiff.cli import main
 from svdiff.errors import SvdiffError
-from svdiff.models import build_architecture, components_of
+from svdiff.models import build_architecture
 from svdiff.spectral import add_shifts, find_targets, get_deltas, remove_shifts, set_deltas
 from tiny_models import tiny_flux, tiny_sd3
 

@@ -308,7 +308,7 @@ def test_generate_shows_the_command_that_draws_the_same_grid(tmp_path, monkeypat
     import torch
 
     import svdiff
-    from svdiff.io import save_shifts
+    from svdiff.adapters import save_shifts
     from svdiff.models import base_name, load_components
 
     ws = Workspace(tmp_path / "ws")

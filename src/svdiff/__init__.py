@@ -2,17 +2,9 @@
 
 __version__ = "0.1.0"  # first, so submodules can read it while the package is importing
 
+from .adapters import fuse, load_shifts, mixed_batch, set_scales, shift_sets_of, unfuse, unload_shifts
 from .errors import SvdiffError
-from .models import (
-    default_base,
-    fuse,
-    load_shifts,
-    mixed_batch,
-    set_scales,
-    shift_sets_of,
-    unfuse,
-    unload_shifts,
-)
+from .models import default_base
 from .spectral import add_shifts, get_deltas, remove_shifts, set_deltas
 
 __all__ = [

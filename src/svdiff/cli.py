@@ -30,7 +30,7 @@ def _add_target_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_targets(args) -> int:
-    from .io import count_targets
+    from .adapters import count_targets
     from .spectral.targets import PRESETS, RANGES
 
     if args.list:
@@ -69,7 +69,8 @@ def cmd_targets(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .io import format_summary, plot_blocks, read_shift_file, summarize
+    from .format import read_shift_file
+    from .inspection import format_summary, plot_blocks, summarize
 
     if args.plot is not None:
         png_path("--plot", args.plot)
@@ -115,7 +116,8 @@ def _alpha(alpha: float | None) -> float:
 
 
 def cmd_merge(args) -> int:
-    from .io import merge_shift_files, save_shift_file
+    from .adapters import merge_shift_files
+    from .format import save_shift_file
 
     if args.interpolate:
         if len(args.files) != 2 or args.weights:
@@ -154,7 +156,7 @@ def cmd_generate(args) -> int:
         style = dict(item.partition("=")[::2] for item in args.style_mix)
     shifts = [parse_shift_arg(s) for s in args.shifts]
     out = png_path("--output", args.output)
-    from .io import read_shift_file
+    from .format import read_shift_file
 
     for path in [p for p, _ in shifts] + list(args.interpolate or []) + list((style or {}).values()):
         read_shift_file(path)  # a bad file fails here, before minutes of loading

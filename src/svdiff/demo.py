@@ -77,8 +77,9 @@ def run_demo(
 ) -> dict:
     """Personalizes `subject` on `base` (a shapes-world pipeline folder; None: the shipped one) and writes the
     before/after grid, the shift file and `demo_summary.json` into `output_dir`."""
+    from .adapters import fuse, load_shifts
     from .data.images import load_image_folder
-    from .models import base_name, fuse, load_shifts
+    from .models import base_name
     from .pictures import grid
     from .sample import load_pipeline, sample
     from .train import train, train_args

@@ -18,14 +18,18 @@ all three apply), `comfyui_extras` the text encoder's norms, embeddings and proj
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from .adapters import attach
 from .errors import SvdiffError
+from .files import atomic_path
+from .format import read_shift_file
+from .models import base_name, load_components
 from .names import checkpoint_name
 from .spectral import shifted_modules
 from .spectral.kinds import Conv, Embedding, Linear
@@ -281,11 +285,6 @@ def export_lora(
 ) -> dict:
     """Write a shift file as a LoRA file for `base` (default: the base named in the file). Returns the report,
     with what each target tool will apply and drop."""
-    from safetensors.torch import save_file
-
-    from .io import load_shifts, read_shift_file
-    from .models import base_name, load_components
-
     if fmt not in FORMATS:
         raise SvdiffError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt != "kohya" and (include_norms or comfyui_extras):
@@ -296,7 +295,7 @@ def export_lora(
         named = shift_file.metadata["base_model"]
         base = None if named == base_name(None) else named
     components = load_components(base)
-    load_shifts(components, shift_file, progress=False)
+    attach(components, shift_file, progress=False)
     meta = {"format": "pt"}
     if fmt == "kohya":
         state, report = kohya_export(
@@ -312,11 +311,6 @@ def export_lora(
         state = to_state_dict(layers, fmt)
         report["tools"] = diffusers_tools_report(components, layers)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(output) as temp:
+        save_file(state, temp, metadata=meta)
     return report | {"output": str(output), "bytes": output.stat().st_size, "format": fmt}

@@ -22,7 +22,10 @@ import safetensors
 import torch
 from torch import nn
 
+from .adapters import base_fingerprint
 from .errors import SvdiffError
+from .format import save_shift_file
+from .models import base_name, load_components
 from .names import checkpoint_name, live_name
 from .spectral import find_targets
 from .spectral.kinds import Conv
@@ -102,9 +105,6 @@ def import_svdiff_pytorch(
     paths: list[str | Path], output: str | Path, *, base: str | Path | None = None, dtype: str = "fp32"
 ) -> dict:
     """Write svdiff-pytorch's file(s) (or their folder) as one svdiff shift file for `base`; returns a report."""
-    from .io import base_fingerprint, save_shift_file
-    from .models import base_name, load_components
-
     files = _files(paths)
     components = load_components(base)
     tensors, counts = {}, {}

@@ -18,12 +18,15 @@ fp8 factors are counted for planning; training holds U and V at fp32, fp16 or bf
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import SvdiffError
+from .models import ARCHITECTURES, base_name, build_architecture, load_components, resolve_base
 from .spectral import find_targets
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
@@ -201,8 +204,6 @@ def training_memory(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """The memory report for `svdiff targets --memory`, in bytes (see the module docstring for what it counts)."""
-    from .models import ARCHITECTURES, base_name, build_architecture, load_components, resolve_base
-
     if dtype not in DTYPES:
         raise SvdiffError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     for res in resolutions:
@@ -239,9 +240,6 @@ def training_memory(
 
 def _vae_factor(base) -> int:
     """Pixels per latent cell of a pipeline folder's VAE (8 when the folder has none, as for a hub id)."""
-    import json
-    from pathlib import Path
-
     config = Path(base) / "vae" / "config.json"
     if not config.is_file():
         return 8

@@ -17,6 +17,7 @@ import torch
 import transformers
 from torch import nn
 
+from . import world
 from .errors import SvdiffError
 
 SHIFTED_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -64,9 +65,7 @@ def is_shifted(module: nn.Module) -> bool:
 
 def default_base() -> Path:
     """The embedded tiny Stable Diffusion pipeline folder, used when no base is given."""
-    from .world import default_base as world_base
-
-    return world_base()
+    return world.default_base()
 
 
 def base_name(base: str | Path | None) -> str:
@@ -125,10 +124,8 @@ def _model_index(base: str | Path, revision: str | None = None) -> dict:
             return json.loads(index.read_text())
         except ValueError as e:
             raise SvdiffError(f"{index} is not valid JSON: {e}") from None
-    from diffusers import DiffusionPipeline
-
     try:
-        return DiffusionPipeline.load_config(str(base), revision=revision)
+        return diffusers.DiffusionPipeline.load_config(str(base), revision=revision)
     except Exception as e:  # hub id not found, offline, …: one line for the user
         raise SvdiffError(f"cannot find base model {base!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
@@ -138,16 +135,12 @@ def resolve_base(base: str | Path | None) -> str | Path:
 
 
 def is_embedded_base(base: str | Path | None) -> bool:
-    from .world import BASE_DIR
-
-    return base is None or Path(base).resolve() == BASE_DIR.resolve()
+    return base is None or Path(base).resolve() == world.BASE_DIR.resolve()
 
 
 def default_guidance(base: str | Path | None) -> float:
     """Classifier-free guidance when none is given: what the embedded base draws best at, else SD's 7.5."""
-    from .world import GUIDANCE_SCALE
-
-    return GUIDANCE_SCALE if is_embedded_base(base) else 7.5
+    return world.GUIDANCE_SCALE if is_embedded_base(base) else 7.5
 
 
 def default_cut_mix_scale(base: str | Path | None) -> float:
@@ -201,104 +194,3 @@ def load_components(
     if not out:
         raise SvdiffError(f"{base} has none of the components svdiff shifts ({', '.join(SHIFTED_COMPONENTS)})")
     return out
-
-
-# --- shift sets on pipelines (a bare nn.Module works too) ---
-
-
-def components_of(target) -> dict[str, nn.Module]:
-    """The components of a diffusers pipeline that carry shifts ({"unet": …, "text_encoder": …}); a bare module
-    is its own single component."""
-    if isinstance(target, nn.Module):
-        return {"model": target}
-    parts = getattr(target, "components", None)
-    if not isinstance(parts, dict):
-        raise SvdiffError(f"expected a diffusers pipeline or a torch module, got {type(target).__name__}")
-    return {k: v for k in SHIFTED_COMPONENTS if isinstance(v := parts.get(k), nn.Module) and is_shifted(v)}
-
-
-def adapter_name_of(path: str | Path) -> str:
-    """The name a shift file is loaded under by default: its folder's name for a file with the default name
-    (`dog/svdiff_weights.safetensors` → "dog"), else its stem; dots become underscores (ParameterDict keys)."""
-    from .io import WEIGHTS_NAME
-
-    path = Path(path)
-    return (path.parent.name if path.name == WEIGHTS_NAME else path.stem).replace(".", "_") or "default"
-
-
-def load_shifts(target, path: str | Path, adapter_name: str | None = None, scale: float = 1.0, **options) -> str:
-    """Attach a shift file to a pipeline under `adapter_name` (default: the file's folder name, or its stem when
-    it has its own name) after checking it was made for this base. Several files stay loaded side by side;
-    returns the name used. `options` go to `svdiff.io.load_shifts` (include, exclude, factor_dtype, cache,
-    progress)."""
-    from .io import load_shifts as load_into
-    from .io import read_shift_file
-
-    path = Path(path)
-    name = adapter_name or adapter_name_of(path)
-    if "." in name:  # torch's ParameterDict keys cannot hold one
-        raise SvdiffError(f"adapter name {name!r} cannot contain '.'")
-    if name in shift_sets_of(target):
-        raise SvdiffError(f"a shift set named {name!r} is already loaded; pass another adapter_name")
-    shift_file = read_shift_file(path)
-    components = components_of(target)
-    if isinstance(target, nn.Module):  # a bare module takes the file's one component, whatever its name
-        in_file = list(shift_file.components())
-        if len(in_file) != 1:
-            raise SvdiffError(f"{path} has shifts for {', '.join(in_file)}: load it onto the pipeline")
-        components = {in_file[0]: target}
-    load_into(components, shift_file, name=name, scale=scale, **options)
-    return name
-
-
-def mixed_batch(target, assignment: list[dict[str, float]]):
-    """A context in which sample b of each `pipe(...)` call is drawn with the shift sets and scales of
-    assignment[b] (e.g. `[{"dog": 1.0}, {"cat": 0.8}]` with two prompts), all in one batch, as PEFT's
-    `adapter_names=` does for LoRA. The sets must be loaded (and not fused); use one image per prompt."""
-    from .spectral.mixed import per_sample
-
-    return per_sample(list(components_of(target).values()), assignment)
-
-
-def shift_sets_of(target) -> dict[str, float]:
-    """{name: scale} of the shift sets loaded on a pipeline or module."""
-    from .spectral import shift_sets
-
-    out: dict[str, float] = {}
-    for model in components_of(target).values():
-        out.update(shift_sets(model))
-    return out
-
-
-def set_scales(target, scales: dict[str, float]) -> None:
-    """Change the scales of loaded shift sets without reloading or refactorizing (scale 0 = the base)."""
-    from .spectral import set_scales as set_on
-
-    unknown = set(scales) - set(shift_sets_of(target))
-    if unknown:
-        raise SvdiffError(f"no shift set named {sorted(unknown)[0]!r} is loaded")
-    for model in components_of(target).values():
-        set_on(model, scales)
-
-
-def unload_shifts(target, adapter_name: str | None = None) -> None:
-    """Remove one shift set (or all): the base weights come back bit for bit once none is left."""
-    from .spectral import remove_shifts
-
-    for model in components_of(target).values():
-        remove_shifts(model, adapter_name)
-
-
-def fuse(target) -> None:
-    """Bake the loaded shifts into the weights (sampling then costs what the base costs)."""
-    from .spectral import fuse as fuse_one
-
-    for model in components_of(target).values():
-        fuse_one(model)
-
-
-def unfuse(target) -> None:
-    from .spectral import unfuse as unfuse_one
-
-    for model in components_of(target).values():
-        unfuse_one(model)

@@ -6,12 +6,15 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
+import diffusers
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .adapters import adapter_name_of, fuse, load_shifts, mixed_batch
 from .checks import MAX_INFERENCE_STEPS, MAX_SCALE, MAX_SEED, check_range
 from .errors import SvdiffError
-from .models import ARCHITECTURES, adapter_name_of, load_shifts, mixed_batch, resolve_base
+from .models import ARCHITECTURES, resolve_base
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -31,8 +34,6 @@ STYLE_GROUPS = {"geometry": [r"^unet\.(down_blocks\.2\.attentions\.1|mid_block\.
 
 def load_pipeline(base=None, *, scheduler: str = "ddim", dtype=None, device=None, revision=None, variant=None):
     """A text-to-image pipeline for `base` (None: the embedded tiny one), with the named scheduler."""
-    import diffusers
-
     if scheduler not in SCHEDULERS:
         raise SvdiffError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
     base = resolve_base(base)
@@ -114,8 +115,6 @@ def sample_per_prompt(
 
 def finite_images(pixels):
     """The decoded batch, refused if it holds NaN or inf: saved as PNG it would be a black picture, exit 0."""
-    import numpy as np
-
     if not np.isfinite(pixels).all():
         raise SvdiffError(
             "the model produced NaN or infinite pixels: the shifts (or their scales) are too large for this base"
@@ -144,8 +143,6 @@ def apply_shifts(
 
     shifts: [(file, scale)]; interpolate: (A, B) at alpha·A + (1 − alpha)·B (Eq. 5); style_mix: {"geometry": A,
     "appearance": B} takes the geometry layers from A and all others from B."""
-    from .models import fuse
-
     loaded = {}
 
     def load(path, scale, **kw):

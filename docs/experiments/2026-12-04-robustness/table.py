@@ -430,10 +430,10 @@ CASES["7 merge --alpha 0.3 without --interpolate"] = lambda d: (
 BIG = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-import svdiff.io
-from svdiff.io import read_shift_file, save_shift_file
+import svdiff.format
+from svdiff.format import read_shift_file, save_shift_file
 f = read_shift_file(sys.argv[2])
-svdiff.io.check_shift_bound = lambda tensors: None  # written as a foreign tool would, past the writer's bound
+svdiff.format.check_shift_bound = lambda tensors: None  # written as a foreign tool would, past the writer's bound
 t = {k: torch.full_like(v.float(), 60000.0) * (1 if i % 2 else -1) for i, (k, v) in enumerate(f.tensors.items())}
 m = f.metadata
 save_shift_file("big.safetensors", t, base_model=m["base_model"], fingerprint=m["fingerprint"], preset=m["preset"])
@@ -578,7 +578,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from svdiff.models import load_components
 from svdiff.spectral import find_targets, fingerprint
-from svdiff.io import fingerprint_mismatch
+from svdiff.format import fingerprint_mismatch
 unet = load_components(None)["unet"]
 before = fingerprint(unet)
 mats = [t for t in find_targets(unet) if t.module.weight.ndim >= 2]

@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 
 from ..checks import overlaps
 from ..errors import SvdiffError
+from ..files import atomic_path
+from ..sample import sample
 from .images import image_files, is_image, load_image_folder, open_images
 
 CONCEPT_KEYS = ("instance_prompt", "instance_data_dir", "class_prompt", "class_data_dir")
@@ -97,8 +99,6 @@ def generate_class_images(
 ) -> int:
     """Fill `class_data_dir` up to `wanted` images of `class_prompt`, sampled by the base with DDIM. Image i is
     `class-<i>.png` from seed + i, so an interrupted fill resumes where it stopped. Returns how many it made."""
-    from ..sample import sample
-
     folder = concept.class_data_dir
     have = len(class_image_files(folder))
     todo = max(0, wanted - have)
@@ -118,9 +118,8 @@ def generate_class_images(
             progress=False,
         )
         for i, image in enumerate(images):
-            tmp = folder / f".class-{start + i:05d}.png.tmp"
-            image.save(tmp, format="PNG")
-            tmp.replace(folder / f"class-{start + i:05d}.png")
+            with atomic_path(folder / f"class-{start + i:05d}.png") as temp:
+                image.save(temp, format="PNG")
         bar.update(n)
     bar.close()
     return todo

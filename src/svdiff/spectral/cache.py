@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..files import atomic_path
 from .basis import TOLERANCE, SpectralBasis, factor_errors, is_canonical
 
 ENGINE_VERSION = "1"
@@ -90,14 +90,9 @@ class SVDCache:
         if self.root in SVDCache.unwritable:
             return False
         tensors = {"U": basis.U.float().cpu(), "S": basis.S.float().cpu(), "Vh": basis.Vh.float().cpu()}
-        path = self.path(key)
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            save_file(tensors, tmp, metadata={"key": key, "engine": ENGINE_VERSION})
-            os.replace(tmp, path)
+            with atomic_path(self.path(key)) as temp:
+                save_file(tensors, temp, metadata={"key": key, "engine": ENGINE_VERSION})
             return True
         except (OSError, SafetensorError) as e:
             SVDCache.unwritable.add(self.root)
@@ -106,9 +101,6 @@ class SVDCache:
                 f"cannot write the SVD cache at {self.root} ({reason}): factors are recomputed next time", stacklevel=3
             )
             return False
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
 
     def entries(self) -> list[Path]:
         return sorted(self.root.glob("*/*.safetensors")) if self.root.is_dir() else []

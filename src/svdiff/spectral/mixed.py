@@ -1,4 +1,5 @@
-"""Mixed-subject batches: each sample of one batch with its own shift sets and scales, in one forward.
+"""Mixed-subject batches in one layer: each sample of one batch with its own shift sets and scales, in one forward
+(`batches.per_sample` says which sample gets which).
 
 Sample b gets d_b = ReLU(σ + Σ_k s_bk·δ_k) − σ, applied on the activation path, where a per-sample d costs what a
 shared one costs: y_b = op(x_b, W) + ((x_b·V)·d_b)·Uᵀ for linear and conv layers, the looked-up rows for
@@ -12,39 +13,12 @@ ids) is broadcast to every sample.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SvdiffError
 from .kinds import Conv, Embedding, Norm
-
-
-@contextmanager
-def per_sample(models: list[nn.Module], assignment: list[dict[str, float]]):
-    """Within the block, sample b of every call to `models` is shifted by the sets and scales of assignment[b]
-    (an empty dict: the base). The sets must be loaded and the models not fused."""
-    from .shifts import shift_sets, shifted_modules
-
-    if not assignment:
-        raise SvdiffError("a mixed batch needs at least one sample")
-    known = set().union(*(shift_sets(m) for m in models))
-    for entry in assignment:
-        unknown = set(entry) - known
-        if unknown:
-            raise SvdiffError(f"no shift set named {sorted(unknown)[0]!r} is loaded")
-    layers = [shift for m in models for _, shift in shifted_modules(m).values()]
-    if any(shift.original is not None for shift in layers):
-        raise SvdiffError("the model is fused: unfuse it before drawing a mixed batch")
-    for shift in layers:
-        shift.per_sample = assignment
-    try:
-        yield
-    finally:
-        for shift in layers:
-            shift.per_sample = None
 
 
 def _totals(shift, assignment: list[dict[str, float]]) -> torch.Tensor | None:

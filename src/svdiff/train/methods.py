@@ -10,7 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapters import save_shifts
 from ..errors import SvdiffError
+from ..format import WEIGHTS_NAME
+from ..models import base_name
+from ..spectral import add_shifts, shifted_modules
+from ..spectral.merged import MergedShifts
 
 DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # diffusers' DreamBooth LoRA targets: the attention projections of the UNet and of CLIP.
@@ -40,9 +45,6 @@ class Trainable:
         times the shape groups on a GPU and keeps per-call layers on a CPU) and its δ held in flat parameters:
         checkpoints keep naming each target's δ (now views of them), the optimizer steps the flat parameters at
         the same two rates. Returns the wirings (they have a state_dict)."""
-        from ..spectral import shifted_modules
-        from ..spectral.merged import MergedShifts
-
         on_cpu = next(iter(self.params.values())).device.type == "cpu"
         if choose == "auto" and on_cpu:  # a CPU pays for the weight gradients merging needs: per call measures faster
             choose = "per-call"  # (benchmarks/train_methods.py), and a run then computes the same bits every time
@@ -73,9 +75,6 @@ def prepare(args, unet: nn.Module, text_encoder: nn.Module) -> Trainable:
 
 
 def _svdiff(args, components) -> Trainable:
-    from ..spectral import add_shifts
-    from ..spectral.shifts import shifted_modules
-
     params, matrices, vectors = {}, [], []
     for name, model in components.items():
         deltas = add_shifts(
@@ -100,6 +99,8 @@ def _svdiff(args, components) -> Trainable:
 
 
 def _lora(args, components) -> Trainable:
+    # peft and diffusers' pipelines take seconds to import, which every `svdiff` command would pay: only the
+    # LoRA baseline loads them.
     from peft import LoraConfig, inject_adapter_in_model
 
     params = {}
@@ -126,9 +127,6 @@ def _full(args, components) -> Trainable:
 def save_result(trainable: Trainable, output_dir: Path, args, extra: dict) -> Path:
     """Writes what was trained; returns the main file."""
     if trainable.method == "svdiff":
-        from ..io import WEIGHTS_NAME, save_shifts
-        from ..models import base_name
-
         return save_shifts(
             output_dir / WEIGHTS_NAME,
             trainable.components,

@@ -8,10 +8,12 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from ..models import base_name
 from ..pictures import grid, line_chart
+from ..sample import sample
 
 
 def validation_prompts(args, concepts) -> list[str]:
@@ -20,8 +22,6 @@ def validation_prompts(args, concepts) -> list[str]:
 
 def write_samples(pipe, args, concepts, step: int, accelerator) -> Path:
     """One row per validation prompt, the same seeds at every step, so rows are comparable across grids."""
-    from ..sample import sample
-
     prompts = validation_prompts(args, concepts)
     images = []
     with accelerator.autocast():
@@ -42,8 +42,6 @@ def write_samples(pipe, args, concepts, step: int, accelerator) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, cols=args.num_validation_images, scale=scale, labels=prompts).save(path)
     if args.report_to in ("tensorboard", "all"):
-        import numpy as np
-
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 arr = np.stack([np.asarray(im) for im in images])

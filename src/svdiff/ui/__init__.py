@@ -4,6 +4,7 @@ nothing here imports it until the app starts."""
 
 from __future__ import annotations
 
+from ..checks import check_range
 from ..errors import SvdiffError
 from ..flags import base_flag, flag
 from .workspace import DEFAULT_WORKSPACE
@@ -24,8 +25,6 @@ def run(args) -> int:
         from .app import serve
     except ImportError as e:
         raise SvdiffError(f"svdiff ui needs the ui extra: pip install 'svdiff[ui]' ({e.name} is missing)") from None
-    from ..checks import check_range
-
     check_range("--port", args.port, 1, 65535, integer=True)
     serve(args.workspace, host=args.host, port=args.port, share=args.share, base=args.base)
     return 0

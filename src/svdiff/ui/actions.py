@@ -4,13 +4,18 @@ library function behind it, so a page and a terminal give the same files from th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 from pathlib import Path
 
 from ..checks import check_range
+from ..cli import build_parser
+from ..edit import edit_image
 from ..errors import SvdiffError
-from ..io import format_summary, plot_blocks, read_shift_file, summarize
+from ..export import export_lora
+from ..format import read_shift_file
+from ..inspection import format_summary, plot_blocks, summarize
 from ..train import train_args
 from .workspace import CLASS_IMAGES, CONCEPTS, EDITS, EXPORTS, GENERATED, MERGED, RUNS, SUBJECTS, Workspace, plain_name
 
@@ -29,10 +34,6 @@ def text_flag(name: str, value: str) -> list[str]:
 
 def run_command(argv: list[str], workspace: Workspace) -> None:
     """Runs `svdiff argv` in this process with the workspace as the folder its relative paths start from."""
-    import contextlib
-
-    from ..cli import build_parser
-
     try:
         args = build_parser().parse_args(argv)
     except SystemExit:
@@ -179,8 +180,6 @@ def edit(
 ) -> dict:
     """`svdiff edit` of an uploaded image into a new folder under edits/; its fine-tuned shifts stay there
     (edits/<stamp>/edits-model/), so a further edit of the same image can reuse them."""
-    from ..edit import edit_image
-
     folder = workspace.stamped(EDITS)
     weights = None if not shifts else workspace.path(shifts, exists=True)
     result = edit_image(
@@ -271,8 +270,6 @@ def export(
 ) -> dict:
     """`svdiff export` into exports/<name>.safetensors; returns the export's report (relative error, ranks, what
     each tool applies) with the command line."""
-    from ..export import export_lora
-
     source = workspace.path(rel, exists=True)
     output = workspace.new_file(EXPORTS, name, ".safetensors")
     report = export_lora(source, output, fmt=fmt, rank=rank, energy=energy, base=base)

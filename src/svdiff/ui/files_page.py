@@ -9,7 +9,7 @@ import gradio as gr
 
 from ..errors import SvdiffError
 from ..export import FORMATS
-from ..io import read_shift_file
+from ..format import read_shift_file
 from . import actions
 from .forms import NONE, choice_updates, command_box, guarded, integer, message, whole
 from .workspace import Workspace

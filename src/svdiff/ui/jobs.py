@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SvdiffError
+from ..files import write_atomic
 from .workspace import JOBS, Workspace
 
 # tqdm's bar as `svdiff train` prints it: "training:  45%|████▌     | 9/20 [00:03<00:04, …, loss=0.1234, lr=0.001]"
@@ -243,10 +244,7 @@ class Trainer:
         return Job(**json.loads(path.read_text()))
 
     def _save(self, job: Job) -> None:
-        path = self.folder / f"{job.id}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(job), indent=1))
-        os.replace(tmp, path)
+        write_atomic(self.folder / f"{job.id}.json", json.dumps(asdict(job), indent=1).encode())
 
 
 def _without(flags: list[str], name: str) -> list[str]:

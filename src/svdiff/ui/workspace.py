@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..data.images import IMAGE_SUFFIXES, open_image
 from ..errors import SvdiffError
-from ..io import read_shift_file
+from ..format import read_shift_file
 
 DEFAULT_WORKSPACE = "svdiff-workspace"
 # A subject is 3–5 photos; 20 leaves room for a larger set while refusing a dropped photo library.

@@ -3,12 +3,20 @@
 import argparse
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from ..data.images import image_files, open_images
 from ..errors import SvdiffError
 from ..flags import flag
-from . import GUIDANCE_SCALE
+from . import GUIDANCE_SCALE, default_judge
+from .evaluate import parse_prompt, score, similarity
+from .judge import load, read
+from .quality import base_sheet, measure, subject_sheet
+from .render import SHAPES, caption, random_scene, render
+from .subjects import random_subject, write_examples, write_subject_folder
 
 
 def add_parser(subparsers) -> None:
@@ -48,10 +56,6 @@ def add_parser(subparsers) -> None:
 
 
 def run_render(args) -> int:
-    from dataclasses import asdict
-
-    from .render import caption, random_scene, render
-
     args.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     with open(args.out / "scenes.jsonl", "w") as f:
@@ -65,12 +69,7 @@ def run_render(args) -> int:
 
 
 def run_subjects(args) -> int:
-    from .render import SHAPES
-    from .subjects import random_subject, write_examples, write_subject_folder
-
     if args.examples:
-        from .quality import subject_sheet
-
         for folder in write_examples(args.out, args.views):
             print(folder)
         subject_sheet(args.out / "subjects.png", args.out)
@@ -87,12 +86,6 @@ def run_subjects(args) -> int:
 
 
 def run_judge(args) -> int:
-    import torch
-
-    from . import default_judge
-    from .evaluate import parse_prompt, score, similarity
-    from .judge import load, read
-
     if not parse_prompt(args.prompt):
         raise SvdiffError(f"the prompt names no shape of the world: {args.prompt!r}")
     files = image_files(args.images)
@@ -119,8 +112,6 @@ def run_judge(args) -> int:
 
 
 def run_report(args) -> int:
-    from .quality import base_sheet, measure
-
     if args.pictures is not None:
         args.pictures.mkdir(parents=True, exist_ok=True)
         base_sheet(args.pictures / "base_samples.png", guidance_scale=args.guidance_scale, base=args.base)

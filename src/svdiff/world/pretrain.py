@@ -10,6 +10,7 @@ in `--work_dir` with the same command.
 """
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -21,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..files import atomic_path
 from ..flags import flag
 from ..pictures import grid
 from .render import BACKGROUNDS, caption, random_scene, render, world_words
@@ -140,15 +143,12 @@ def save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer,
         for j, p in enumerate(group["params"]):
             for k, v in optimizer.state.get(p, {}).items():
                 tensors[f"optim.{i}.{j}.{k}"] = torch.as_tensor(v).reshape(-1).contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "seconds": f"{seconds:.1f}"})
-    tmp.replace(path)
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata={"step": str(step), "seconds": f"{seconds:.1f}"})
 
 
 def load_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer) -> tuple[int, float | None]:
     """The step a checkpoint reached and its seconds of work (None for a checkpoint that predates keeping them)."""
-    from safetensors import safe_open
-
     tensors = load_file(str(path))
     for name, m in modules.items():
         prefix = name + "."
@@ -276,8 +276,6 @@ def make_scheduler() -> DDIMScheduler:
 @torch.no_grad()
 def preview(vae, unet, text_encoder, tokenizer, shadows: dict, path: Path, device) -> None:
     """Samples the preview prompts with the averaged weights, without disturbing the weights being trained."""
-    import copy
-
     unet_avg, text_avg = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     unet_avg.load_state_dict(shadows["unet"])
     text_avg.load_state_dict(shadows["text_encoder"])

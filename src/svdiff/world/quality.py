@@ -5,14 +5,18 @@ import itertools
 import json
 import random
 import time
+from pathlib import Path
 
+import diffusers
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from . import GUIDANCE_SCALE
+from ..pictures import grid
+from . import GUIDANCE_SCALE, default_base, default_judge
 from .evaluate import match, parse_prompt, score
-from .judge import nearest_slot, read
-from .render import COLORS, PATTERNS, POSITION_PHRASES, SHAPES, random_scene, render
+from .judge import load, nearest_slot, read
+from .render import COLORS, PATTERNS, POSITION_PHRASES, SHAPES, held_out, random_scene, render
 from .subjects import random_subject, views
 from .tokenizer import IDENTIFIERS
 
@@ -58,8 +62,6 @@ def subject_similarity(model, n_subjects: int, seed: int) -> dict:
 
 def unseen_single_prompts(n: int, seed: int) -> list[str]:
     """Prompts naming a (shape, color, pattern) triple held out of pretraining, half of them with a place."""
-    from .render import held_out
-
     triples = [(s, c, p) for s in SHAPES for c in COLORS for p in PATTERNS if held_out(s, c, p)]
     rng = random.Random(f"unseen-{seed}")
     prompts = []
@@ -171,15 +173,10 @@ def measure(
     quick: bool = False, seed: int = 0, guidance_scale: float = GUIDANCE_SCALE, threads: int = 2, base=None
 ) -> dict:
     """The figures of `benchmarks/world_quality.py` for the shipped base, or for the pipeline folder `base`."""
-    from diffusers import DiffusionPipeline
-
-    from . import default_base, default_judge
-    from .judge import load
-
     torch.set_num_threads(threads)
     judge = load(default_judge())
     n_scenes, n_subjects, n_single, n_pairs = (200, 50, 40, 20) if quick else (2000, 200, 200, 100)
-    pipe = DiffusionPipeline.from_pretrained(base or default_base())
+    pipe = diffusers.DiffusionPipeline.from_pretrained(base or default_base())
     pipe.set_progress_bar_config(disable=True)
     single = unseen_single_prompts(n_single, seed)
     pairs = pair_prompts(n_pairs, seed)
@@ -216,12 +213,7 @@ SHOWCASE_PROMPTS = (
 
 def base_sheet(path, guidance_scale: float = GUIDANCE_SCALE, per_prompt: int = 6, base=None) -> None:
     """A row of base-model samples per showcase prompt, seeds 0…per_prompt-1 in one batch."""
-    from diffusers import DiffusionPipeline
-
-    from ..pictures import grid
-    from . import default_base
-
-    pipe = DiffusionPipeline.from_pretrained(base or default_base())
+    pipe = diffusers.DiffusionPipeline.from_pretrained(base or default_base())
     pipe.set_progress_bar_config(disable=True)
     images = []
     for prompt in tqdm(SHOWCASE_PROMPTS, desc="showcase"):
@@ -238,12 +230,6 @@ def base_sheet(path, guidance_scale: float = GUIDANCE_SCALE, per_prompt: int = 6
 
 def subject_sheet(path, examples_dir) -> None:
     """A row per example subject folder: its views, labelled with its instance prompt."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    from ..pictures import grid
-
     folders = sorted(p for p in Path(examples_dir).iterdir() if p.is_dir())
     views = [Image.open(f).convert("RGB") for folder in folders for f in sorted(folder.glob("*.png"))[:4]]
     labels = [f"{p.name}: " + json.loads((p / "subject.json").read_text())["instance_prompt"] for p in folders]

@@ -1,19 +1,21 @@
-"""Shift files: one safetensors file of spectral shifts δ, plus metadata naming the base model they fit.
+"""The shift-file format: one safetensors file of spectral shifts δ, plus metadata naming the base model they fit.
 
 Keys are `<component>.<parameter name>` (`unet.down_blocks.0.resnets.0.conv1.weight`), values 1-D δ. Shift
 files are shared between people, so reading checks the whole header itself (sizes, offsets, dtypes, metadata)
-before safetensors sees a byte, and every problem ends in one `ShiftFileError` line that names the file.
+before safetensors sees a byte, and every problem ends in one `ShiftFileError` line that names the file. Pure:
+the standard library, torch and safetensors only; putting files on models is `svdiff.adapters`'s job.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import importlib.metadata
 import json
 import math
 import os
 import re
 import reprlib
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +24,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-import svdiff
-from svdiff.errors import SvdiffError
-from svdiff.names import bare_name, checkpoint_name, live_name
-from svdiff.spectral import add_shifts, find_targets, fingerprint, get_deltas, set_deltas
-from svdiff.spectral.shifts import encode_summary, shape_hash
+from .errors import SvdiffError
+from .files import write_atomic
 
 WEIGHTS_NAME = "svdiff_weights.safetensors"
 FORMAT, FORMAT_VERSION = "svdiff", 2
@@ -61,8 +60,9 @@ class ShiftFileError(SvdiffError):
     """A shift file that cannot be written, read or applied; the message names the file and its problem."""
 
 
-class _Invalid(Exception):
-    """A problem inside a file or an argument; the public functions add which file it concerns."""
+class _ContentError(Exception):
+    """A problem in a file's content or in an argument; the public functions turn it into a `ShiftFileError` that
+    names the file."""
 
 
 @dataclass
@@ -108,8 +108,8 @@ def save_shift_file(
         _check_coverage(prepared, fingerprint)
         packed, metadata["key_table"] = _pack(prepared, dtype)
         metadata["fingerprint"] = _deflate(metadata["fingerprint"])  # two numbers per layer: a third of it, packed
-        _write_atomic(file, safetensors.torch.save(packed, metadata))
-    except _Invalid as e:
+        write_atomic(file, safetensors.torch.save(packed, metadata))
+    except _ContentError as e:
         raise ShiftFileError(f"cannot write {file}: {e}") from None
     except OSError as e:
         raise ShiftFileError(f"cannot write {file}: {e.strerror or e}") from None
@@ -118,20 +118,20 @@ def save_shift_file(
 
 def _prepare(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     if dtype not in DTYPES:
-        raise _Invalid(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise _ContentError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     prepared = {}
     for key, value in tensors.items():
         _split_key(key)
         if not isinstance(value, torch.Tensor):
-            raise _Invalid(f"{key}: a shift is a tensor, got {type(value).__name__}")
+            raise _ContentError(f"{key}: a shift is a tensor, got {type(value).__name__}")
         if not (value.is_floating_point() and value.dim() == 1 and value.numel()):
             got = f"{list(value.shape)} {value.dtype}"
-            raise _Invalid(f"{key}: a shift is a non-empty 1-D float tensor, got {got}")
+            raise _ContentError(f"{key}: a shift is a non-empty 1-D float tensor, got {got}")
         # A copy per key: safetensors refuses tensors that share memory, and the caller keeps its own.
         stored = torch.float32 if dtype == "int8" else DTYPES[dtype]  # int8 is rounded per layer in `_pack`
         delta = value.detach().to(device="cpu", dtype=stored, copy=True)
         if not torch.isfinite(delta).all():
-            raise _Invalid(f"{key} has non-finite values (NaN or inf) once stored as {dtype}")
+            raise _ContentError(f"{key} has non-finite values (NaN or inf) once stored as {dtype}")
         check_shift_bound({key: delta})
         prepared[key] = delta
     return prepared
@@ -165,7 +165,7 @@ def _inflate(text: Any, key: str) -> str:
     """The text of a `_deflate`d entry; its size is bounded before it is inflated, so a hostile entry costs no more
     than a header may."""
     if not isinstance(text, str):
-        raise _Invalid(f"metadata lacks the required key {key!r}")
+        raise _ContentError(f"metadata lacks the required key {key!r}")
     try:
         inflater = zlib.decompressobj()
         plain = inflater.decompress(base64.b64decode(text, validate=True), MAX_HEADER_BYTES)
@@ -173,44 +173,35 @@ def _inflate(text: Any, key: str) -> str:
             raise ValueError("truncated, or larger than a header may be")
         return plain.decode("utf-8")
     except (ValueError, zlib.error) as e:
-        raise _Invalid(f"{key} is not valid ({_clip(str(e))})") from None
+        raise _ContentError(f"{key} is not valid ({clip(str(e))})") from None
 
 
 def _encode_metadata(base_model: str, fingerprint: dict, preset: str, dtype: str, extra: dict) -> dict:
     if not (isinstance(base_model, str) and isinstance(preset, str)):
-        raise _Invalid("base_model and preset must be text")
+        raise _ContentError("base_model and preset must be text")
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "base_model": base_model,
         "fingerprint": json.dumps(_check_fingerprint(fingerprint), sort_keys=True),
         "preset": preset,
-        "svdiff_version": svdiff.__version__,
+        "svdiff_version": _svdiff_version(),
         "dtype": dtype,
     }
     for key, value in extra.items():
         if not isinstance(key, str) or key in RESERVED_KEYS or key == "":
-            raise _Invalid(f"extra metadata key {key!r} is reserved or not text")
+            raise _ContentError(f"extra metadata key {key!r} is reserved or not text")
         try:
             metadata[key] = json.dumps(value)
         except (TypeError, ValueError) as e:
-            raise _Invalid(f"extra metadata {key!r} is not JSON-serializable ({e})") from None
+            raise _ContentError(f"extra metadata {key!r} is not JSON-serializable ({e})") from None
     return metadata
 
 
-def _write_atomic(file: Path, payload: bytes) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    # A temp file in the same folder makes os.replace a rename within one filesystem, hence atomic.
-    temp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(temp, "xb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, file)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+@functools.cache
+def _svdiff_version() -> str:
+    # The installed distribution's version: the package's own `__version__` would import all of svdiff.
+    return importlib.metadata.version("svdiff")
 
 
 # --- reading ---
@@ -222,14 +213,14 @@ def read_shift_file(path: str | os.PathLike) -> ShiftFile:
     try:
         if file.is_dir():
             if not (file / WEIGHTS_NAME).exists():
-                raise _Invalid(f"no {WEIGHTS_NAME} in this folder")
+                raise _ContentError(f"no {WEIGHTS_NAME} in this folder")
             file = file / WEIGHTS_NAME
         metadata, data = _read_checked(file)
         tensors = _load(data)
         if metadata["format_version"] >= 2:
             tensors = _unpack(tensors, metadata.pop("key_table"))
         check_shift_bound(tensors)
-    except _Invalid as e:
+    except _ContentError as e:
         raise ShiftFileError(f"cannot read {file}: {e}") from None
     except OSError as e:
         raise ShiftFileError(f"cannot read {file}: {e.strerror or e}") from None
@@ -239,17 +230,17 @@ def read_shift_file(path: str | os.PathLike) -> ShiftFile:
 def _read_checked(file: Path) -> tuple[dict[str, Any], bytes]:
     """Metadata and bytes of the file; the header is checked before the data is read, so junk costs little."""
     if not file.is_file():
-        raise _Invalid("not a regular file" if file.exists() else "no such file")
+        raise _ContentError("not a regular file" if file.exists() else "no such file")
     size = file.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise _Invalid(f"{size} bytes is far too big for a shift file")
+        raise _ContentError(f"{size} bytes is far too big for a shift file")
     with file.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise _Invalid("too short to be a safetensors file")
+            raise _ContentError("too short to be a safetensors file")
         header_len = int.from_bytes(head, "little")
         if header_len > min(size - 8, MAX_HEADER_BYTES):
-            raise _Invalid(f"declared header length {header_len} is impossible for a file of {size} bytes")
+            raise _ContentError(f"declared header length {header_len} is impossible for a file of {size} bytes")
         header_bytes = f.read(header_len)
         header = _parse_header(header_bytes)
         metadata = _decode_metadata(header.pop("__metadata__", None))
@@ -262,7 +253,7 @@ def _read_checked(file: Path) -> tuple[dict[str, Any], bytes]:
         _check_coverage(metadata["key_table"] if packed else header, metadata["fingerprint"])
         body = f.read(data_len + 1)
     if len(header_bytes) != header_len or len(body) != data_len:
-        raise _Invalid("the file changed while it was being read")
+        raise _ContentError("the file changed while it was being read")
     return metadata, head + header_bytes + body
 
 
@@ -270,9 +261,9 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as e:
-        raise _Invalid(f"header is not valid JSON ({_clip(str(e))})") from None
+        raise _ContentError(f"header is not valid JSON ({clip(str(e))})") from None
     if not isinstance(header, dict):
-        raise _Invalid("header is not a JSON object")
+        raise _ContentError("header is not a JSON object")
     return header
 
 
@@ -286,16 +277,16 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _decode_metadata(raw: Any) -> dict[str, Any]:
     if raw is None:
-        raise _Invalid("not an svdiff shift file (it has no metadata)")
+        raise _ContentError("not an svdiff shift file (it has no metadata)")
     if not isinstance(raw, dict) or not all(isinstance(value, str) for value in raw.values()):
-        raise _Invalid("header metadata is not a map of text to text")
+        raise _ContentError("header metadata is not a map of text to text")
     if "format" not in raw:
-        raise _Invalid("not an svdiff shift file (its metadata has no 'format')")
+        raise _ContentError("not an svdiff shift file (its metadata has no 'format')")
     if raw["format"] != FORMAT:
-        raise _Invalid(f"not an svdiff shift file (format={_clip(repr(raw['format']))})")
+        raise _ContentError(f"not an svdiff shift file (format={clip(repr(raw['format']))})")
     for key in REQUIRED_KEYS:
         if key not in raw:
-            raise _Invalid(f"metadata lacks the required key {key!r}")
+            raise _ContentError(f"metadata lacks the required key {key!r}")
     metadata: dict[str, Any] = {}
     version = _decode_version(raw["format_version"])
     for key, value in raw.items():
@@ -312,10 +303,10 @@ def _decode_metadata(raw: Any) -> dict[str, Any]:
 
 def _decode_version(text: str) -> int:
     if not re.fullmatch(r"[1-9][0-9]{0,8}", text):
-        raise _Invalid(f"format_version {_clip(repr(text))} is not a positive integer")
+        raise _ContentError(f"format_version {clip(repr(text))} is not a positive integer")
     version = int(text)
     if version > FORMAT_VERSION:
-        raise _Invalid(f"format_version {version} is newer than this svdiff understands ({FORMAT_VERSION})")
+        raise _ContentError(f"format_version {version} is newer than this svdiff understands ({FORMAT_VERSION})")
     return version
 
 
@@ -323,7 +314,7 @@ def _decode_fingerprint(text: str) -> dict[str, dict[str, Any]]:
     try:
         fingerprint = json.loads(text)
     except (ValueError, RecursionError):
-        raise _Invalid("fingerprint metadata is not valid JSON") from None
+        raise _ContentError("fingerprint metadata is not valid JSON") from None
     return _check_fingerprint(fingerprint)
 
 
@@ -337,7 +328,7 @@ def _json_or_text(text: str) -> Any:
 
 def _check_fingerprint(fingerprint: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(fingerprint, dict):
-        raise _Invalid("fingerprint is not a map of components")
+        raise _ContentError("fingerprint is not a map of components")
     for component, entry in fingerprint.items():
         probe = entry.get("probe") if isinstance(entry, dict) else None
         if not (
@@ -348,7 +339,7 @@ def _check_fingerprint(fingerprint: Any) -> dict[str, dict[str, Any]]:
             and all(_is_finite_number(x) for x in probe)
             and ("weights" not in entry or _summary(entry["weights"]) is not None)
         ):
-            raise _Invalid(f"fingerprint of {_clip(component)} needs 'shapes' text and a 'probe' of numbers")
+            raise _ContentError(f"fingerprint of {clip(component)} needs 'shapes' text and a 'probe' of numbers")
     return fingerprint
 
 
@@ -370,30 +361,32 @@ def _check_entries(entries: dict[str, Any], data_len: int, sizes: dict[str, int]
     spans = []
     for name, entry in entries.items():
         _split_key(name)
-        label = _clip(name)
+        label = clip(name)
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise _Invalid(f"tensor {label} has a malformed header entry")
+            raise _ContentError(f"tensor {label} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not (isinstance(dtype, str) and dtype in sizes):
             *most, last = sizes
-            raise _Invalid(f"tensor {label} has dtype {_clip(dtype)}; shifts are stored as {', '.join(most)} or {last}")
+            raise _ContentError(
+                f"tensor {label} has dtype {clip(dtype)}; shifts are stored as {', '.join(most)} or {last}"
+            )
         if not (isinstance(shape, list) and len(shape) == 1 and _is_count(shape[0]) and shape[0] > 0):
-            raise _Invalid(f"tensor {label} has shape {_clip(shape)}; a shift is 1-D and not empty")
+            raise _ContentError(f"tensor {label} has shape {clip(shape)}; a shift is 1-D and not empty")
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
             and all(_is_count(x) for x in offsets)
             and offsets[1] - offsets[0] == shape[0] * sizes[dtype]
         ):
-            raise _Invalid(f"tensor {label} has data offsets {_clip(offsets)} that disagree with its shape")
+            raise _ContentError(f"tensor {label} has data offsets {clip(offsets)} that disagree with its shape")
         spans.append((offsets[0], offsets[1], label))
     end = 0
     for begin, stop, label in sorted(spans):
         if begin != end:
-            raise _Invalid(f"tensor {label} overlaps another tensor or leaves a gap in the data")
+            raise _ContentError(f"tensor {label} overlaps another tensor or leaves a gap in the data")
         end = stop
     if end != data_len:
-        raise _Invalid(f"the tensors span {end} bytes but the data section holds {data_len}")
+        raise _ContentError(f"the tensors span {end} bytes but the data section holds {data_len}")
 
 
 def _decode_key_table(text: Any) -> dict[str, list[list]]:
@@ -401,20 +394,20 @@ def _decode_key_table(text: Any) -> dict[str, list[list]]:
     try:
         table = json.loads(_inflate(text, "key_table"), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as e:
-        raise _Invalid(f"key_table is not valid ({_clip(str(e))})") from None
+        raise _ContentError(f"key_table is not valid ({clip(str(e))})") from None
     if not (isinstance(table, dict) and table):
-        raise _Invalid("key_table is not a map of components")
+        raise _ContentError("key_table is not a map of components")
     for component, layers in table.items():
         if not (component and "." not in component and isinstance(layers, list) and layers):
-            raise _Invalid(f"key_table entry {_clip(component)} is not a component with a list of layers")
+            raise _ContentError(f"key_table entry {clip(component)} is not a component with a list of layers")
         seen = set()
         for layer in layers:
             if not (isinstance(layer, list) and len(layer) == 2 and isinstance(layer[0], str) and layer[0]):
-                raise _Invalid(f"key_table of {_clip(component)} has a malformed layer {_clip(layer)}")
+                raise _ContentError(f"key_table of {clip(component)} has a malformed layer {clip(layer)}")
             if not (_is_count(layer[1]) and layer[1] > 0):
-                raise _Invalid(f"key_table gives {_clip(layer[0])} the length {_clip(layer[1])}")
+                raise _ContentError(f"key_table gives {clip(layer[0])} the length {clip(layer[1])}")
             if layer[0] in seen:
-                raise _Invalid(f"key_table of {_clip(component)} names {_clip(layer[0])} twice")
+                raise _ContentError(f"key_table of {clip(component)} names {clip(layer[0])} twice")
             seen.add(layer[0])
     return table
 
@@ -425,18 +418,18 @@ def _check_packed(entries: dict[str, Any], metadata: dict[str, Any]) -> None:
     expected = {f"{c}.delta" for c in table} | ({f"{c}.scale" for c in table} if quantized else set())
     if set(entries) != expected:
         name = sorted(set(entries) ^ expected)[0]
-        raise _Invalid(f"tensor {_clip(name)} is {'missing' if name in expected else 'not in the key table'}")
+        raise _ContentError(f"tensor {clip(name)} is {'missing' if name in expected else 'not in the key table'}")
     for component, layers in table.items():
         delta = entries[f"{component}.delta"]
         if delta["shape"][0] != sum(length for _, length in layers):
-            raise _Invalid(f"{_clip(component)}.delta does not hold the values its key_table lists")
+            raise _ContentError(f"{clip(component)}.delta does not hold the values its key_table lists")
         if (delta["dtype"] == "I8") != quantized:
-            raise _Invalid(
-                f"{_clip(component)}.delta is {delta['dtype']}, the metadata says {_clip(metadata.get('dtype'))}"
+            raise _ContentError(
+                f"{clip(component)}.delta is {delta['dtype']}, the metadata says {clip(metadata.get('dtype'))}"
             )
         scale = entries.get(f"{component}.scale")
         if scale is not None and (scale["dtype"] != "F32" or scale["shape"][0] != len(layers)):
-            raise _Invalid(f"{_clip(component)}.scale is not one float32 per layer")
+            raise _ContentError(f"{clip(component)}.scale is not one float32 per layer")
 
 
 def _unpack(tensors: dict[str, torch.Tensor], table: dict[str, list[list]]) -> dict[str, torch.Tensor]:
@@ -446,7 +439,7 @@ def _unpack(tensors: dict[str, torch.Tensor], table: dict[str, list[list]]) -> d
         pieces = tensors[f"{component}.delta"].split(list(lengths))
         scales = tensors.get(f"{component}.scale")
         if scales is not None and (scales < 0).any():
-            raise _Invalid(f"{_clip(component)}.scale has a negative scale")
+            raise _ContentError(f"{clip(component)}.scale has a negative scale")
         for i, (name, piece) in enumerate(zip(names, pieces, strict=True)):
             out[f"{component}.{name}"] = piece.float() * scales[i] if scales is not None else piece.clone()
     return out
@@ -463,7 +456,9 @@ def check_shift_bound(tensors: dict[str, torch.Tensor]) -> None:
     for key, delta in tensors.items():
         peak = float(delta.abs().max()) if delta.numel() else 0.0
         if not peak <= MAX_SHIFT:
-            raise _Invalid(f"{_clip(key)} holds |δ| = {peak:g}, beyond the bound {MAX_SHIFT:g} of any trained shift")
+            raise _ContentError(
+                f"{clip(key)} holds |δ| = {peak:g}, beyond the bound {MAX_SHIFT:g} of any trained shift"
+            )
 
 
 def _check_coverage(keys: Any, fingerprint: dict) -> None:
@@ -471,24 +466,24 @@ def _check_coverage(keys: Any, fingerprint: dict) -> None:
     for key in keys:
         component = key.partition(".")[0]
         if component not in fingerprint:
-            raise _Invalid(f"the fingerprint lacks component {_clip(component)} of {_clip(key)}")
+            raise _ContentError(f"the fingerprint lacks component {clip(component)} of {clip(key)}")
 
 
 def _load(data: bytes) -> dict[str, torch.Tensor]:
     try:
         tensors = safetensors.torch.load(data)
     except Exception as e:  # The header passed our checks; anything safetensors still refuses is bad too.
-        raise _Invalid(f"safetensors refused it ({_clip(str(e))})") from None
+        raise _ContentError(f"safetensors refused it ({clip(str(e))})") from None
     for key, delta in tensors.items():
         if not torch.isfinite(delta).all():
-            raise _Invalid(f"{_clip(key)} has non-finite values (NaN or inf)")
+            raise _ContentError(f"{clip(key)} has non-finite values (NaN or inf)")
     return tensors
 
 
 def _split_key(key: Any) -> tuple[str, str]:
     component, _, param = key.partition(".") if isinstance(key, str) else ("", "", "")
     if not (component and param):
-        raise _Invalid(f"key {_clip(key)} is not of the form '<component>.<parameter>'")
+        raise _ContentError(f"key {clip(key)} is not of the form '<component>.<parameter>'")
     return component, param
 
 
@@ -501,25 +496,13 @@ def _is_finite_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and abs(x) < 1e300
 
 
-def _clip(value: Any, limit: int = 80) -> str:
+def clip(value: Any, limit: int = 80) -> str:
     """A value from a file, shown in a message: one line of bounded length, whatever the file holds."""
     text = value if isinstance(value, str) and value.isprintable() else _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# --- applying ---
-
-
-def base_fingerprint(model: torch.nn.Module) -> dict:
-    """The fingerprint files record: its architecture hash over the published checkpoints' names, so that it is
-    the same whatever version of the model's library is installed."""
-    return fingerprint(model, name=lambda n: checkpoint_name(model, n))
-
-
-def accepted_shapes(model: torch.nn.Module) -> set[str]:
-    """The architecture hashes a file made for `model` may carry: over its published names, and over the names
-    without their nested level (how files written under a flattening library version spelled them)."""
-    return {shape_hash(model, lambda n: checkpoint_name(model, n)), shape_hash(model, lambda n: bare_name(model, n))}
+# --- comparing fingerprints ---
 
 
 def fingerprint_mismatch(expected: dict, actual: dict, shapes: dict[str, set[str]] | None = None) -> str | None:
@@ -551,282 +534,3 @@ def _probes_close(want: dict, have: dict) -> bool:
 
 def _close(want: float, have: float, rtol: float, atol: float) -> bool:
     return abs(want - have) <= atol + rtol * abs(want)
-
-
-def check_against(
-    shift_file: ShiftFile,
-    targets: dict[str, dict[str, int]],
-    fingerprint: dict,
-    shapes: dict[str, set[str]] | None = None,
-) -> None:
-    """Refuse a file that does not fit the model: another base, a layer it lacks, or a δ of the wrong length.
-
-    `targets` maps component -> parameter -> δ length for the model; a file may cover any subset of it; `shapes`
-    as in `fingerprint_mismatch`.
-    """
-    where = f"cannot load {shift_file.path or 'shift file'}"
-    components = shift_file.components()
-    # Only components the file shifts must match: a UNet-only file fits a pipeline with any text encoder.
-    expected = {name: fp for name, fp in shift_file.metadata["fingerprint"].items() if name in components}
-    mismatch = fingerprint_mismatch(expected, fingerprint, shapes)
-    if mismatch:
-        base = _clip(repr(shift_file.metadata.get("base_model")))
-        raise ShiftFileError(f"{where}: it was trained on {base}, not on this model ({mismatch})")
-    for key, delta in shift_file.tensors.items():
-        component, _, param = key.partition(".")
-        length = targets.get(component, {}).get(param)
-        if length is None:
-            raise ShiftFileError(f"{where}: unknown layer {key}")
-        if delta.numel() != length:
-            raise ShiftFileError(f"{where}: {key} has {delta.numel()} values, the model expects {length}")
-
-
-# --- inspecting ---
-
-
-def count_targets(base, preset: str, include=None, exclude=None) -> dict:
-    """How many shifts a preset trains on a base (a built-in architecture is built on the meta device, never
-    downloaded), per component and in all, and the real size of its shift file in fp16, fp32 and int8."""
-    import tempfile
-
-    from svdiff.models import base_name, load_components
-
-    components = load_components(base, meta=True)
-    report = {"base": base_name(base), "preset": preset, "components": {}}
-    tensors = {}
-    for component, model in components.items():
-        targets = find_targets(model, preset, include, exclude)
-        report["components"][component] = {"tensors": len(targets), "values": sum(t.length for t in targets)}
-        tensors.update({f"{component}.{t.name}": torch.zeros(t.length) for t in targets})
-    report["values"] = sum(c["values"] for c in report["components"].values())
-    with tempfile.TemporaryDirectory() as tmp:  # real file sizes: write the (zero) shifts with real metadata
-        for dtype in ("fp16", "fp32", "int8"):
-            size = 0
-            if tensors:
-                prints = {  # as long as a real fingerprint: two numbers per target of the component
-                    c: {
-                        "shapes": "0" * 16,
-                        "probe": [-0.012346] * 64,
-                        "weights": encode_summary([0.0] * 2 * len(find_targets(m))),
-                    }
-                    for c, m in components.items()
-                }
-                path = save_shift_file(
-                    f"{tmp}/{dtype}.safetensors",
-                    tensors,
-                    base_model=report["base"],
-                    fingerprint=prints,
-                    preset=preset,
-                    dtype=dtype,
-                )
-                size = path.stat().st_size
-            report[f"file_bytes_{dtype}"] = size
-    return report
-
-
-def summarize(shift_file: ShiftFile, top: int = 10) -> dict:
-    """A JSON-able account of a file: metadata, size, counts per component, the `top` layers δ moved most."""
-    layers = []
-    for key, delta in shift_file.tensors.items():
-        values = delta.double()
-        layers.append(
-            {
-                "key": key,
-                "rms": values.square().mean().sqrt().item(),
-                "max_abs": values.abs().max().item(),
-                "n": delta.numel(),
-            }
-        )
-    layers.sort(key=lambda layer: layer["rms"], reverse=True)
-    components = {
-        name: {"tensors": len(deltas), "values": sum(d.numel() for d in deltas.values())}
-        for name, deltas in shift_file.components().items()
-    }
-    return {
-        "file": str(shift_file.path) if shift_file.path else None,
-        "size_bytes": shift_file.path.stat().st_size if shift_file.path else None,
-        "metadata": shift_file.metadata,
-        "components": components,
-        "total_values": sum(c["values"] for c in components.values()),
-        "top_layers": layers[:top],
-    }
-
-
-def format_summary(summary: dict) -> str:
-    """The text `svdiff inspect FILE` prints."""
-    meta = summary["metadata"]
-    size = f"{summary['size_bytes']:,} bytes, " if summary["size_bytes"] is not None else ""
-    written_by = _clip(meta.get("svdiff_version", "?"))
-    rows = [
-        ("base model", _clip(meta["base_model"], 100)),
-        ("preset", _clip(meta["preset"], 100)),
-        ("format", f"{meta['format']} v{meta['format_version']} (written by svdiff {written_by})"),
-    ]
-    components = summary["components"].items()
-    rows += [(name, f"{c['tensors']} layers, {c['values']:,} values") for name, c in components]
-    rows.append(("total", f"{summary['total_values']:,} values"))
-    rows += [(key, _clip(json.dumps(value), 100)) for key, value in meta.items() if key not in RESERVED_KEYS]
-    lines = [f"{summary['file'] or 'shift file'}  ({size}{_clip(meta.get('dtype', '?'))})"]
-    lines += [f"  {_clip(label, 40):<16} {value}" for label, value in rows]
-    lines.append(f"largest shifts (RMS of δ, top {len(summary['top_layers'])}):")
-    lines += [
-        f"  {layer['rms']:.3e}  max {layer['max_abs']:.3e}  n={layer['n']:<6} {_clip(layer['key'], 200)}"
-        for layer in summary["top_layers"]
-    ]
-    return "\n".join(lines)
-
-
-# --- models ---
-
-
-def save_shifts(
-    path: str | os.PathLike,
-    components: dict[str, torch.nn.Module],
-    *,
-    base_model: str,
-    preset: str,
-    name: str = "default",
-    dtype: str = "fp16",
-    extra: dict | None = None,
-) -> Path:
-    """Write shift set `name` of each component (e.g. {"unet": unet, "text_encoder": te}) to one shift file."""
-    tensors, prints = {}, {}
-    for component, model in components.items():
-        deltas = get_deltas(model, name)
-        if deltas:  # under the published checkpoints' names, whatever version of the model's library is installed
-            tensors.update({f"{component}.{checkpoint_name(model, k)}": v for k, v in deltas.items()})
-            prints[component] = base_fingerprint(model)
-    if not tensors:
-        raise ShiftFileError(f"cannot write {path}: the model has no shift set {name!r}")
-    return save_shift_file(
-        path, tensors, base_model=base_model, fingerprint=prints, preset=preset, dtype=dtype, extra=extra
-    )
-
-
-def load_shifts(
-    components: dict[str, torch.nn.Module],
-    path: str | os.PathLike | ShiftFile,
-    *,
-    name: str = "default",
-    scale: float = 1.0,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    factor_dtype: torch.dtype | None = None,
-    cache: bool = True,
-    progress: bool = True,
-) -> ShiftFile:
-    """Attach the shifts of a file to the components it was made for, as shift set `name` at `scale`, after
-    checking that they are the base it was trained on. `include`/`exclude` regexes (searched in the file's keys,
-    e.g. "unet.down_blocks.2") take only part of the file. `path` may be a file already read."""
-    shift_file = path if isinstance(path, ShiftFile) else read_shift_file(path)
-    targets = {c: {t.name: t.length for t in find_targets(m)} for c, m in components.items()}
-    shift_file = with_live_names(shift_file, components, targets)
-    prints = {c: base_fingerprint(m) for c, m in components.items()}
-    check_against(shift_file, targets, prints, {c: accepted_shapes(m) for c, m in components.items()})
-    for component, deltas in shift_file.components().items():
-        deltas = {k: v for k, v in deltas.items() if _selected(f"{component}.{k}", include, exclude)}
-        if not deltas:
-            continue
-        model = components[component]
-        only = ["^(?:" + "|".join(re.escape(k) for k in deltas) + ")$"]
-        add_shifts(
-            model,
-            include=only,
-            name=name,
-            scale=scale,
-            factor_dtype=factor_dtype,
-            cache=cache,
-            progress=progress,
-        )
-        set_deltas(model, deltas, name)
-    return shift_file
-
-
-def with_live_names(shift_file: ShiftFile, components: dict[str, torch.nn.Module], targets: dict) -> ShiftFile:
-    """`shift_file` with each key renamed to the parameter of `components` it stands for (see `svdiff.names`)."""
-    tensors = {}
-    for key, delta in shift_file.tensors.items():
-        component, _, param = key.partition(".")
-        model = components.get(component)
-        live = live_name(model, param, targets[component]) if model is not None else param
-        tensors[f"{component}.{live}"] = delta
-    return ShiftFile(tensors, shift_file.metadata, shift_file.path)
-
-
-def _selected(key: str, include: list[str] | None, exclude: list[str] | None) -> bool:
-    try:
-        keep = not include or any(re.search(p, key) for p in include)
-        return keep and not any(re.search(p, key) for p in exclude or [])
-    except re.error as e:
-        raise SvdiffError(f"bad include/exclude pattern {e.pattern!r}: {e}") from None
-
-
-def merge_shift_files(paths: list[str | os.PathLike], weights: list[float]) -> tuple[dict[str, torch.Tensor], dict]:
-    """δ = Σᵢ wᵢ·δᵢ over the union of the files' layers (a layer a file lacks counts as 0), for files made for
-    one base. Loading the result at scale 1 equals loading the files at scales wᵢ (Eq. 4; Eq. 5 with α, 1 − α).
-    Returns the tensors and the keyword arguments for `save_shift_file`."""
-    if len(paths) != len(weights):
-        raise SvdiffError(f"{len(paths)} files but {len(weights)} weights")
-    files = [read_shift_file(p) for p in paths]
-    first = files[0]
-    for other in files[1:]:
-        shared = {c: fp for c, fp in other.metadata["fingerprint"].items() if c in first.metadata["fingerprint"]}
-        mismatch = fingerprint_mismatch(shared, first.metadata["fingerprint"])
-        if mismatch:
-            raise SvdiffError(f"cannot merge {other.path} with {first.path}: they are for different bases ({mismatch})")
-    merged: dict[str, torch.Tensor] = {}
-    for f, w in zip(files, weights, strict=True):
-        for key, delta in f.tensors.items():
-            term = delta.float() * w
-            if key in merged and merged[key].shape != term.shape:
-                raise SvdiffError(f"cannot merge: {key} has different lengths in the files")
-            merged[key] = merged[key] + term if key in merged else term
-    fingerprint: dict = {}
-    for f in files:
-        fingerprint.update(f.metadata["fingerprint"])
-    presets = {f.metadata["preset"] for f in files}
-    kwargs = {
-        "base_model": first.metadata["base_model"],
-        "fingerprint": {c: fp for c, fp in fingerprint.items() if any(k.startswith(c + ".") for k in merged)},
-        "preset": presets.pop() if len(presets) == 1 else "merged",
-        "extra": {"merged_from": [{"file": str(f.path), "weight": w} for f, w in zip(files, weights, strict=True)]},
-    }
-    return merged, kwargs
-
-
-def block_of(key: str) -> str:
-    """The block a layer belongs to, for plots: unet.down_blocks.1…, unet.mid_block…, text_encoder…layers.3…"""
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:2])
-
-
-def plot_blocks(shift_file: ShiftFile, path: str | os.PathLike) -> Path:
-    """A PNG bar chart of the RMS of δ per block (1-D norm shifts left out: they live on another scale)."""
-    from PIL import Image, ImageDraw
-
-    sums: dict[str, list[float]] = {}
-    for key, delta in shift_file.tensors.items():
-        if "norm" in key:
-            continue
-        acc = sums.setdefault(block_of(key), [0.0, 0])
-        acc[0] += float(delta.double().square().sum())
-        acc[1] += delta.numel()
-    if not sums:
-        raise ShiftFileError(f"{shift_file.path}: no matrix shifts to plot")
-    rms = {block: (s / n) ** 0.5 for block, (s, n) in sums.items()}
-    top = max(rms.values()) or 1.0
-    label_w, bar_w, row = 300, 400, 16
-    image = Image.new("RGB", (label_w + bar_w + 90, row * len(rms) + 30), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((4, 4), f"RMS of delta per block: {shift_file.path}", fill="black")
-    for i, (block, value) in enumerate(rms.items()):
-        y = 24 + i * row
-        draw.text((4, y), block[-46:], fill="black")
-        draw.rectangle([label_w, y + 2, label_w + int(bar_w * value / top), y + row - 3], fill=(70, 110, 200))
-        draw.text((label_w + bar_w + 6, y), f"{value:.2e}", fill="black")
-    out = Path(path)
-    image.save(out)
-    return out
