@@ -101,7 +101,7 @@ def train_subject(runs: Path, name: str, method: str, steps: int, identifier: st
     """Personalizes one example subject with prior preservation (the demo's recipe) and returns the run's summary.
     `identifier` trains it under another subject's word (for interpolation, the paper's protocol). Runs are kept
     in `runs` and reused; delete a folder to retrain it."""
-    from svdiff.train import train, train_args
+    from svdiff.train import recipes, train
 
     c = subject_card(name)
     prompt = c["instance_prompt"] if identifier is None else c["instance_prompt"].replace(c["identifier"], identifier)
@@ -110,21 +110,14 @@ def train_subject(runs: Path, name: str, method: str, steps: int, identifier: st
     summary = out / "train_summary.json"
     if not summary.is_file():
         train(
-            train_args(
-                instance_data_dir=str(SUBJECTS / name),
-                instance_prompt=prompt,
-                with_prior_preservation=True,
-                class_data_dir=str(runs / f"class-{c['class_word']}"),
-                class_prompt=c["class_prompt"],
-                num_class_images=50,
-                sample_batch_size=25,
+            recipes.subject(
+                SUBJECTS / name,
+                prompt,
+                c["class_prompt"],
+                runs / f"class-{c['class_word']}",
                 method=method,
                 max_train_steps=steps,
                 output_dir=str(out),
-                checkpointing_steps=0,
-                validation_steps=0,
-                num_validation_images=1,
-                report_to="none",
                 progress=False,
             )
         )

@@ -170,41 +170,33 @@ def identity_separation(judge, first, second, pair, refs) -> float:
 def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:
     """The diffusion loss and the unweighted Unmix term on the first `n` collage batches a training run of the pair
     draws, with the untuned base (the start of training): the two sizes `--unmix_weight` weighs."""
-    from types import SimpleNamespace
-
     import torch
-    from diffusers import DDPMScheduler
 
     from svdiff.data.concepts import Concept
     from svdiff.data.images import load_image_folder
-    from svdiff.train import train_args
-    from svdiff.train.args import check
-    from svdiff.train.loop import _batch, loss_terms
+    from svdiff.train import TrainConfig, TrainingStep, resolve
     from svdiff.train.unmix import Unmix
 
-    args = train_args(
-        instance_data_dir="-",
-        instance_prompt="-",
-        pretrained_model_name_or_path=base,
-        resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        train_text_encoder=False,
-        unmix_weight=1.0,
+    config = resolve(
+        TrainConfig(
+            instance_data_dir="-",
+            instance_prompt="-",
+            pretrained_model_name_or_path=base,
+            resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+            train_text_encoder=False,
+            unmix_weight=1.0,
+        )
     )
-    check(args)
     concepts = [
         Concept(f"a photo of {phrase}", SUBJECTS / name, instance_images=load_image_folder(SUBJECTS / name))
         for phrase, name in zip(phrase_pair, pair, strict=True)
     ]
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    one_process = SimpleNamespace(num_processes=1, process_index=0)
     unmix, terms = Unmix(pipe.unet), []
+    training = TrainingStep(config, pipe, unmix=unmix)
     for step in range(n):
         chosen = concepts if step % 2 == 0 else concepts[::-1]  # each subject on each side half the time
-        batch = _batch(args, chosen, step, 0, one_process)
         with torch.no_grad():
-            parts = loss_terms(
-                args, batch, pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, torch.float32, unmix
-            )
+            parts = training.loss_terms(training.batch(chosen, step))
         terms.append([float(x) for x in parts])
     unmix.remove()
     diffusion, term = np.mean(terms, axis=0)
@@ -261,7 +253,7 @@ def train_pair(
     base=None,
     seed: int = 0,
 ) -> tuple[Path, float]:
-    from svdiff.train import train, train_args
+    from svdiff.train import recipes, train
 
     out = (
         runs
@@ -287,15 +279,12 @@ def train_pair(
         listed = out.with_name(out.name + ".concepts.json")  # beside the run: its folder holds svdiff's files only
         listed.write_text(json.dumps(concepts))
         train(
-            train_args(
+            recipes.quiet(
                 concepts_list=str(listed),
                 output_dir=str(out),
                 max_train_steps=steps,
-                validation_steps=0,
-                num_validation_images=1,
-                checkpointing_steps=max(100, steps // 4),
+                checkpointing_steps=max(100, steps // 4),  # these runs are long: resumable
                 resume_from_checkpoint="latest",
-                report_to="none",
                 with_prior_preservation=prior,
                 pretrained_model_name_or_path=base,
                 seed=seed,
@@ -343,7 +332,7 @@ def main() -> None:
 
     from svdiff.data.images import load_image_folder
     from svdiff.sample import load_pipeline
-    from svdiff.train.args import UNMIX_WEIGHT
+    from svdiff.train.config import UNMIX_WEIGHT
 
     run = QualityRun(args)
     judge = run.judge

@@ -22,20 +22,19 @@ PATHS = ("layers", "per-call", "merged")
 
 
 def setup(arch: str, path: str, resolution: int, device: str):
-    from svdiff.train import train_args
-    from svdiff.train.args import check
-    from svdiff.train.loop import _optimizer
+    from svdiff.families import StableDiffusion
+    from svdiff.train import TrainConfig, resolve
     from svdiff.train.methods import prepare
+    from svdiff.train.step import build_optimizer
 
     unet, text_encoder = components(arch, device)
-    args = train_args(instance_data_dir="-", instance_prompt="-", progress=False)
-    check(args)
-    trainable = prepare(args, unet, text_encoder)
+    config = resolve(TrainConfig(instance_data_dir="-", instance_prompt="-", progress=False))
+    trainable = prepare(config, {"unet": unet, "text_encoder": text_encoder}, StableDiffusion.lora_targets)
     unet.train()
     text_encoder.train()
     if path != "layers":
         trainable.merge_steps(path)
-    optimizer = _optimizer(args, trainable.groups)
+    optimizer = build_optimizer(config, trainable.groups)
     g = torch.Generator().manual_seed(0)
     latent = resolution // (8 if arch != "tiny" else 4)
     x = torch.randn(1, unet.config.in_channels, latent, latent, generator=g).to(device)

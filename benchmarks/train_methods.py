@@ -42,30 +42,30 @@ def components(arch: str, device: str):
 
 
 def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, device: str, step_path: str) -> dict:
-    from svdiff.train import train_args
-    from svdiff.train.loop import _optimizer
+    from svdiff.families import StableDiffusion
+    from svdiff.train import TrainConfig, resolve
     from svdiff.train.methods import prepare
+    from svdiff.train.step import build_optimizer
 
     unet, text_encoder = components(arch, device)
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     preset = "attn" if method == "svdiff-attn" else "all"
     if method == "svdiff-layers":
         step_path = "layers"
-    args = train_args(
-        method=method.split("-")[0], preset=preset, instance_data_dir="-", instance_prompt="-", progress=False
+    config = resolve(
+        TrainConfig(
+            method=method.split("-")[0], preset=preset, instance_data_dir="-", instance_prompt="-", progress=False
+        )
     )
-    from svdiff.train.args import check
-
-    check(args)
     began = time.perf_counter()
-    trainable = prepare(args, unet, text_encoder)
+    trainable = prepare(config, {"unet": unet, "text_encoder": text_encoder}, StableDiffusion.lora_targets)
     unet.train()
     text_encoder.train()
     paths = None
     if trainable.method == "svdiff" and step_path != "layers":
         wirings = trainable.merge_steps(step_path)
     setup_s = time.perf_counter() - began
-    optimizer = _optimizer(args, trainable.groups)
+    optimizer = build_optimizer(config, trainable.groups)
     g = torch.Generator().manual_seed(0)
     latent = resolution // (8 if arch != "tiny" else 4)
     x = torch.randn(batch, unet.config.in_channels, latent, latent, generator=g).to(device)

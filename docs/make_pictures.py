@@ -16,6 +16,8 @@ from PIL import Image
 
 from svdiff.cli import main as svdiff
 from svdiff.pictures import grid
+from svdiff.train import recipes
+from svdiff.train.config import to_flags
 
 OUT = Path("docs/pictures")
 SEEDS = 4
@@ -30,30 +32,15 @@ def run(*args: str) -> None:
 def train(runs: Path, name: str, subject: str, prompt: str, class_prompt: str, steps: int) -> Path:
     out = runs / name
     if not (out / "svdiff_weights.safetensors").is_file():
-        run(
-            "train",
-            "--instance_data_dir",
+        config = recipes.subject(
             f"examples/subjects/{subject}",
-            "--instance_prompt",
             prompt,
-            "--with_prior_preservation",
-            "--class_data_dir",
-            str(runs / f"class-{class_prompt.split()[-1]}"),
-            "--class_prompt",
             class_prompt,
-            "--num_class_images",
-            "50",
-            "--sample_batch_size",
-            "25",
-            "--max_train_steps",
-            str(steps),
-            "--validation_steps",
-            "0",
-            "--checkpointing_steps",
-            "0",
-            "--output_dir",
-            str(out),
+            runs / f"class-{class_prompt.split()[-1]}",
+            max_train_steps=steps,
+            output_dir=str(out),
         )
+        run("train", *to_flags(config))
     return out / "svdiff_weights.safetensors"
 
 

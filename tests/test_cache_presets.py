@@ -199,9 +199,9 @@ def test_zero_matrix_cache_entry_is_kept(cache):
 
 
 def test_attn_preset_is_the_layers_lora_adapts(sd15):
-    from svdiff.train.methods import LORA_TARGETS
+    from svdiff.families import StableDiffusion
 
-    for component, suffixes in LORA_TARGETS.items():
+    for component, suffixes in StableDiffusion.lora_targets.items():
         model = sd15[component]
         chosen = {t.name.removesuffix(".weight") for t in find_targets(model, "attn")}
         lora = {

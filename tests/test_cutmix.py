@@ -82,25 +82,21 @@ def test_the_right_image_is_the_one_whose_border_is_nearest():
 
 
 def test_collage_batches_pair_photos_on_the_same_background():
-    from types import SimpleNamespace
 
     from svdiff.data.concepts import Concept
     from svdiff.data.images import load_image_folder
-    from svdiff.train.loop import _batch
+    from svdiff.train import TrainConfig
+    from svdiff.train.step import draw_batch
 
     concepts = [
         Concept(f"a photo of {n}", SUBJECTS / n, instance_images=load_image_folder(SUBJECTS / n))
         for n in ("heart_sks", "star_zwx")
     ]
-    accelerator = SimpleNamespace(num_processes=1, process_index=0)
     for match in (True, False):
-        args = SimpleNamespace(
-            seed=0, train_batch_size=1, with_prior_preservation=False, resolution=64, center_crop=True,
-            random_flip=False, cut_mix_scale=0.5, cut_mix_match_background=match,
-        )  # fmt: skip
+        config = TrainConfig(resolution=64, center_crop=True, cut_mix_scale=0.5, cut_mix_match_background=match)
         seams = 0
         for step in range(12):
-            pixels = _batch(args, concepts, step, 0, accelerator)["pixels"][0]
+            pixels = draw_batch(config, concepts, step)["pixels"][0]
             seams += not torch.equal(border_color(pixels[:, :, :32]), border_color(pixels[:, :, 32:]))
         assert (seams == 0) if match else (seams > 4)  # each subject has one photo per background
 

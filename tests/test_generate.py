@@ -11,8 +11,7 @@ import svdiff
 from svdiff.adapters import save_shifts
 from svdiff.cli import main
 from svdiff.models import default_guidance, load_components
-from svdiff.train import train_args
-from svdiff.train.args import check
+from svdiff.train import TrainConfig, resolve
 from svdiff.world import GUIDANCE_SCALE, default_base
 from svdiff.world.tokenizer import build_tokenizer
 from tiny_models import tiny_pipeline
@@ -102,17 +101,14 @@ def test_guidance_defaults_to_what_the_base_draws_best_at(folder):
     assert default_guidance(None) == default_guidance(default_base()) == GUIDANCE_SCALE == 3.0
     assert default_guidance(folder / "base") == default_guidance("runwayml/stable-diffusion-v1-5") == 7.5
     for base, expected in ((None, 3.0), (str(folder / "base"), 7.5)):
-        args = train_args(instance_data_dir="-", instance_prompt="-", pretrained_model_name_or_path=base)
-        check(args)
-        assert args.validation_guidance_scale == expected
+        config = resolve(TrainConfig(instance_data_dir="-", instance_prompt="-", pretrained_model_name_or_path=base))
+        assert config.validation_guidance_scale == expected
 
 
 def test_collage_scale_defaults_to_the_base(folder):
     # the embedded base draws pairs at its subjects' photo size; elsewhere each photo is kept whole
     for base, expected in ((None, 1.0), (str(folder / "base"), 0.5)):
-        args = train_args(instance_data_dir="-", instance_prompt="-", pretrained_model_name_or_path=base)
-        check(args)
-        assert args.cut_mix_scale == expected
-    args = train_args(instance_data_dir="-", instance_prompt="-", cut_mix_scale=0.75)
-    check(args)
-    assert args.cut_mix_scale == 0.75
+        config = resolve(TrainConfig(instance_data_dir="-", instance_prompt="-", pretrained_model_name_or_path=base))
+        assert config.cut_mix_scale == expected
+    config = resolve(TrainConfig(instance_data_dir="-", instance_prompt="-", cut_mix_scale=0.75))
+    assert config.cut_mix_scale == 0.75

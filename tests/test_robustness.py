@@ -519,16 +519,13 @@ def test_a_full_disk_during_a_checkpoint_names_the_last_good_one_and_frees_the_s
 
 
 def test_by_default_a_kill_loses_at_most_a_tenth_of_the_run():
-    from svdiff.train import train_args as library_args
-    from svdiff.train.args import check
+    from svdiff.train import TrainConfig, resolve
 
     for steps, every in ((500, 50), (1000, 100), (7, 1)):
-        args = library_args(instance_data_dir="x", instance_prompt="y", max_train_steps=steps)
-        check(args)
-        assert args.checkpointing_steps == every
-    args = library_args(instance_data_dir="x", instance_prompt="y", checkpointing_steps=0)
-    check(args)
-    assert args.checkpointing_steps == 0  # never, when asked
+        config = resolve(TrainConfig(instance_data_dir="x", instance_prompt="y", max_train_steps=steps))
+        assert config.checkpointing_steps == every
+    config = resolve(TrainConfig(instance_data_dir="x", instance_prompt="y", checkpointing_steps=0))
+    assert config.checkpointing_steps == 0  # never, when asked
 
 
 # --- Ctrl-C, run.log, the next start ---
@@ -537,9 +534,9 @@ def test_by_default_a_kill_loses_at_most_a_tenth_of_the_run():
 def test_ctrl_c_saves_the_current_step_says_how_to_resume_and_the_next_start_says_where_it_stopped(
     world, tmp_path, monkeypatch, capsys
 ):
-    import svdiff.train.loop as loop
+    from svdiff.train.step import TrainingStep
 
-    real, calls = loop._loss, []
+    real, calls = TrainingStep.loss, []
 
     def interrupted(*args, **kwargs):  # Ctrl-C arrives during the third step
         calls.append(1)
@@ -547,7 +544,7 @@ def test_ctrl_c_saves_the_current_step_says_how_to_resume_and_the_next_start_say
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_loss", interrupted)
+    monkeypatch.setattr(TrainingStep, "loss", interrupted)
     out = tmp_path / "o"
     argv = cli_args(world["base"], out, "--max_train_steps", "6", "--checkpointing_steps", "0")
     assert main(argv) == 130
@@ -557,7 +554,7 @@ def test_ctrl_c_saves_the_current_step_says_how_to_resume_and_the_next_start_say
         "with --resume_from_checkpoint latest"
     )
     assert (out / "checkpoint-3" / "state.json").is_file() and not (out / ".svdiff.lock").exists()
-    monkeypatch.setattr(loop, "_loss", real)
+    monkeypatch.setattr(TrainingStep, "loss", real)
 
     from svdiff.train.runlog import unfinished_note
 

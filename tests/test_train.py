@@ -138,16 +138,16 @@ def test_bf16_mixed_precision_keeps_deltas_in_fp32(base, tmp_path):
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(base, tmp_path, capsys, monkeypatch):
-    import svdiff.train.loop as loop
+    from svdiff.train.step import TrainingStep
 
-    real, calls = loop._loss, []
+    real, calls = TrainingStep.loss, []
 
     def diverging(*args, **kwargs):  # a loss that becomes NaN at the fourth step, as a too-high rate makes it
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) >= 4 else loss
 
-    monkeypatch.setattr(loop, "_loss", diverging)
+    monkeypatch.setattr(TrainingStep, "loss", diverging)
     code = main(cli_args(base, tmp_path, "--max_train_steps", "30", "--checkpointing_steps", "1"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: the loss became") and "checkpoint-" in err[-1]
@@ -287,13 +287,14 @@ def test_an_unreadable_image_is_skipped_when_others_remain(base, tmp_path):
 def test_a_pipeline_of_another_family_is_refused_in_one_line(base, tmp_path, capsys, monkeypatch):
     import svdiff.sample
 
-    class FluxPipeline:  # what diffusers loads from a Flux folder: a transformer, two text encoders, no UNet
-        transformer, text_encoder, text_encoder_2 = object(), object(), object()
+    class PixArtAlphaPipeline:  # a diffusers pipeline of a family svdiff does not train
+        transformer, text_encoder, components = object(), object(), {}
 
-    monkeypatch.setattr(svdiff.sample, "load_pipeline", lambda *a, **kw: FluxPipeline())
+    monkeypatch.setattr(svdiff.sample, "load_pipeline", lambda *a, **kw: PixArtAlphaPipeline())
     assert main(cli_args(base, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is a FluxPipeline" in err[0] and "Stable Diffusion 1.x/2.x" in err[0]
+    assert len(err) == 1 and "PixArtAlphaPipeline is not a supported pipeline" in err[0]
+    assert all(name in err[0] for name in ("StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"))
     assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
 
 

@@ -27,16 +27,19 @@ def tiny_unet() -> UNet2DConditionModel:
     )
 
 
-def tiny_text_encoder(vocab_size: int = 50) -> CLIPTextModel:
+def tiny_text_encoder(vocab_size: int = 50, cls=CLIPTextModel, layers: int = 1, max_positions: int = 8, **config):
+    """A CLIP text encoder of width 16 (`cls` CLIPTextModelWithProjection for SDXL's and SD3's second one);
+    `config` sets the projection width and the special tokens' ids."""
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
-        max_position_embeddings=8,
+        max_position_embeddings=max_positions,
+        **config,
     )
-    return CLIPTextModel(config)
+    return cls(config)
 
 
 def tiny_pipeline(tokenizer=None, seed: int = 0, vae_levels: int = 1) -> StableDiffusionPipeline:
@@ -78,7 +81,7 @@ PROMPT = "a photo of sks heart"
 
 def quick(base, out, **overrides):
     """Arguments of a short, quiet training run on `base` (None: the embedded one) of the example heart."""
-    from svdiff.train import train_args
+    from svdiff.train import TrainConfig
 
     settings = dict(
         pretrained_model_name_or_path=None if base is None else str(base),
@@ -93,7 +96,7 @@ def quick(base, out, **overrides):
         report_to="none",
         progress=False,
     )
-    return train_args(**{**settings, **overrides})
+    return TrainConfig(**{**settings, **overrides})
 
 
 def tiny_sd3() -> SD3Transformer2DModel:

@@ -233,10 +233,9 @@ def cmd_import(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import train, train_args
+    from .train import from_flags, train
 
-    defaults = vars(train_args())
-    summary = train(train_args(**{k: getattr(args, k) for k in defaults}))
+    summary = train(from_flags(args))
     if summary:
         print(
             f"wrote {summary['weights']} ({summary['weights_bytes'] / 1e6:.2f} MB) after {summary['steps']} steps "

@@ -46,7 +46,7 @@ def subject_loss(pipe, images, prompt: str, timesteps=range(50, 1000, 100), seed
     from diffusers import DDPMScheduler
 
     from .data.images import to_model_input
-    from .train.loop import training_target
+    from .families.noise import training_target
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -82,7 +82,8 @@ def run_demo(
     from .models import base_name
     from .pictures import grid
     from .sample import load_pipeline, sample
-    from .train import train, train_args
+    from .train import train
+    from .train.recipes import subject as subject_recipe
 
     began = time.time()
     subject, output_dir = Path(subject), Path(output_dir)
@@ -93,20 +94,19 @@ def run_demo(
     instance_prompt, class_prompt = card["instance_prompt"], card["class_prompt"]
     prompts = demo_prompts(instance_prompt, class_prompt)
     summary = train(
-        train_args(
+        subject_recipe(
+            subject,
+            instance_prompt,
+            class_prompt,
+            output_dir / "class_images",
             pretrained_model_name_or_path=None if base is None else str(base),
-            instance_data_dir=str(subject),
-            instance_prompt=instance_prompt,
-            with_prior_preservation=True,
-            class_data_dir=str(output_dir / "class_images"),
-            class_prompt=class_prompt,
             num_class_images=num_class_images,
-            sample_batch_size=25,
             max_train_steps=max_train_steps,
             output_dir=str(output_dir),
-            checkpointing_steps=0,
-            validation_prompt=prompts[:2],
+            validation_prompt=tuple(prompts[:2]),
             validation_steps=max(1, max_train_steps // 4),
+            num_validation_images=4,
+            report_to="tensorboard",
             validation_guidance_scale=guidance_scale,
             seed=seed,
             progress=progress,

@@ -100,23 +100,19 @@ def fine_tune(
 ) -> dict:
     """§4.1: the single (image, caption) pair, no identifier and no prior term (λ = 0); lr 1e-3 for matrices and
     1e-6 for 1-D weights (the defaults of `svdiff train`). Center crops and no flips keep the image as it is."""
-    from .train import train, train_args
+    from .train import train
+    from .train.recipes import single_image
 
     with tempfile.TemporaryDirectory() as folder:
         image.save(Path(folder) / "image.png")
         return train(
-            train_args(
+            single_image(
+                folder,
+                source_prompt,
                 pretrained_model_name_or_path=None if base is None else str(base),
-                instance_data_dir=folder,
-                instance_prompt=source_prompt,
                 method=method,
-                center_crop=True,
                 max_train_steps=max_train_steps,
                 output_dir=str(output_dir),
-                checkpointing_steps=0,
-                validation_steps=0,
-                num_validation_images=1,
-                report_to="none",
                 seed=seed,
                 progress=progress,
             )

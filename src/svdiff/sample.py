@@ -3,6 +3,7 @@ shift combinations `svdiff generate` offers (several files with scales, interpol
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,7 +34,8 @@ STYLE_GROUPS = {"geometry": [r"^unet\.(down_blocks\.2\.attentions\.1|mid_block\.
 
 
 def load_pipeline(base=None, *, scheduler: str = "ddim", dtype=None, device=None, revision=None, variant=None):
-    """A text-to-image pipeline for `base` (None: the embedded tiny one), with the named scheduler."""
+    """A text-to-image pipeline for `base` (None: the embedded tiny one), with the named scheduler (a flow-matching
+    base, SD3 or Flux, keeps its own: the DDPM-family schedulers do not sample a flow)."""
     if scheduler not in SCHEDULERS:
         raise SvdiffError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
     base = resolve_base(base)
@@ -47,7 +49,8 @@ def load_pipeline(base=None, *, scheduler: str = "ddim", dtype=None, device=None
         )
     except Exception as e:  # a missing folder, a hub id offline, a broken checkpoint: one line
         raise SvdiffError(f"cannot load pipeline {base}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    if not isinstance(pipe.scheduler, diffusers.FlowMatchEulerDiscreteScheduler):  # flow models keep their own
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -106,8 +109,8 @@ def sample_per_prompt(
                 generator=generators,
                 height=height,
                 width=width,
-                eta=eta,  # used by DDIM (η > 0 adds noise), ignored by schedulers without it
                 output_type="np",
+                **({"eta": eta} if "eta" in inspect.signature(pipe.__call__).parameters else {}),  # DDIM's η
             ).images
         images += pipe.numpy_to_pil(finite_images(pixels))
     return [images[p * num_images : (p + 1) * num_images] for p in range(len(prompts))]

@@ -1,7 +1,8 @@
 """`svdiff train`: DreamBooth-style personalization with spectral shifts (and the LoRA and full fine-tuning
 baselines) on Accelerate."""
 
-from .args import add_train_flags, train_args
+from .config import TrainConfig, add_train_flags, from_flags, resolve
 from .loop import train
+from .step import TrainingStep
 
-__all__ = ["add_train_flags", "train", "train_args"]
+__all__ = ["TrainConfig", "TrainingStep", "add_train_flags", "from_flags", "resolve", "train"]

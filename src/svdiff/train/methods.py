@@ -18,11 +18,6 @@ from ..spectral import add_shifts, shifted_modules
 from ..spectral.merged import MergedShifts
 
 DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# diffusers' DreamBooth LoRA targets: the attention projections of the UNet and of CLIP.
-LORA_TARGETS = {
-    "unet": ["to_k", "to_q", "to_v", "to_out.0"],
-    "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
-}
 
 
 @dataclass
@@ -63,15 +58,14 @@ class Trainable:
         return list(merged.values())
 
 
-def prepare(args, unet: nn.Module, text_encoder: nn.Module) -> Trainable:
-    components = {"unet": unet}
-    if args.train_text_encoder:
-        components["text_encoder"] = text_encoder
-    if args.method == "svdiff":
-        return _svdiff(args, components)
-    if args.method == "lora":
-        return _lora(args, components)
-    return _full(args, components)
+def prepare(config, components: dict[str, nn.Module], lora_targets: dict[str, list[str]]) -> Trainable:
+    """Attaches what `config.method` trains to `components` ({"unet": …, "text_encoder": …}: a family's
+    `components`); LoRA adapts the layers `lora_targets` names per component (a family's `lora_targets`)."""
+    if config.method == "svdiff":
+        return _svdiff(config, components)
+    if config.method == "lora":
+        return _lora(config, components, lora_targets)
+    return _full(config, components)
 
 
 def _svdiff(args, components) -> Trainable:
@@ -98,7 +92,7 @@ def _svdiff(args, components) -> Trainable:
     return Trainable("svdiff", components, params, groups)
 
 
-def _lora(args, components) -> Trainable:
+def _lora(args, components, targets: dict[str, list[str]]) -> Trainable:
     # peft and diffusers' pipelines take seconds to import, which every `svdiff` command would pay: only the
     # LoRA baseline loads them.
     from peft import LoraConfig, inject_adapter_in_model
@@ -106,7 +100,7 @@ def _lora(args, components) -> Trainable:
     params = {}
     for name, model in components.items():
         config = LoraConfig(
-            r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS[name]
+            r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=targets[name]
         )
         inject_adapter_in_model(config, model)  # PEFT itself: the same for the UNet and the CLIP text encoder
         for key, p in model.named_parameters():
@@ -124,8 +118,8 @@ def _full(args, components) -> Trainable:
     return Trainable("full", components, params, [{"params": list(params.values()), "lr": args.learning_rate}])
 
 
-def save_result(trainable: Trainable, output_dir: Path, args, extra: dict) -> Path:
-    """Writes what was trained; returns the main file."""
+def save_result(trainable: Trainable, output_dir: Path, args, extra: dict, pipeline_class: type) -> Path:
+    """Writes what was trained (LoRA in `pipeline_class`'s diffusers layout); returns the main file."""
     if trainable.method == "svdiff":
         return save_shifts(
             output_dir / WEIGHTS_NAME,
@@ -136,7 +130,6 @@ def save_result(trainable: Trainable, output_dir: Path, args, extra: dict) -> Pa
             extra=extra,
         )
     if trainable.method == "lora":
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -144,8 +137,8 @@ def save_result(trainable: Trainable, output_dir: Path, args, extra: dict) -> Pa
             f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
             for name, model in trainable.components.items()
         }
-        StableDiffusionPipeline.save_lora_weights(output_dir, **layers, safe_serialization=True)
+        pipeline_class.save_lora_weights(output_dir, **layers, safe_serialization=True)
         return output_dir / "pytorch_lora_weights.safetensors"
     for name, model in trainable.components.items():
         model.save_pretrained(output_dir / name, safe_serialization=True)
-    return output_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    return output_dir / next(iter(trainable.components)) / "diffusion_pytorch_model.safetensors"

@@ -16,7 +16,7 @@ from ..errors import SvdiffError
 from ..export import export_lora
 from ..format import read_shift_file
 from ..inspection import format_summary, plot_blocks, summarize
-from ..train import train_args
+from ..train.config import FIELDS
 from .workspace import CLASS_IMAGES, CONCEPTS, EDITS, EXPORTS, GENERATED, MERGED, RUNS, SUBJECTS, Workspace, plain_name
 
 MAX_GRID_IMAGES = 16
@@ -76,7 +76,6 @@ def train_flags(workspace: Workspace, subjects: list[str], run: str, *, base=Non
     Several subjects train together through a concepts list (Cut-Mix-Unmix)."""
     if not subjects:
         raise SvdiffError("add at least one subject (photos, identifier and class) and tick it before starting")
-    defaults = vars(train_args())
     run = plain_name(run, "the run name")
     output_dir = f"{RUNS}/{run}"
     prior = bool(settings.pop("with_prior_preservation", False))
@@ -103,9 +102,9 @@ def train_flags(workspace: Workspace, subjects: list[str], run: str, *, base=Non
     if base is not None:
         flags += ["--pretrained_model_name_or_path", str(base)]
     for name, value in settings.items():
-        if name not in defaults:
+        if name not in FIELDS:
             raise SvdiffError(f"unknown training setting {name!r}")
-        if value is not None and value != defaults[name]:
+        if value is not None and value != FIELDS[name].default:
             flags += [f"--{name}", str(value)]
     return [*flags, "--output_dir", output_dir], output_dir
 

@@ -10,8 +10,7 @@ import gradio as gr
 
 from ..errors import SvdiffError
 from ..spectral.targets import PRESETS
-from ..train import train_args
-from ..train.args import DEFAULT_LR, check, parser
+from ..train.config import DEFAULT_LR, TrainConfig, from_flags, parser, resolve
 from ..train.report import write_loss_chart
 from . import actions
 from .forms import NONE, command_box, guarded, integer, message, whole
@@ -20,7 +19,7 @@ from .workspace import JOBS, MAX_UPLOAD_MB, Workspace, example_subjects
 
 
 def train_page(demo: gr.Blocks, workspace: Workspace, trainer: Trainer, base=None) -> None:
-    defaults = vars(train_args())
+    defaults = TrainConfig()
     examples = example_subjects()
     with gr.Tab("Train", id="train", elem_id="tab_train"):
         with gr.Row():
@@ -47,20 +46,20 @@ def train_page(demo: gr.Blocks, workspace: Workspace, trainer: Trainer, base=Non
         )
         with gr.Row():
             run_name = gr.Textbox(label="run name (runs/NAME)", value="subject", elem_id="train_run")
-            preset = gr.Dropdown(list(PRESETS), value=defaults["preset"], label="preset", elem_id="train_preset")
-            steps = whole(defaults["max_train_steps"], "steps", "train_steps")
+            preset = gr.Dropdown(list(PRESETS), value=defaults.preset, label="preset", elem_id="train_preset")
+            steps = whole(defaults.max_train_steps, "steps", "train_steps")
             prior = gr.Checkbox(label="prior preservation (class images from the base)", elem_id="train_prior")
-            class_images = whole(defaults["num_class_images"], "class images", "train_class_images")
+            class_images = whole(defaults.num_class_images, "class images", "train_class_images")
         with gr.Accordion("validation, checkpoints, optimizer", open=False):
             with gr.Row():
-                val_steps = whole(defaults["validation_steps"], "validation every (0: at the end)", "train_val_steps")
-                val_images = whole(defaults["num_validation_images"], "validation images", "train_val_images")
+                val_steps = whole(defaults.validation_steps, "validation every (0: at the end)", "train_val_steps")
+                val_images = whole(defaults.num_validation_images, "validation images", "train_val_images")
                 val_inference = whole(
-                    defaults["validation_inference_steps"], "validation sampling steps", "train_val_inference"
+                    defaults.validation_inference_steps, "validation sampling steps", "train_val_inference"
                 )
                 checkpoints = whole(0, "checkpoint every (0: a tenth of the run)", "train_checkpoints")
                 learning_rate = gr.Number(DEFAULT_LR["svdiff"], label="learning rate", elem_id="train_lr")
-                seed = whole(defaults["seed"], "seed", "train_seed")
+                seed = whole(defaults.seed, "seed", "train_seed")
         start = gr.Button("Start training", variant="primary", elem_id="train_start")
         train_message = gr.Markdown(elem_id="train_message")
         gr.Markdown("### Queue (one job at a time)")
@@ -121,7 +120,7 @@ def train_page(demo: gr.Blocks, workspace: Workspace, trainer: Trainer, base=Non
         flags, output_dir = actions.train_flags(workspace, ticked, run, base=base, **settings)
         if (workspace.root / output_dir).exists():
             raise SvdiffError(f"{output_dir} exists: choose another run name, or resume its job")
-        check(train_args(**_parsed(flags)))  # a bad setting is refused here, not minutes into a job
+        resolve(_parsed(flags))  # a bad setting is refused here, not minutes into a job
         job = trainer.submit(flags, output_dir, settings["max_train_steps"])
         return job.id, job.command, message(f"job {job.id} queued: {output_dir}")
 
@@ -208,9 +207,9 @@ def _jobs_table(trainer: Trainer) -> list[list]:
     return rows or [["", "", "", "", None]]
 
 
-def _parsed(flags: list[str]) -> dict:
-    """`svdiff train` flags back as training arguments (to check them before the job is queued)."""
-    return vars(parser().parse_args(flags))
+def _parsed(flags: list[str]) -> TrainConfig:
+    """`svdiff train` flags back as a training config (to check them before the job is queued)."""
+    return from_flags(parser().parse_args(flags))
 
 
 def _mtime(path) -> float | None:

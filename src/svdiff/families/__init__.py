@@ -1,0 +1,25 @@
+"""Model families: SD 1.x/2.x, SDXL, SD3/3.5 and Flux.1, one file each (see base.py for what a family says)."""
+
+from __future__ import annotations
+
+from ..errors import SvdiffError
+from .base import Family
+from .flux import Flux
+from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
+from .sdxl import StableDiffusionXL
+
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
+
+
+def family_of(pipe, config=None) -> Family:
+    """The family of a loaded pipeline, set up for the run's `config` (its objective's settings)."""
+    name = type(pipe).__name__
+    for family in FAMILIES:
+        if name in family.pipelines:
+            return family(pipe, config)
+    supported = ", ".join(p for f in FAMILIES for p in f.pipelines)
+    raise SvdiffError(f"{name} is not a supported pipeline; svdiff trains {supported}")
+
+
+__all__ = ["FAMILIES", "Family", "family_of"]

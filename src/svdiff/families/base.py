@@ -1,0 +1,78 @@
+"""What every model family says about training on its pipeline; one subclass per family, one file each.
+
+A family answers, for a loaded diffusers pipeline: which component denoises and which text encoders may get
+shifts; how prompts become the denoiser's conditioning; how pixels become latents; how noise is added and what
+the target is (`noise.py`); how the denoiser is called (packing, extra inputs); which sizes it trains at; which
+layers LoRA adapts. The training loop, prior preservation, resume, Cut-Mix-Unmix, validation and checkpoints are
+one code path over all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SvdiffError
+from .noise import Diffusion, RectifiedFlow
+
+
+class Family:
+    name: str = ""
+    pipelines: tuple[str, ...] = ()  # the diffusers pipeline classes of this family
+    denoiser: str = "unet"  # the component that denoises
+    text_encoders: tuple[str, ...] = ("text_encoder",)  # the CLIP encoders `--train_text_encoder` trains
+    patch: int = 1  # latent cells per token side (transformers patchify; Flux packs 2×2)
+    cross_attention: bool = True  # text reaches the image through cross-attention (what the Unmix loss reads)
+    lora_targets: dict[str, list[str]] = {}
+
+    def __init__(self, pipe, config=None):
+        self.pipe = pipe
+        missing = [c for c in (self.denoiser, "vae", *self.text_encoders) if getattr(pipe, c, None) is None]
+        if missing:
+            raise SvdiffError(f"the {type(pipe).__name__} has no {', '.join(missing)}: cannot train on it")
+        self.noise = self.objective(pipe.scheduler.config, config)
+
+    def objective(self, scheduler_config, config) -> Diffusion | RectifiedFlow:
+        """The training objective: DDPM for UNet families; transformer families override with rectified flow."""
+        return Diffusion(scheduler_config, getattr(config, "snr_gamma", None))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser)
+
+    def components(self, train_text_encoder: bool) -> dict[str, torch.nn.Module]:
+        """The components a run trains: the denoiser, and the CLIP text encoders when asked."""
+        names = (self.denoiser, *(self.text_encoders if train_text_encoder else ()))
+        return {n: getattr(self.pipe, n) for n in names}
+
+    def frozen(self) -> list[torch.nn.Module]:
+        """Every model of the pipeline (VAE, all text encoders, the denoiser): what the loop freezes first."""
+        return [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+    # --- sizes ---
+
+    def native_resolution(self) -> int:
+        return int(self.model.config.sample_size) * self.pipe.vae_scale_factor
+
+    def resolution_multiple(self) -> int:
+        """What a training size must be a multiple of: whole latent cells through every downsampling, and 8."""
+        return self.pipe.vae_scale_factor * self.patch
+
+    # --- a step ---
+
+    def latents(self, pixels: torch.Tensor, generators) -> torch.Tensor:
+        """A sample of the VAE's posterior for each image (its own generator), shifted and scaled as the family
+        expects."""
+        vae = self.pipe.vae
+        dist = vae.encode(pixels).latent_dist
+        eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
+        x = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (x - shift) * vae.config.scaling_factor
+
+    def encode(self, prompts: list[str]) -> dict:
+        """The denoiser's conditioning for `prompts` (text encoders run with gradients when they train)."""
+        raise NotImplementedError
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The denoiser's output for latents `noisy` (batch, channels, h, w), in the same shape."""
+        raise NotImplementedError

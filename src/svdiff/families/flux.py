@@ -1,0 +1,64 @@
+"""Flux.1 dev/schnell: double- and single-stream transformer blocks on latents packed 2×2 into tokens, conditioned
+on T5's hidden states and CLIP-L's pooled output, with rotary position ids for text and image tokens and, on dev,
+the guidance scale as an embedded input; rectified flow. T5 is never shifted; diffusers' Flux DreamBooth script
+trains the CLIP encoder at most, and so does svdiff."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Family
+from .sd import CLIP_ATTENTION
+from .sd3 import CONTEXT_ATTENTION, JOINT_ATTENTION, flow
+
+# diffusers' Flux DreamBooth LoRA targets: attention of both streams and the feed-forwards.
+FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+# diffusers' Flux DreamBooth default for the guidance embedded in Flux-dev's input.
+GUIDANCE = 3.5
+
+
+class Flux(Family):
+    name = "flux"
+    pipelines = ("FluxPipeline",)
+    denoiser = "transformer"
+    cross_attention = False  # joint attention: text and image tokens attend to each other
+    text_encoders = ("text_encoder",)
+    patch = 2
+    lora_targets = {"transformer": JOINT_ATTENTION + CONTEXT_ATTENTION + FEED_FORWARD, "text_encoder": CLIP_ATTENTION}
+
+    def __init__(self, pipe, config=None):
+        super().__init__(pipe, config)
+        given = getattr(config, "guidance_scale", None)
+        self.guidance = GUIDANCE if given is None else given
+
+    def objective(self, scheduler_config, config):
+        return flow(scheduler_config, config)
+
+    def native_resolution(self) -> int:
+        # Flux's transformer config has no sample size: the pipeline's default (1024 px on the real model)
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def encode(self, prompts: list[str]) -> dict:
+        length = min(512, self.pipe.tokenizer_2.model_max_length)
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompts, None, device=self.model.device, num_images_per_prompt=1, max_sequence_length=length
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        b, c, h, w = noisy.shape
+        packed = self.pipe._pack_latents(noisy, b, c, h, w)
+        img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        guidance = None
+        if self.model.config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32)
+        out = self.model(
+            hidden_states=packed,
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            img_ids=img_ids,
+            return_dict=False,
+            **conditioning,
+        )[0]
+        factor = self.pipe.vae_scale_factor
+        return self.pipe._unpack_latents(out, h * factor, w * factor, factor)

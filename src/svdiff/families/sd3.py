@@ -1,0 +1,53 @@
+"""Stable Diffusion 3/3.5: an MMDiT on patchified latents, conditioned on CLIP-L and CLIP-G penultimate states
+(side by side, padded to T5's width) followed by T5's, plus both CLIPs' pooled projections; rectified flow.
+T5 is never shifted (diffusers' SD3 DreamBooth script trains the CLIP encoders only); a pipeline loaded without
+T5 conditions on zeros in its place, as diffusers' pipeline does."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Family
+from .noise import RectifiedFlow
+from .sd import CLIP_ATTENTION
+
+# diffusers' SD3 DreamBooth LoRA targets: the joint attention's projections, image and text streams.
+JOINT_ATTENTION = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]
+CONTEXT_ATTENTION = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"]
+
+
+def flow(scheduler_config, config) -> RectifiedFlow:
+    """The rectified-flow objective with the run's timestep density and loss weighting."""
+    if config is None:  # a family set up for sampling or inspection: diffusers' defaults
+        return RectifiedFlow(scheduler_config)
+    settings = {k: getattr(config, k) for k in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")}
+    return RectifiedFlow(scheduler_config, **settings)
+
+
+class StableDiffusion3(Family):
+    name = "sd3"
+    pipelines = ("StableDiffusion3Pipeline",)
+    denoiser = "transformer"
+    cross_attention = False  # joint attention: text and image tokens attend to each other
+    text_encoders = ("text_encoder", "text_encoder_2")
+    lora_targets = {
+        "transformer": JOINT_ATTENTION + CONTEXT_ATTENTION,
+        "text_encoder": CLIP_ATTENTION,
+        "text_encoder_2": CLIP_ATTENTION,
+    }
+
+    def __init__(self, pipe, config=None):
+        super().__init__(pipe, config)
+        self.patch = pipe.transformer.config.patch_size
+
+    def objective(self, scheduler_config, config) -> RectifiedFlow:
+        return flow(scheduler_config, config)
+
+    def encode(self, prompts: list[str]) -> dict:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompts, None, None, device=self.model.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        return self.model(hidden_states=noisy, timestep=timesteps, return_dict=False, **conditioning)[0]
