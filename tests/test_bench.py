@@ -50,9 +50,9 @@ def test_smoke_report(tmp_path):
 
 
 def test_bench_outside_a_checkout_says_to_clone_and_run_make_bench(tmp_path, monkeypatch, capsys):
-    from svdiff import cli
+    from svdiff import cli, commands
 
-    monkeypatch.setattr(cli, "CHECKOUT", tmp_path / "site-packages")  # installed from a wheel: no benchmarks/ beside
+    monkeypatch.setattr(commands, "CHECKOUT", tmp_path / "site-packages")  # from a wheel: no benchmarks/ beside
     assert cli.main(["bench", "--quick"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 from ..checks import check_range
-from ..cli import build_parser
+from ..commands import build_parser
 from ..edit import edit_image
 from ..errors import SvdiffError
 from ..export import export_lora
