@@ -285,12 +285,12 @@ def test_an_unreadable_image_is_skipped_when_others_remain(base, tmp_path):
 
 
 def test_a_pipeline_of_another_family_is_refused_in_one_line(base, tmp_path, capsys, monkeypatch):
-    import svdiff.sample
+    import svdiff.train.loop
 
     class PixArtAlphaPipeline:  # a diffusers pipeline of a family svdiff does not train
         transformer, text_encoder, components = object(), object(), {}
 
-    monkeypatch.setattr(svdiff.sample, "load_pipeline", lambda *a, **kw: PixArtAlphaPipeline())
+    monkeypatch.setattr(svdiff.train.loop, "load_pipeline", lambda *a, **kw: PixArtAlphaPipeline())
     assert main(cli_args(base, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PixArtAlphaPipeline is not a supported pipeline" in err[0]

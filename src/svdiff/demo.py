@@ -9,9 +9,20 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler
 
+from .adapters import fuse, load_shifts
+from .data.images import load_image_folder, to_model_input
 from .errors import SvdiffError
-from .world import GUIDANCE_SCALE
+from .families.noise import training_target
+from .models import base_name
+from .pictures import grid
+from .sample import load_pipeline, sample
+from .train import train
+from .train.recipes import subject as subject_recipe
+from .world import GUIDANCE_SCALE, default_judge
+from .world.evaluate import score, similarity
+from .world.judge import load, read
 
 CONTEXTS = ("", " on the left", " at the top on a dark background", " on the right on a beige background")
 
@@ -24,9 +35,6 @@ def demo_prompts(instance_prompt: str, class_prompt: str) -> list[str]:
 def judge_subject(images, references, prompt: str) -> dict:
     """Mean judge similarity to the reference photos, and the share of images the judge reads as the prompt's
     shape."""
-    from .world import default_judge
-    from .world.evaluate import score, similarity
-    from .world.judge import load, read
 
     judge = load(default_judge())
     refs = torch.stack([r["embedding"] for r in read(judge, references)])
@@ -43,10 +51,6 @@ def judge_subject(images, references, prompt: str) -> dict:
 def subject_loss(pipe, images, prompt: str, timesteps=range(50, 1000, 100), seed: int = 0) -> float:
     """How well a pipeline denoises the subject's own photos under its prompt: the training loss (ε or v) at
     fixed timesteps with fixed noise, averaged. Lower after training means the photos were learned."""
-    from diffusers import DDPMScheduler
-
-    from .data.images import to_model_input
-    from .families.noise import training_target
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -77,13 +81,6 @@ def run_demo(
 ) -> dict:
     """Personalizes `subject` on `base` (a shapes-world pipeline folder; None: the shipped one) and writes the
     before/after grid, the shift file and `demo_summary.json` into `output_dir`."""
-    from .adapters import fuse, load_shifts
-    from .data.images import load_image_folder
-    from .models import base_name
-    from .pictures import grid
-    from .sample import load_pipeline, sample
-    from .train import train
-    from .train.recipes import subject as subject_recipe
 
     began = time.time()
     subject, output_dir = Path(subject), Path(output_dir)

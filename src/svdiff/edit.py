@@ -16,8 +16,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checks import check_range, png_path
-from .data.images import to_model_input
+from .data.images import open_image, to_model_input
 from .errors import SvdiffError
+from .pictures import grid
+from .sample import apply_trained, check_sampling, load_pipeline
+from .train import train
+from .train.recipes import single_image
 
 # Fine-tuning steps of `svdiff edit`; benchmarks/edit.py measures what they give on the embedded base.
 DEFAULT_EDIT_STEPS = 400
@@ -80,7 +84,6 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
 
 
 def open_edit_image(image: str | Path | Image.Image) -> Image.Image:
-    from .data.images import open_image
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -100,8 +103,6 @@ def fine_tune(
 ) -> dict:
     """§4.1: the single (image, caption) pair, no identifier and no prior term (λ = 0); lr 1e-3 for matrices and
     1e-6 for 1-D weights (the defaults of `svdiff train`). Center crops and no flips keep the image as it is."""
-    from .train import train
-    from .train.recipes import single_image
 
     with tempfile.TemporaryDirectory() as folder:
         image.save(Path(folder) / "image.png")
@@ -177,8 +178,6 @@ def edit_image(
     """Fine-tunes on (image, source_prompt) unless `shifts` is given, then draws each target prompt. Writes the
     grid `output` (input, reconstruction with the source prompt, one column per target), its single images and a
     JSON of the settings beside it; returns the settings with the images."""
-    from .pictures import grid
-    from .sample import apply_trained, check_sampling, load_pipeline
 
     began = time.time()
     prompts = [source_prompt, *target_prompts]

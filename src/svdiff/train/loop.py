@@ -18,6 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..data.concepts import (
@@ -31,6 +36,7 @@ from ..data.cutmix import draw_concepts, pair_prompt, phrase
 from ..errors import Interrupted, SvdiffError
 from ..families import Family, family_of
 from ..models import base_name
+from ..sample import load_pipeline
 from . import checkpoint
 from .config import TrainConfig, changes, identity, record, resolve
 from .methods import prepare, save_result
@@ -241,12 +247,8 @@ def _train(config: TrainConfig, held: contextlib.ExitStack) -> dict:
 
 
 def _accelerator(config):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     output_dir = Path(config.output_dir)
     log_with = None if config.report_to == "none" else config.report_to
-    from accelerate.state import AcceleratorState
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes == 1:  # a library caller may train several times in one process, with other settings each time
@@ -268,7 +270,6 @@ def _accelerator(config):
 
 def _load_base(config, device) -> Family:
     """The base pipeline, frozen, as its family (an unsupported pipeline is refused in one line)."""
-    from ..sample import load_pipeline
 
     pipe = load_pipeline(
         config.pretrained_model_name_or_path,
@@ -313,7 +314,6 @@ def _step_path(config, trainable, unet, accelerator) -> None:
 
 
 def _lr_scheduler(config, optimizer):
-    from diffusers.optimization import get_scheduler
 
     return get_scheduler(
         config.lr_scheduler,
@@ -431,7 +431,6 @@ def _average_gradients(params, accelerator) -> None:
     """Mean of every gradient over the processes, in buckets of ~16M values, so all processes take the same step."""
     if accelerator.num_processes == 1:
         return
-    import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     bucket, size = [], 0
