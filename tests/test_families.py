@@ -2,6 +2,7 @@
 (tests/tiny_families.py), through the same loop, files and commands as SD 1.x."""
 
 import math
+import re
 import shutil
 
 import numpy as np
@@ -184,3 +185,135 @@ def test_unmix_reads_the_cross_attention_of_sdxl(pipelines):
         denoising, term = training.loss_terms(training.batch(concepts, step=0))
     unmix.remove()
     assert math.isfinite(denoising.item()) and term.item() > 0  # random attention leaks across the halves
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diffusers_lora_export_at_full_rank_draws_what_the_shifts_draw(pipelines, family, tmp_path):
+    from svdiff.adapters import save_shifts
+    from svdiff.export import export_lora
+
+    base = pipelines[family]
+    pipe = load_pipeline(base)
+    components = family_of(pipe).components(train_text_encoder=True)
+    torch.manual_seed(0)
+    for model in components.values():
+        with torch.no_grad():
+            for delta in svdiff.add_shifts(model, "attn").values():  # LoRA carries the attention layers
+                delta.normal_(0, 0.3)
+    shifts = save_shifts(tmp_path / "s.safetensors", components, base_model=str(base), preset="attn", dtype="fp32")
+    with_shifts = draw(pipe).astype(int)
+    report = export_lora(shifts, tmp_path / "lora.safetensors", fmt="diffusers", rank=10_000, base=str(base))
+    assert report["relative_error"] == 0.0
+    stock = load_pipeline(base)
+    stock.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")  # diffusers' own loader
+    assert np.abs(draw(stock).astype(int) - with_shifts).max() <= 1  # the 8-bit rounding of the same picture
+    assert np.abs(draw(load_pipeline(base)).astype(int) - with_shifts).max() > 4  # the shifts do change it
+
+
+def test_kohya_export_of_a_transformer_is_refused_in_one_line(pipelines, tmp_path):
+    from svdiff.adapters import save_shifts
+    from svdiff.export import export_lora
+
+    pipe = load_pipeline(pipelines["flux"])
+    svdiff.add_shifts(pipe.transformer, "attn")
+    path = save_shifts(tmp_path / "s.safetensors", {"transformer": pipe.transformer}, base_model="x", preset="attn")
+    with pytest.raises(svdiff.SvdiffError, match="--format kohya names UNet and CLIP layers"):
+        export_lora(path, tmp_path / "k.safetensors", fmt="kohya", rank=4, base=str(pipelines["flux"]))
+    assert not (tmp_path / "k.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_style_mixing_splits_a_transformer_at_half_its_blocks(pipelines, family, tmp_path):
+    from svdiff.adapters import save_shifts
+    from svdiff.sample import apply_shifts
+    from svdiff.spectral import shifted_modules
+
+    base = pipelines[family]
+    files = []
+    for name in ("a", "b"):
+        pipe = load_pipeline(base)
+        svdiff.add_shifts(pipe.transformer, "attn")
+        files.append(
+            save_shifts(
+                tmp_path / f"{name}.safetensors", {"transformer": pipe.transformer}, base_model="x", preset="attn"
+            )
+        )
+    pipe = load_pipeline(base)
+    apply_shifts(pipe, style_mix={"geometry": files[0], "appearance": files[1]}, fused=False)
+    blocks = family_of(pipe).geometry_layers()
+    order = [n for n in ("transformer_blocks", "single_transformer_blocks") if hasattr(pipe.transformer, n)]
+    total = sum(len(getattr(pipe.transformer, n)) for n in order)
+    assert len(blocks) == total // 2
+    for key, (_, shift) in shifted_modules(pipe.transformer).items():
+        geometry = any(re.match(p, f"transformer.{key}") for p in blocks)
+        assert [n.split(":")[1] for n in shift.deltas] == (["a"] if geometry else ["b"]), key
+
+
+def _sample_latents(pipe, fam, start, steps: int):
+    """What the pipeline itself draws from `start` (None: fresh noise) at guidance 1, as (batch, c, h, w) latents."""
+    out = pipe(
+        PROMPT,
+        latents=None if start is None else fam.pipeline_latents(start),
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+    return out if out.ndim == 4 else pipe._unpack_latents(out, RESOLUTION, RESOLUTION, pipe.vae_scale_factor)
+
+
+def test_flow_inversion_converges_to_the_image_as_steps_grow(pipelines):
+    """The reversed Euler ODE undoes the pipeline's own sampling up to its first-order error: sampling the
+    inverted noise map returns the image's latents, closer with every doubling of the steps."""
+    from svdiff.edit import encode_image, invert
+
+    pipe = load_pipeline(pipelines["sd3"])
+    fam = family_of(pipe)
+    latents = encode_image(pipe, load_image_folder(SUBJECT)[0], RESOLUTION)
+    errors = []
+    for steps in (10, 40):
+        back = _sample_latents(pipe, fam, invert(pipe, latents, PROMPT, steps), steps)
+        errors.append(float((back - latents).norm() / latents.norm()))
+    fresh = float((_sample_latents(pipe, fam, None, 40) - latents).norm() / latents.norm())
+    assert errors[1] < 0.4 * errors[0] and errors[1] < 0.05 and fresh > 10 * errors[1], (errors, fresh)
+
+
+def test_flux_inversion_runs_the_pipelines_own_ode_backwards(pipelines):
+    """Flux: the inversion's schedule (σ from 1 to 1/steps, shifted by the token count) and denoiser inputs
+    (packed latents, rotary ids, T5 at 512 tokens, the embedded guidance) are the pipeline's: one Euler step of
+    the family from the inverted map equals the pipeline's first step."""
+    from svdiff.edit import encode_image, invert
+
+    pipe = load_pipeline(pipelines["flux"])
+    fam = family_of(pipe)
+    fam.guidance = 1.0
+    noise_map = invert(pipe, encode_image(pipe, load_image_folder(SUBJECT)[0], RESOLUTION), PROMPT, 8)
+    seen = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, kw, out: seen.append(out[0]), with_kwargs=True)
+    _sample_latents(pipe, fam, noise_map, 8)
+    hook.remove()
+    fam.set_sampling_timesteps(8, noise_map)
+    with torch.no_grad():
+        mine = fam.predict(noise_map, pipe.scheduler.timesteps[0].expand(1), fam.encode([PROMPT]))
+    assert len(seen) == 8
+    assert torch.allclose(fam.pipeline_latents(mine), seen[0], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edit_fine_tunes_inverts_and_draws_on_each_family(pipelines, family, tmp_path):
+    from svdiff.edit import edit_image
+
+    result = edit_image(
+        SUBJECT / sorted(p.name for p in SUBJECT.glob("*.png"))[0],
+        PROMPT,
+        ["a photo of sks heart on the left"],
+        tmp_path / "edits.png",
+        base=str(pipelines[family]),
+        max_train_steps=2,
+        num_inference_steps=4,
+        progress=False,
+    )
+    assert (tmp_path / "edits.png").is_file() and len(result["pictures"]) == 3

@@ -5,6 +5,7 @@ it for structural edits."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import tempfile
 import time
@@ -18,6 +19,8 @@ from tqdm.auto import tqdm
 from .checks import check_range, png_path
 from .data.images import open_image, to_model_input
 from .errors import SvdiffError
+from .families import Flux, family_of
+from .families.noise import RectifiedFlow
 from .pictures import grid
 from .sample import apply_trained, check_sampling, load_pipeline
 from .train import train
@@ -53,18 +56,27 @@ def _noise_estimate(out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor,
 
 
 @torch.no_grad()
-def ddim_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, progress: bool = False):
-    """Eq. 6: runs the pipeline's DDIM sampler backwards from clean latents to a noise map, conditioned on
-    `prompt` with guidance 1. Each step mirrors a sampling step, with the model evaluated at the latent in hand
-    (the usual approximation), so sampling the result with the same prompt and steps returns close to `latents`."""
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+def invert(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, progress: bool = False):
+    """The noise map that sampling `prompt` in `num_inference_steps` steps turns into `latents`: DDIM inversion
+    (Eq. 6) on SD and SDXL, the reversed Euler ODE of the flow on SD3 and Flux. Conditioned on `prompt` with
+    guidance 1 (Flux-dev: its embedded guidance as set on the family); each step mirrors a sampling step with the
+    model evaluated at the latent in hand (the usual approximation), so sampling the result with the same prompt
+    and steps returns close to `latents`."""
+    family = family_of(pipe)
+    family.set_sampling_timesteps(num_inference_steps, latents)
+    conditioning = family.encode([prompt])
+    if isinstance(family.noise, RectifiedFlow):
+        return _flow_invert(family, latents, conditioning, progress)
+    return _ddim_invert(family, latents, conditioning, progress)
+
+
+def _ddim_invert(family, latents, conditioning, progress: bool):
+    scheduler = family.pipe.scheduler
     alphas = scheduler.alphas_cumprod.to(latents.device)
-    embeddings = pipe.encode_prompt(prompt, latents.device, 1, False)[0]
     x = latents
     level = scheduler.final_alpha_cumprod.to(latents.device)  # where DDIM sampling's last step lands
     for t in tqdm(scheduler.timesteps.flip(0), desc="inverting", disable=not progress):
-        out = pipe.unet(x, t, encoder_hidden_states=embeddings).sample
+        out = family.predict(x, t, conditioning)
         eps = _noise_estimate(out, x, alphas[t], scheduler.config.prediction_type)
         clean = (x - (1 - level).sqrt() * eps) / level.sqrt()
         x = alphas[t].sqrt() * clean + (1 - alphas[t]).sqrt() * eps
@@ -72,10 +84,21 @@ def ddim_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: i
     return x
 
 
+def _flow_invert(family, latents, conditioning, progress: bool):
+    # Euler sampling steps x ← x + (σ_next − σ)·v(x, σ) from σ = 1 down to 0; inverted, from 0 up to 1
+    scheduler = family.pipe.scheduler
+    sigmas, timesteps = scheduler.sigmas.to(latents.device), scheduler.timesteps
+    x = latents
+    for i in tqdm(reversed(range(len(timesteps))), desc="inverting", disable=not progress, total=len(timesteps)):
+        v = family.predict(x, timesteps[i].expand(len(x)), conditioning)
+        x = x + (sigmas[i] - sigmas[i + 1]) * v
+    return x
+
+
 @torch.no_grad()
 def encode_image(pipe, image: Image.Image, resolution: int) -> torch.Tensor:
     pixels = to_model_input(image, resolution)[None].to(pipe.device, pipe.vae.dtype)
-    return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    return family_of(pipe).latents(pixels)
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:
@@ -134,24 +157,31 @@ def draw_edits(
     progress: bool = False,
 ) -> list[Image.Image]:
     """One picture per prompt from a pipeline already fine-tuned on `image`: from the image's noise map inverted
-    with that prompt (moved towards fresh noise by slerp_alpha), or from fresh noise; DDIM with η = eta."""
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    with that prompt (moved towards fresh noise by slerp_alpha), or from fresh noise; DDIM with η = eta (flow
+    models sample without η)."""
+    family = family_of(pipe)
+    if isinstance(family, Flux):  # Flux-dev samples with the guidance embedded: the inversion uses the same
+        family.guidance = guidance_scale
+    resolution = family.native_resolution()
     latents = encode_image(pipe, image, resolution)
+    takes_eta = "eta" in inspect.signature(pipe.__call__).parameters
     drawn = []
     for prompt in tqdm(prompts, desc="editing", disable=not progress):
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        start = ddim_invert(pipe, latents, prompt, num_inference_steps) if ddim_inversion else noise
+        start = invert(pipe, latents, prompt, num_inference_steps) if ddim_inversion else noise
         if ddim_inversion and slerp_alpha > 0:
             start = slerp(slerp_alpha, start, noise)
         drawn.append(
             pipe(
                 prompt,
-                latents=start,
+                latents=family.pipeline_latents(start),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                eta=eta,
+                height=resolution,
+                width=resolution,
                 generator=generator,
+                **({"eta": eta} if takes_eta else {}),
             ).images[0]
         )
     return drawn
@@ -192,7 +222,7 @@ def edit_image(
         raise SvdiffError("--shifts reuses spectral shifts: it needs --method svdiff")
     source = open_edit_image(image)
     pipe = load_pipeline(base)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = family_of(pipe).native_resolution()
     if min(source.size) < resolution:
         warnings.warn(f"the image is {source.width}×{source.height}, smaller than {resolution}: enlarged", stacklevel=2)
     output.parent.mkdir(parents=True, exist_ok=True)

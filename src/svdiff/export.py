@@ -295,6 +295,11 @@ def export_lora(
         named = shift_file.metadata["base_model"]
         base = None if named == base_name(None) else named
     components = load_components(base)
+    if fmt == "kohya" and "transformer" in components:
+        raise SvdiffError(
+            "--format kohya names UNet and CLIP layers (SD 1.x/2.x, SDXL); export SD3 and Flux shifts with "
+            "--format diffusers, which diffusers' load_lora_weights loads"
+        )
     attach(components, shift_file, progress=False)
     meta = {"format": "pt"}
     if fmt == "kohya":

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .adapters import adapter_name_of, fuse, load_shifts, mixed_batch
 from .checks import MAX_INFERENCE_STEPS, MAX_SCALE, MAX_SEED, check_range
 from .errors import SvdiffError
+from .families import family_of
 from .models import ARCHITECTURES, resolve_base
 
 SCHEDULERS = {
@@ -25,12 +26,6 @@ SCHEDULERS = {
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "dpm_solver++": "DPMSolverMultistepScheduler",
 }
-
-# Style mixing after Extended Textual Inversion (P+): the coarse cross-attention layers, "(16, down, 1)" to
-# "(8, mid)" in its (resolution, direction, index) naming at SD's 64×64 latents, carry a subject's geometry; every
-# other layer carries its appearance. In diffusers' SD 1.x/2.x UNet these are down_blocks.2.attentions.1 (16×16)
-# and mid_block.attentions.0 (8×8).
-STYLE_GROUPS = {"geometry": [r"^unet\.(down_blocks\.2\.attentions\.1|mid_block\.attentions\.0)\."]}
 
 
 def load_pipeline(base=None, *, scheduler: str = "ddim", dtype=None, device=None, revision=None, variant=None):
@@ -162,8 +157,9 @@ def apply_shifts(
         unknown = set(style_mix) - {"geometry", "appearance"}
         if unknown or len(style_mix) != 2:
             raise SvdiffError("--style_mix takes geometry=FILE appearance=FILE")
-        load(style_mix["geometry"], 1.0, include=STYLE_GROUPS["geometry"])
-        load(style_mix["appearance"], 1.0, exclude=STYLE_GROUPS["geometry"])
+        geometry = family_of(pipe).geometry_layers()
+        load(style_mix["geometry"], 1.0, include=geometry)
+        load(style_mix["appearance"], 1.0, exclude=geometry)
     if fused:
         fuse(pipe)
     return loaded

@@ -14,6 +14,12 @@ import torch
 from ..errors import SvdiffError
 from .noise import Diffusion, RectifiedFlow
 
+# Style mixing after Extended Textual Inversion (P+): the coarse cross-attention layers, "(16, down, 1)" to
+# "(8, mid)" in its (resolution, direction, index) naming at SD's 64×64 latents, carry a subject's geometry; every
+# other layer carries its appearance. In diffusers' SD 1.x/2.x UNet these are down_blocks.2.attentions.1 (16×16)
+# and mid_block.attentions.0 (8×8); SDXL's UNet has the same two at its two coarsest levels.
+UNET_GEOMETRY = (r"^unet\.(down_blocks\.2\.attentions\.1|mid_block\.attentions\.0)\.",)
+
 
 class Family:
     name: str = ""
@@ -48,6 +54,11 @@ class Family:
         """Every model of the pipeline (VAE, all text encoders, the denoiser): what the loop freezes first."""
         return [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
 
+    def geometry_layers(self) -> list[str]:
+        """Patterns of the shifted parameters (`<component>.<name>`) that carry a subject's geometry in style
+        mixing (`svdiff generate --style_mix`); every other layer carries its appearance."""
+        return list(UNET_GEOMETRY)
+
     # --- sizes ---
 
     def native_resolution(self) -> int:
@@ -59,15 +70,25 @@ class Family:
 
     # --- a step ---
 
-    def latents(self, pixels: torch.Tensor, generators) -> torch.Tensor:
-        """A sample of the VAE's posterior for each image (its own generator), shifted and scaled as the family
-        expects."""
+    def latents(self, pixels: torch.Tensor, generators=None) -> torch.Tensor:
+        """The VAE's latents of `pixels`, shifted and scaled as the family expects: a sample of the posterior with
+        each image's own generator, or its mean without generators."""
         vae = self.pipe.vae
         dist = vae.encode(pixels).latent_dist
-        eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
-        x = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
+        x = dist.mean
+        if generators is not None:
+            eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
+            x = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (x - shift) * vae.config.scaling_factor
+
+    def set_sampling_timesteps(self, steps: int, latents: torch.Tensor) -> None:
+        """Puts the pipeline's scheduler on the timesteps its pipeline samples `latents` with in `steps` steps."""
+        self.pipe.scheduler.set_timesteps(steps, device=latents.device)
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (batch, channels, h, w) in the layout the pipeline's `latents=` argument takes."""
+        return latents
 
     def encode(self, prompts: list[str]) -> dict:
         """The denoiser's conditioning for `prompts` (text encoders run with gradients when they train)."""

@@ -5,16 +5,18 @@ trains the CLIP encoder at most, and so does svdiff."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import Family
 from .sd import CLIP_ATTENTION
-from .sd3 import CONTEXT_ATTENTION, JOINT_ATTENTION, flow
+from .sd3 import CONTEXT_ATTENTION, JOINT_ATTENTION, dynamic_shift, first_half, flow
 
 # diffusers' Flux DreamBooth LoRA targets: attention of both streams and the feed-forwards.
 FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 # diffusers' Flux DreamBooth default for the guidance embedded in Flux-dev's input.
 GUIDANCE = 3.5
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
 
 
 class Flux(Family):
@@ -34,14 +36,27 @@ class Flux(Family):
     def objective(self, scheduler_config, config):
         return flow(scheduler_config, config)
 
+    def geometry_layers(self) -> list[str]:
+        return first_half(self.model, ("transformer_blocks", "single_transformer_blocks"))
+
+    def set_sampling_timesteps(self, steps: int, latents: torch.Tensor) -> None:
+        # FluxPipeline's schedule: σ evenly from 1 to 1/steps, shifted by μ of the packed token count
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        mu = dynamic_shift(self.pipe.scheduler, (latents.shape[-2] // 2) * (latents.shape[-1] // 2), max_shift=1.15)
+        self.pipe.scheduler.set_timesteps(sigmas=sigmas, device=latents.device, mu=mu)
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.pipe._pack_latents(latents, *latents.shape)
+
     def native_resolution(self) -> int:
         # Flux's transformer config has no sample size: the pipeline's default (1024 px on the real model)
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
     def encode(self, prompts: list[str]) -> dict:
-        length = min(512, self.pipe.tokenizer_2.model_max_length)
+        # T5 padded to FluxPipeline's default 512 tokens: Flux attends to the padding too, so training, inversion
+        # and sampling must see the same length
         embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompts, None, device=self.model.device, num_images_per_prompt=1, max_sequence_length=length
+            prompts, None, device=self.model.device, num_images_per_prompt=1, max_sequence_length=MAX_SEQUENCE_LENGTH
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
 

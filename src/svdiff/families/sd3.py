@@ -6,6 +6,7 @@ T5 conditions on zeros in its place, as diffusers' pipeline does."""
 from __future__ import annotations
 
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import Family
 from .noise import RectifiedFlow
@@ -22,6 +23,28 @@ def flow(scheduler_config, config) -> RectifiedFlow:
         return RectifiedFlow(scheduler_config)
     settings = {k: getattr(config, k) for k in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")}
     return RectifiedFlow(scheduler_config, **settings)
+
+
+def dynamic_shift(scheduler, tokens: int, max_shift: float = 1.16) -> float:
+    """The schedule's shift μ for an image of `tokens` tokens, as diffusers' SD3 and Flux pipelines compute it
+    (`max_shift` when the scheduler's config has none: SD3's pipeline assumes 1.16, Flux's 1.15)."""
+    return calculate_shift(
+        tokens,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", max_shift),
+    )
+
+
+def first_half(transformer, stacks: tuple[str, ...]) -> list[str]:
+    """Style mixing on a transformer, which has no coarse and fine levels: the first half of its blocks in the
+    order they run (`stacks`, e.g. Flux's double- then single-stream blocks) take the geometry file's shifts,
+    the rest and everything outside the blocks the appearance file's. A default by analogy with the UNet, where
+    the early, coarse layers lay out the picture; not measured on the real models."""
+    blocks = [(stack, i) for stack in stacks for i in range(len(getattr(transformer, stack)))]
+    chosen = blocks[: len(blocks) // 2 or 1]
+    return [rf"^transformer\.{stack}\.{i}\." for stack, i in chosen]
 
 
 class StableDiffusion3(Family):
@@ -42,6 +65,17 @@ class StableDiffusion3(Family):
 
     def objective(self, scheduler_config, config) -> RectifiedFlow:
         return flow(scheduler_config, config)
+
+    def geometry_layers(self) -> list[str]:
+        return first_half(self.model, ("transformer_blocks",))
+
+    def set_sampling_timesteps(self, steps: int, latents: torch.Tensor) -> None:
+        scheduler, extra = self.pipe.scheduler, {}
+        if scheduler.config.get("use_dynamic_shifting"):  # SD3.5's schedule depends on the image's token count
+            extra["mu"] = dynamic_shift(
+                scheduler, (latents.shape[-2] // self.patch) * (latents.shape[-1] // self.patch)
+            )
+        scheduler.set_timesteps(steps, device=latents.device, **extra)
 
     def encode(self, prompts: list[str]) -> dict:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
