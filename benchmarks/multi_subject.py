@@ -174,6 +174,7 @@ def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:
 
     from svdiff.data.concepts import Concept
     from svdiff.data.images import load_image_folder
+    from svdiff.families import family_of
     from svdiff.train import TrainConfig, TrainingStep, resolve
     from svdiff.train.unmix import Unmix
 
@@ -191,8 +192,9 @@ def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:
         Concept(f"a photo of {phrase}", SUBJECTS / name, instance_images=load_image_folder(SUBJECTS / name))
         for phrase, name in zip(phrase_pair, pair, strict=True)
     ]
-    unmix, terms = Unmix(pipe.unet), []
-    training = TrainingStep(config, pipe, unmix=unmix)
+    family = family_of(pipe, config)
+    unmix, terms = Unmix(family), []
+    training = TrainingStep(config, family, unmix=unmix)
     for step in range(n):
         chosen = concepts if step % 2 == 0 else concepts[::-1]  # each subject on each side half the time
         with torch.no_grad():

@@ -17,9 +17,12 @@ from svdiff.data.cutmix import (
     side_masks,
 )
 from svdiff.errors import SvdiffError
+from svdiff.families import family_of
+from svdiff.families.base import token_positions
+from svdiff.families.sd import unmix_layers
 from svdiff.sample import load_pipeline
 from svdiff.train import train
-from svdiff.train.unmix import CaptureProcessor, Unmix, token_positions, unmix_layers
+from svdiff.train.unmix import CaptureProcessor, Unmix
 from tiny_models import quick, save_tiny_pipeline
 
 SUBJECTS = Path(__file__).parents[1] / "examples" / "subjects"
@@ -174,7 +177,7 @@ def test_capture_keeps_the_attention_output_and_only_leaves_the_fast_path_where_
     unet.set_attn_processor(AttnProcessor())
     with torch.no_grad():
         expected = unet(x, 500, context).sample
-    unmix = Unmix(unet)
+    unmix = Unmix(family_of(pipe))
     with torch.no_grad():
         unet(x, 500, context)
         assert unmix.sink == []  # sampling keeps no maps

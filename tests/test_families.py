@@ -140,23 +140,47 @@ def test_flux_dev_embeds_the_training_guidance(pipelines):
     assert family_of(pipe, TrainConfig(guidance_scale=1.0)).guidance == 1.0
 
 
-def test_unmix_on_joint_attention_is_refused_in_one_line(pipelines, tmp_path, capsys):
-    import json
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_unmix_reads_the_image_to_text_part_of_joint_attention(pipelines, family, monkeypatch):
+    """The maps the Unmix loss reads on a joint-attention block are the softmax probabilities the block itself
+    computes (recorded here from scaled_dot_product_attention), image queries over text keys; the blocks' outputs
+    are untouched."""
+    from svdiff.train.unmix import Unmix
 
-    subjects = SUBJECT.parent
-    listing = tmp_path / "concepts.json"
-    listing.write_text(
-        json.dumps(
-            [
-                {"instance_prompt": PROMPT, "instance_data_dir": str(subjects / "heart_sks")},
-                {"instance_prompt": "a photo of zwx star", "instance_data_dir": str(subjects / "star_zwx")},
-            ]
-        )
-    )
-    argv = ["train", "--base", str(pipelines["sd3"]), "--concepts_list", str(listing), "--output_dir"]
-    assert main([*argv, str(tmp_path / "o"), "--resolution", str(RESOLUTION), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: the Unmix loss reads cross-attention") and "--unmix_weight 0" in err[-1]
+    pipe = load_pipeline(pipelines[family])
+    fam = family_of(pipe)
+    unmix = Unmix(fam)
+    config = resolve(TrainConfig(instance_data_dir="-", instance_prompt="-", resolution=RESOLUTION))
+    training = TrainingStep(config, fam, unmix=unmix)
+    concepts = [
+        Concept(f"a photo of {phrase}", SUBJECT.parent / name, instance_images=load_image_folder(SUBJECT.parent / name))
+        for phrase, name in (("sks heart", "heart_sks"), ("zwx star", "star_zwx"))
+    ]
+    batch = training.batch(concepts, step=0)
+    recorded, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        recorded.append((query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(-1))
+        return real(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        denoising, term = training.loss_terms(batch)
+        unmix.remove()
+        plain, _ = TrainingStep(config, fam).loss_terms(training.batch(concepts, step=0))
+    assert len(unmix.layers) >= 1 and term.item() > 0 and torch.equal(denoising, plain)
+    unmix = Unmix(fam)
+    with torch.no_grad(), unmix.capturing_maps():
+        TrainingStep(config, fam).loss_terms(training.batch(concepts, step=0))
+        maps = list(unmix.sink)
+    unmix.remove()
+    image_tokens, text_tokens = (RESOLUTION // fam.patch) ** 2, maps[0].shape[-1]
+    first = next(r for r in recorded if r.shape[-1] == image_tokens + text_tokens)  # the first joint block's
+    expected = first[:, :, :image_tokens, image_tokens:] if family == "sd3" else first[:, :, text_tokens:, :text_tokens]
+    assert maps[0].shape == expected.shape
+    torch.testing.assert_close(maps[0], expected, rtol=1e-4, atol=1e-6)
+    positions = fam.text_positions(batch["prompts"][0], "zwx star")
+    assert positions and max(positions) < maps[0].shape[-1]
 
 
 def test_an_unknown_pipeline_names_the_supported_families():
@@ -179,7 +203,7 @@ def test_unmix_reads_the_cross_attention_of_sdxl(pipelines):
         Concept(f"a photo of {phrase}", SUBJECT.parent / name, instance_images=load_image_folder(SUBJECT.parent / name))
         for phrase, name in (("sks heart", "heart_sks"), ("zwx star", "star_zwx"))
     ]
-    unmix = Unmix(pipe.unet)
+    unmix = Unmix(family_of(pipe))
     training = TrainingStep(config, pipe, unmix=unmix)
     with torch.no_grad():
         denoising, term = training.loss_terms(training.batch(concepts, step=0))
@@ -317,3 +341,19 @@ def test_edit_fine_tunes_inverts_and_draws_on_each_family(pipelines, family, tmp
         progress=False,
     )
     assert (tmp_path / "edits.png").is_file() and len(result["pictures"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_concepts_list_trains_with_cut_mix_unmix(pipelines, family, tmp_path):
+    import json
+
+    listing = tmp_path / "concepts.json"
+    subjects = [("heart_sks", "a photo of sks heart"), ("star_zwx", "a photo of zwx star")]
+    entries = [{"instance_prompt": p, "instance_data_dir": str(SUBJECT.parent / n)} for n, p in subjects]
+    listing.write_text(json.dumps(entries))
+    argv = ["train", "--base", str(pipelines[family]), "--concepts_list", str(listing), "--resolution", str(RESOLUTION)]
+    argv += ["--output_dir", str(tmp_path / "o"), "--max_train_steps", "3", "--cut_mix_unmix_prob", "1"]
+    argv += ["--validation_steps", "0", "--num_validation_images", "1", "--validation_inference_steps", "2"]
+    assert main([*argv, "--report_to", "none", "--no-progress"]) == 0
+    assert (tmp_path / "o" / WEIGHTS_NAME).is_file()

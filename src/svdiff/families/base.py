@@ -9,6 +9,8 @@ one code path over all of them.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..errors import SvdiffError
@@ -94,6 +96,38 @@ class Family:
         """The denoiser's conditioning for `prompts` (text encoders run with gradients when they train)."""
         raise NotImplementedError
 
+    # --- what the Unmix loss reads ---
+
+    def text_positions(self, prompt: str, phrase: str) -> list[int]:
+        """Where `phrase`'s tokens stand among the text tokens the image attends to, for `prompt`."""
+        return token_positions(self.pipe.tokenizer, prompt, phrase)
+
+    def unmix_layers(self, pattern: str | None = None) -> list[str]:
+        """Names of the attention modules whose image-to-text attention the Unmix loss watches: those matching
+        `pattern`, or the family's default."""
+        raise NotImplementedError
+
+    def image_text_attention(self, attn: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """Joint attention (cross_attention False): the softmax probabilities of the image queries over the text
+        keys (batch × heads × image tokens × text tokens) of module `attn` called with keyword `inputs`."""
+        raise NotImplementedError
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
         """The denoiser's output for latents `noisy` (batch, channels, h, w), in the same shape."""
         raise NotImplementedError
+
+
+def token_positions(tokenizer, prompt: str, word: str, max_length: int | None = None) -> list[int]:
+    """Where `word`'s tokens stand in the tokenized prompt (padded to `max_length`, by default the tokenizer's)."""
+    length = max_length or tokenizer.model_max_length
+    ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
+    piece = tokenizer(word, add_special_tokens=False).input_ids
+    for i in range(len(ids) - len(piece) + 1):
+        if ids[i : i + len(piece)] == piece:
+            return list(range(i, i + len(piece)))
+    raise ValueError(f"{word!r} is not in the tokenized prompt {prompt!r}")
+
+
+def select(names: list[str], pattern: str | None, default: list[str]) -> list[str]:
+    """`names` matching `pattern`, or `default` without one."""
+    return [n for n in names if re.search(pattern, n)] if pattern is not None else default

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import Family
+from .base import Family, select, token_positions
 from .sd import CLIP_ATTENTION
-from .sd3 import CONTEXT_ATTENTION, JOINT_ATTENTION, dynamic_shift, first_half, flow
+from .sd3 import CONTEXT_ATTENTION, JOINT_ATTENTION, attention_probabilities, dynamic_shift, first_half, flow
 
 # diffusers' Flux DreamBooth LoRA targets: attention of both streams and the feed-forwards.
 FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
@@ -51,6 +52,35 @@ class Flux(Family):
     def native_resolution(self) -> int:
         # Flux's transformer config has no sample size: the pipeline's default (1024 px on the real model)
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def unmix_layers(self, pattern: str | None = None) -> list[str]:
+        # by default the double-stream blocks, where text keeps a stream of its own; single-stream ones by pattern
+        double = [f"transformer_blocks.{i}.attn" for i in range(len(self.model.transformer_blocks))]
+        single = [f"single_transformer_blocks.{i}.attn" for i in range(len(self.model.single_transformer_blocks))]
+        return select(double + single, pattern, double)
+
+    def text_positions(self, prompt: str, phrase: str) -> list[int]:
+        return token_positions(self.pipe.tokenizer_2, prompt, phrase, MAX_SEQUENCE_LENGTH)
+
+    def image_text_attention(self, attn: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        # as diffusers' FluxAttnProcessor: text tokens before image tokens, rotary embedding on both; a
+        # single-stream block gets them already joined, its first MAX_SEQUENCE_LENGTH tokens the text
+        def heads(x):
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        hidden, text = inputs["hidden_states"], inputs.get("encoder_hidden_states")
+        query, key = attn.norm_q(heads(attn.to_q(hidden))), attn.norm_k(heads(attn.to_k(hidden)))
+        words = MAX_SEQUENCE_LENGTH
+        if text is not None:
+            words = text.shape[1]
+            query = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(text))), query], dim=1)
+            key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(text))), key], dim=1)
+        rotary = inputs.get("image_rotary_emb")
+        if rotary is not None:
+            query = apply_rotary_emb(query, rotary, sequence_dim=1)
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        return attention_probabilities(query[:, :, words:], key)[..., :words]
 
     def encode(self, prompts: list[str]) -> dict:
         # T5 padded to FluxPipeline's default 512 tokens: Flux attends to the padding too, so training, inversion

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from .base import Family
+from .base import Family, select, token_positions
 from .noise import RectifiedFlow
 from .sd import CLIP_ATTENTION
 
@@ -23,6 +23,14 @@ def flow(scheduler_config, config) -> RectifiedFlow:
         return RectifiedFlow(scheduler_config)
     settings = {k: getattr(config, k) for k in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")}
     return RectifiedFlow(scheduler_config, **settings)
+
+
+T5_TOKENS = 256  # StableDiffusion3Pipeline's default T5 length
+
+
+def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√d) over the keys, for (batch, heads, tokens, dim) queries and keys."""
+    return (query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(dim=-1)
 
 
 def dynamic_shift(scheduler, tokens: int, max_shift: float = 1.16) -> float:
@@ -77,9 +85,41 @@ class StableDiffusion3(Family):
             )
         scheduler.set_timesteps(steps, device=latents.device, **extra)
 
+    def unmix_layers(self, pattern: str | None = None) -> list[str]:
+        # by default the first half of the blocks, where the layout is decided (the geometry of style mixing)
+        names = [f"transformer_blocks.{i}.attn" for i in range(len(self.model.transformer_blocks))]
+        return select(names, pattern, names[: len(names) // 2 or 1])
+
+    def text_positions(self, prompt: str, phrase: str) -> list[int]:
+        # the joint sequence's text: the CLIP tokens (CLIP-L and CLIP-G side by side), then T5's
+        positions = token_positions(self.pipe.tokenizer, prompt, phrase)
+        if self.pipe.text_encoder_3 is not None:
+            t5 = token_positions(self.pipe.tokenizer_3, prompt, phrase, T5_TOKENS)
+            positions += [self.pipe.tokenizer_max_length + i for i in t5]
+        return positions
+
+    def image_text_attention(self, attn: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        # as diffusers' JointAttnProcessor2_0: (batch, heads, tokens, dim), image tokens before text tokens
+        def heads(x):
+            return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        image, text = inputs["hidden_states"], inputs["encoder_hidden_states"]
+        query, key, text_key = heads(attn.to_q(image)), heads(attn.to_k(image)), heads(attn.add_k_proj(text))
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+        return attention_probabilities(query, torch.cat([key, text_key], dim=2))[..., key.shape[2] :]
+
     def encode(self, prompts: list[str]) -> dict:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompts, None, None, device=self.model.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            prompts,
+            None,
+            None,
+            device=self.model.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=T5_TOKENS,
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 

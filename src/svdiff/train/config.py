@@ -143,7 +143,12 @@ class TrainConfig:
         high=1e3,
         resume=SAME,
     )
-    unmix_layers: str | None = setting("data", None, "cross-attention layers the Unmix loss watches", metavar="REGEX")
+    unmix_layers: str | None = setting(
+        "data",
+        None,
+        "attention layers the Unmix loss watches (default: the family's, see docs/models.md)",
+        metavar="REGEX",
+    )
     # and, once the base is loaded, a multiple of what its denoiser needs, at most twice its size
     resolution: int | None = setting("data", None, "default: the base's native size", low=8, high=2**16)
     center_crop: bool = setting("data", False, "center crops (default: random crops)")

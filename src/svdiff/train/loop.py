@@ -45,7 +45,7 @@ from .report import write_loss_chart, write_model_card, write_samples
 from .runlog import RunLog, unfinished_note
 from .step import TrainingStep, build_optimizer
 from .stop import StopOnSignal
-from .unmix import Unmix, token_positions
+from .unmix import Unmix
 
 
 def train(config: TrainConfig) -> dict:
@@ -397,23 +397,17 @@ def _unmix(config, concepts, family) -> Unmix | None:
     every subject's phrase survives tokenization in the collage prompts."""
     if len(concepts) < 2 or config.cut_mix_unmix_prob <= 0 or config.unmix_weight <= 0:
         return None
-    if not family.cross_attention:
-        raise SvdiffError(
-            f"the Unmix loss reads cross-attention maps, which {type(family.pipe).__name__} does not have yet: "
-            "train with --unmix_weight 0 (Cut-Mix collages without Unmix)"
-        )
-    tokenizer = family.pipe.tokenizer
     for a in concepts:
         for b in concepts:
             if a is not b:
                 prompt = pair_prompt(a.instance_prompt, b.instance_prompt, config.seed, 0)
                 for c in (a, b):
                     try:
-                        token_positions(tokenizer, prompt, phrase(c.instance_prompt))
+                        family.text_positions(prompt, phrase(c.instance_prompt))
                     except ValueError as e:
                         raise SvdiffError(f"Unmix: {e}") from None
     try:
-        return Unmix(family.model, config.unmix_layers)
+        return Unmix(family, config.unmix_layers)
     except ValueError as e:
         raise SvdiffError(f"--unmix_layers {config.unmix_layers!r}: {e}") from None
 

@@ -24,7 +24,7 @@ from ..data.images import to_model_input
 from ..errors import SvdiffError
 from ..families import Family, family_of
 from .config import TrainConfig
-from .unmix import Unmix, token_positions
+from .unmix import Unmix
 
 
 def generator(*parts) -> torch.Generator:
@@ -91,7 +91,7 @@ class TrainingStep:
             return 0.0
         instances = len(batch["prompts"]) // (2 if self.config.with_prior_preservation else 1)
         prompt = batch["prompts"][0]
-        left, right = (token_positions(self.family.pipe.tokenizer, prompt, w) for w in batch["phrases"])
+        left, right = (self.family.text_positions(prompt, w) for w in batch["phrases"])
         pairs = [(b, left, right) for b in range(instances)]
         return self.config.unmix_weight * self.unmix.loss(pairs, tuple(latent_size))
 

@@ -6,20 +6,20 @@ raw probabilities the loss falls as well when the names are attended to less eve
 way. The whole phrase is watched, not the identifier alone: the class word after the identifier, which a causal
 text encoder reads with it, names the subject too (docs/experiments/2026-12-03-multi-subject.md).
 
-Which layers: the cross-attention layers whose maps are at most half the latent side (SD 1.x/2.x at 512 px: the
-32×32, 16×16 and 8×8 ones; the embedded base: 8×8 and 4×4). Coarse maps are where a layout is decided; the finest
-layers mostly refine texture and their maps are the most expensive to hold. Only these layers leave the fast
-attention path, and only while training with Unmix."""
+Which layers the family says (`Family.unmix_layers`): on a UNet the coarse cross-attention layers, which leave
+the fast attention path while training with Unmix; on SD3 and Flux, whose attention is joint over image and text
+tokens, the image-query-to-text-key part of chosen blocks' attention, recomputed from the block's own inputs
+(the block itself keeps its fast path)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
 
 import torch
 
 from ..data.cutmix import side_masks
+from ..families import Family
 
 
 class CaptureProcessor:
@@ -47,39 +47,32 @@ class CaptureProcessor:
         return out / attn.rescale_output_factor
 
 
-def unmix_layers(unet, pattern: str | None = None) -> list[str]:
-    """Names of the cross-attention modules to watch: those matching `pattern`, or by default those whose maps
-    are at most half the latent side."""
-    names = [n for n, m in unet.named_modules() if n.endswith("attn2") and getattr(m, "is_cross_attention", False)]
-    if pattern is not None:
-        return [n for n in names if re.search(pattern, n)]
-    return [n for n in names if _scale(n, len(unet.up_blocks)) >= 2]
-
-
-def _scale(name: str, levels: int) -> int:
-    """By how much a layer's map is smaller than the latents, from its place in an SD UNet of `levels` blocks."""
-    kind, _, rest = name.partition(".")
-    if kind == "mid_block":
-        return 2 ** (levels - 1)
-    block = int(rest.split(".")[0])
-    return 2**block if kind == "down_blocks" else 2 ** (levels - 1 - block)
-
-
 class Unmix:
-    """Installs capture processors on the watched layers (the others keep theirs). Maps are kept only inside
-    `with unmix.capturing_maps():` (a training forward, not sampling); `loss` reads and clears them."""
+    """Watches the family's Unmix layers. Maps are kept only inside `with unmix.capturing_maps():` (a training
+    forward, not sampling); `loss` reads and clears them."""
 
-    def __init__(self, unet, pattern: str | None = None):
+    def __init__(self, family: Family, pattern: str | None = None):
         self.sink: list[torch.Tensor] = []
         self.capturing = False
-        self.layers = unmix_layers(unet, pattern)
+        self.layers = family.unmix_layers(pattern)
         if not self.layers:
-            raise ValueError("no cross-attention layer to watch for the Unmix loss")
-        modules = dict(unet.named_modules())
-        self.replaced = {name: modules[name].processor for name in self.layers}
-        for name in self.layers:
-            modules[name].set_processor(CaptureProcessor(self))
+            raise ValueError("no attention layer to watch for the Unmix loss")
+        modules = dict(family.model.named_modules())
         self.modules = {name: modules[name] for name in self.layers}
+        self.replaced, self.hooks = {}, []
+        for name, module in self.modules.items():
+            if family.cross_attention:
+                self.replaced[name] = module.processor
+                module.set_processor(CaptureProcessor(self))
+            else:
+                self.hooks.append(module.register_forward_pre_hook(self._joint(family), with_kwargs=True))
+
+    def _joint(self, family: Family):
+        def capture(module, args, kwargs):
+            if self.capturing:
+                self.sink.append(family.image_text_attention(module, kwargs))
+
+        return capture
 
     @contextlib.contextmanager
     def capturing_maps(self):
@@ -97,6 +90,8 @@ class Unmix:
         """Puts the layers' own processors back."""
         for name, processor in self.replaced.items():
             self.modules[name].set_processor(processor)
+        for hook in self.hooks:
+            hook.remove()
         self.sink.clear()
 
     def loss(self, tokens: list[tuple[int, list[int], list[int]] | None], latent_size: tuple[int, int]) -> torch.Tensor:
@@ -125,13 +120,3 @@ def _relative(attention: torch.Tensor) -> torch.Tensor:
     """A token's attention over the pixels divided by its mean: where the token looks, whatever its strength. On
     the raw probabilities the loss is also lowered by a token that is attended to less everywhere."""
     return attention / attention.mean().clamp_min(1e-12)
-
-
-def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Where `word`'s tokens stand in the tokenized prompt (padded as for training)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-    piece = tokenizer(word, add_special_tokens=False).input_ids
-    for i in range(len(ids) - len(piece) + 1):
-        if ids[i : i + len(piece)] == piece:
-            return list(range(i, i + len(piece)))
-    raise ValueError(f"{word!r} is not in the tokenized prompt {prompt!r}")
