@@ -1,6 +1,7 @@
 """Training on every model family: tiny random-weight SDXL, SD3 and Flux.1 pipelines saved as diffusers folders
 (tests/tiny_families.py), through the same loop, files and commands as SD 1.x."""
 
+import json
 import math
 import re
 import shutil
@@ -346,8 +347,6 @@ def test_edit_fine_tunes_inverts_and_draws_on_each_family(pipelines, family, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_concepts_list_trains_with_cut_mix_unmix(pipelines, family, tmp_path):
-    import json
-
     listing = tmp_path / "concepts.json"
     subjects = [("heart_sks", "a photo of sks heart"), ("star_zwx", "a photo of zwx star")]
     entries = [{"instance_prompt": p, "instance_data_dir": str(SUBJECT.parent / n)} for n, p in subjects]
@@ -357,3 +356,24 @@ def test_a_concepts_list_trains_with_cut_mix_unmix(pipelines, family, tmp_path):
     argv += ["--validation_steps", "0", "--num_validation_images", "1", "--validation_inference_steps", "2"]
     assert main([*argv, "--report_to", "none", "--no-progress"]) == 0
     assert (tmp_path / "o" / WEIGHTS_NAME).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_two_processes_give_the_shifts_of_one_process_at_twice_the_batch(pipelines, family, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    flags = ["--resolution", str(RESOLUTION), "--max_train_steps", "3", "--save_dtype", "fp32"]
+    two = cli_args(pipelines[family], tmp_path / "two", *flags)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    subprocess.run([*torchrun, "-m", "svdiff", *two], env=env, check=True, capture_output=True, timeout=600)
+    one = cli_args(pipelines[family], tmp_path / "one", *flags, "--train_batch_size", "2")
+    subprocess.run([sys.executable, "-m", "svdiff", *one], env=env, check=True, capture_output=True, timeout=600)
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch"] == 2 and summary["processes_agree"]
+    a, b = load_file(tmp_path / "two" / WEIGHTS_NAME), load_file(tmp_path / "one" / WEIGHTS_NAME)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
