@@ -26,6 +26,9 @@ from . import mixed
 from .basis import SpectralBasis
 from .kinds import SPECTRAL, Conv, DeltaGrad, Embedding, Kind, Plan, Route
 
+# Factor dtypes stored in one byte with a scale per row.
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 class SpectralShift(nn.Module):
     """The shift state of one target weight: frozen factors (buffers, not saved in state dicts) and named δ sets."""
@@ -36,14 +39,28 @@ class SpectralShift(nn.Module):
         self.length = length  # number of δ values: min(c_out, rest) for matrices, the weight's length for 1-D
         if basis is not None:
             dtype = factor_dtype or basis.U.dtype
-            self.register_buffer("U", basis.U.to(dtype), persistent=False)
+            for name, factor in (("U", basis.U), ("Vh", basis.Vh)):
+                if dtype in FP8:  # one byte a value and a scale per row; read back as bf16 (see __getattr__)
+                    scale = factor.abs().amax(dim=1).float().clamp_min(1e-30) / torch.finfo(dtype).max
+                    self.register_buffer(f"{name}_fp8", (factor.float() / scale[:, None]).to(dtype), persistent=False)
+                    self.register_buffer(f"{name}_scale", scale, persistent=False)
+                else:
+                    self.register_buffer(name, factor.to(dtype), persistent=False)
             self.register_buffer("S", basis.S.float(), persistent=False)
-            self.register_buffer("Vh", basis.Vh.to(dtype), persistent=False)
         self.deltas = nn.ParameterDict()
         self.scales: dict[str, float] = {}
         self.original: torch.Tensor | None = None  # the base weight while fused (kept on the CPU)
         self.per_sample: list[dict[str, float]] | None = None  # sets and scales per sample of a mixed batch
         self._plans: dict[tuple, Plan] = {}
+
+    def __getattr__(self, name: str):
+        # Factors held in fp8 are read as bf16 rows times their scales, wherever U or Vh is used; δ = 0 stays
+        # bit-exact whatever their precision (the update is U·diag(0)·Vᵀ = 0), and their error only touches ΔW.
+        if name in ("U", "Vh"):
+            buffers = self.__dict__["_buffers"]
+            if f"{name}_fp8" in buffers:
+                return buffers[f"{name}_fp8"].to(torch.bfloat16) * buffers[f"{name}_scale"][:, None].to(torch.bfloat16)
+        return super().__getattr__(name)
 
     def add_set(self, name: str, device: torch.device, scale: float = 1.0) -> nn.Parameter:
         """A new zero δ set (float32 whatever the base dtype: it is what gets trained)."""
@@ -85,13 +102,17 @@ class SpectralShift(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.half()`, `.cuda()` move σ and δ but keep them in float32: d = ReLU(σ + δ) − σ cancels
-        catastrophically in half precision."""
+        catastrophically in half precision. Factors held in fp8 stay fp8 (their values are exact in any wider
+        float, so a cast there and back loses nothing)."""
         keep = {"S": getattr(self, "S", None)} | {f"d.{k}": p.data for k, p in self.deltas.items()}
+        fp8 = {k: b.dtype for k, b in self._buffers.items() if k.endswith("_fp8")}
         super()._apply(fn, recurse)
         if keep["S"] is not None:
             self.S = keep["S"].to(self.S.device)
         for k, p in self.deltas.items():
             p.data = keep[f"d.{k}"].to(p.device)
+        for k, dtype in fp8.items():
+            self._buffers[k] = self._buffers[k].to(dtype)
         return self
 
     def forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

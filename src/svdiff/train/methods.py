@@ -17,7 +17,12 @@ from ..models import base_name
 from ..spectral import add_shifts, shifted_modules
 from ..spectral.merged import MergedShifts
 
-DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,  # for the factors only: one byte a value, a scale per row
+}
 
 
 @dataclass
