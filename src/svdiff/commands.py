@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+from . import __version__
 from .checks import MAX_SCALE, check_range, png_path
+from .edit import DEFAULT_EDIT_STEPS
 from .errors import SvdiffError
 from .flags import base_flag, flag
+from .train import add_train_flags
+from .world.commands import add_parser as add_world
 
 SAVE_DTYPES = ("fp16", "fp32", "bf16", "int8")
 CHECKOUT = Path(__file__).resolve().parents[2]  # the repository, when svdiff runs from a source checkout
@@ -272,7 +277,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import subprocess
 
     script = CHECKOUT / "benchmarks" / "report.py"
     if not script.is_file():
@@ -315,12 +319,9 @@ def build_parser(more=None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="svdiff", description="Personalize diffusion models by training only the singular values of their weights."
     )
-    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"svdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from .train import add_train_flags
 
     p = sub.add_parser("train", help="train spectral shifts (or a LoRA / full baseline) on a few images")
     add_train_flags(p)
@@ -339,8 +340,6 @@ def build_parser(more=None) -> argparse.ArgumentParser:
         "(default: the shipped one)",
     )
     p.set_defaults(func=cmd_demo)
-
-    from .edit import DEFAULT_EDIT_STEPS
 
     p = sub.add_parser("bench", help="the evidence report: every benchmark, the paper's claims checked")
     mode = p.add_mutually_exclusive_group()
@@ -464,8 +463,6 @@ def build_parser(more=None) -> argparse.ArgumentParser:
     base_flag(p)
     _add_target_flags(p)
     p.set_defaults(func=cmd_cache)
-
-    from .world.commands import add_parser as add_world
 
     add_world(sub)
     if more is not None:

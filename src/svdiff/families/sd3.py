@@ -6,7 +6,6 @@ T5 conditions on zeros in its place, as diffusers' pipeline does."""
 from __future__ import annotations
 
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import Family, select, token_positions
 from .noise import RectifiedFlow
@@ -34,15 +33,14 @@ def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Ten
 
 
 def dynamic_shift(scheduler, tokens: int, max_shift: float = 1.16) -> float:
-    """The schedule's shift μ for an image of `tokens` tokens, as diffusers' SD3 and Flux pipelines compute it
-    (`max_shift` when the scheduler's config has none: SD3's pipeline assumes 1.16, Flux's 1.15)."""
-    return calculate_shift(
-        tokens,
-        scheduler.config.get("base_image_seq_len", 256),
-        scheduler.config.get("max_image_seq_len", 4096),
-        scheduler.config.get("base_shift", 0.5),
-        scheduler.config.get("max_shift", max_shift),
-    )
+    """The schedule's shift μ for an image of `tokens` tokens, as diffusers' SD3 and Flux pipelines compute it:
+    linear in the token count from base_shift at base_image_seq_len to max_shift at max_image_seq_len (`max_shift`
+    when the scheduler's config has none: SD3's pipeline assumes 1.16, Flux's 1.15)."""
+    config = scheduler.config
+    low, high = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", max_shift)
+    slope = (top - base) / (high - low)
+    return tokens * slope + (base - slope * low)  # in the pipelines' order of operations, to their last bit
 
 
 def first_half(transformer, stacks: tuple[str, ...]) -> list[str]:
