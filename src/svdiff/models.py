@@ -114,7 +114,8 @@ def build_architecture(
     return out
 
 
-def _model_index(base: str | Path, revision: str | None = None) -> dict:
+def model_index(base: str | Path, revision: str | None = None) -> dict:
+    """A pipeline's model_index.json (its components and their classes), from a folder or the hub."""
     path = Path(base)
     if path.is_dir():
         index = path / "model_index.json"
@@ -165,7 +166,7 @@ def load_components(
     base = resolve_base(base)
     if str(base) in ARCHITECTURES:
         return build_architecture(str(base), device="meta" if meta else device)
-    index = _model_index(base, revision)
+    index = model_index(base, revision)
     out = {}
     for component in SHIFTED_COMPONENTS:
         if component not in index or index[component][0] is None:

@@ -16,7 +16,7 @@ from .adapters import adapter_name_of, fuse, load_shifts, mixed_batch
 from .checks import MAX_INFERENCE_STEPS, MAX_SCALE, MAX_SEED, check_range
 from .errors import SvdiffError
 from .families import family_of
-from .models import ARCHITECTURES, resolve_base
+from .models import ARCHITECTURES, model_index, resolve_base
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -38,9 +38,11 @@ def load_pipeline(base=None, *, scheduler: str = "ddim", dtype=None, device=None
         raise SvdiffError(
             f"{base} is a built-in architecture without weights (for counting); give a model folder or hub id"
         )
+    # SD 1.x/2.x folders may ship a safety checker: not loaded (another model in memory, and black images)
+    extra = {"safety_checker": None} if "safety_checker" in model_index(base, revision) else {}
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            str(base), dtype=dtype, revision=revision, variant=variant, safety_checker=None
+            str(base), dtype=dtype, revision=revision, variant=variant, **extra
         )
     except Exception as e:  # a missing folder, a hub id offline, a broken checkpoint: one line
         raise SvdiffError(f"cannot load pipeline {base}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
