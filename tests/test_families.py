@@ -377,3 +377,20 @@ def test_two_processes_give_the_shifts_of_one_process_at_twice_the_batch(pipelin
     assert summary["processes"] == 2 and summary["global_batch"] == 2 and summary["processes_agree"]
     a, b = load_file(tmp_path / "two" / WEIGHTS_NAME), load_file(tmp_path / "one" / WEIGHTS_NAME)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_baselines_train_on_flux_and_draw_through_apply_trained(pipelines, method, tmp_path):
+    from svdiff.sample import apply_trained
+
+    base = pipelines["flux"]
+    out = tmp_path / method
+    argv = cli_args(base, out, "--resolution", str(RESOLUTION), "--max_train_steps", "2", "--method", method)
+    argv += ["--learning_rate", "0.01"]
+    assert main(argv) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    pipe = load_pipeline(base)
+    before = draw(pipe)
+    apply_trained(pipe, summary["weights"], method)
+    assert not np.array_equal(draw(pipe), before)

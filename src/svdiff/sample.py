@@ -16,7 +16,7 @@ from .adapters import adapter_name_of, fuse, load_shifts, mixed_batch
 from .checks import MAX_INFERENCE_STEPS, MAX_SCALE, MAX_SEED, check_range
 from .errors import SvdiffError
 from .families import family_of
-from .models import ARCHITECTURES, model_index, resolve_base
+from .models import ARCHITECTURES, SHIFTED_COMPONENTS, model_index, resolve_base
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -177,7 +177,7 @@ def apply_trained(pipe, weights: str | Path, method: str = "svdiff") -> None:
         pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
     elif method == "full":
         folder = weights.parent.parent
-        for name in ("unet", "text_encoder"):
+        for name in SHIFTED_COMPONENTS:  # the denoiser and the text encoders a full fine-tuning wrote
             if (folder / name).is_dir():
                 module = getattr(pipe, name)
                 setattr(pipe, name, type(module).from_pretrained(folder / name).to(pipe.device, module.dtype))
