@@ -99,6 +99,10 @@ def test_train_resume_and_generate_on_each_family(pipelines, family, tmp_path):
     assert any(k.startswith(f"{denoiser}.") for k in a.tensors) and any(
         k.startswith("text_encoder.") for k in a.tensors
     )
+    card = (straight / "README.md").read_text()  # the model card names this family's pipeline and hub tag
+    pipeline = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
+    tag = {"sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}[family]
+    assert f"pipe = {pipeline}.from_pretrained(" in card and f"- {tag}\n" in card
 
     out = tmp_path / "generated.png"
     argv = ["generate", "--base", str(base), "--shifts", str(straight / WEIGHTS_NAME), "--prompt", PROMPT]
@@ -390,6 +394,10 @@ def test_the_baselines_train_on_flux_and_draw_through_apply_trained(pipelines, m
     argv += ["--learning_rate", "0.01"]
     assert main(argv) == 0
     summary = json.loads((out / "train_summary.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "pipe = FluxPipeline.from_pretrained(" in card
+    if method == "full":
+        assert "transformer = FluxTransformer2DModel.from_pretrained(" in card and "fine-tuned transformer" in card
     pipe = load_pipeline(base)
     before = draw(pipe)
     apply_trained(pipe, summary["weights"], method)

@@ -236,7 +236,7 @@ def _train(config: TrainConfig, held: contextlib.ExitStack) -> dict:
             "resumed": resumed,
         }
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_model_card(output_dir, config, concepts, summary)
+        write_model_card(output_dir, config, concepts, summary, pipe)
         log("finish", f"step {config.max_train_steps}: wrote {weights} in {summary['minutes']} min")
     accelerator.wait_for_everyone()
     accelerator.end_training()

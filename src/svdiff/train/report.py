@@ -60,13 +60,13 @@ def write_loss_chart(losses: list, path: Path) -> Path:
     return path
 
 
-TITLES = {"svdiff": "Spectral shifts (SVDiff)", "lora": "A LoRA", "full": "A fine-tuned UNet and text encoder"}
+TITLES = {"svdiff": "Spectral shifts (SVDiff)", "lora": "A LoRA", "full": "A fine-tuned {denoiser} and text encoder"}
 USAGE = {
     "svdiff": """```python
 import svdiff
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained({base})
+pipe = {pipeline}.from_pretrained({base})
 svdiff.load_shifts(pipe, {weights!r})
 image = pipe({prompt!r}).images[0]
 ```
@@ -77,19 +77,26 @@ or from the command line:
 svdiff generate {base_flag}--shifts {weights_q} --prompt {prompt_q}
 ```""",
     "lora": """```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained({base})
+pipe = {pipeline}.from_pretrained({base})
 pipe.load_lora_weights({output!r})
 image = pipe({prompt!r}).images[0]
 ```""",
     "full": """```python
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import {pipeline}, {denoiser_class}
 
-unet = UNet2DConditionModel.from_pretrained({output!r}, subfolder="unet")
-pipe = StableDiffusionPipeline.from_pretrained({base}, unet=unet)
+{denoiser} = {denoiser_class}.from_pretrained({output!r}, subfolder="{denoiser}")
+pipe = {pipeline}.from_pretrained({base}, {denoiser}={denoiser})
 image = pipe({prompt!r}).images[0]
 ```""",
+}
+# The hub's tag of each pipeline's family.
+TAGS = {
+    "StableDiffusionPipeline": "stable-diffusion",
+    "StableDiffusionXLPipeline": "stable-diffusion-xl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
 
 
@@ -106,7 +113,12 @@ def _fenced(block: str) -> str:
     return "`" * max(3, longest + 1)
 
 
-def write_model_card(output_dir: Path, args, concepts, summary: dict) -> Path:
+def write_model_card(output_dir: Path, args, concepts, summary: dict, pipe=None) -> Path:
+    """README.md of a run: what was trained on which base, how to use it (with `pipe`'s pipeline class and
+    denoiser; an SD pipeline without one), samples, settings and the loss."""
+    pipeline = type(pipe).__name__ if pipe is not None else "StableDiffusionPipeline"
+    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    denoiser_class = type(getattr(pipe, denoiser)).__name__ if pipe is not None else "UNet2DConditionModel"
     given = args.pretrained_model_name_or_path
     base = repr(str(given)) if given else "svdiff.default_base()"
     base_label = markdown_text(args.pretrained_model_name_or_path or "the embedded svdiff-tiny pipeline")
@@ -122,7 +134,11 @@ def write_model_card(output_dir: Path, args, concepts, summary: dict) -> Path:
         weights_q=shlex.quote(str(summary["weights"])),
         prompt_q=shlex.quote(prompt),
         base_flag=f"--pretrained_model_name_or_path {shlex.quote(str(given))} " if given else "",
+        pipeline=pipeline,
+        denoiser=denoiser,
+        denoiser_class=denoiser_class,
     )
+    title = TITLES[args.method].format(denoiser="UNet" if denoiser == "unet" else "transformer")
     fence = _fenced(usage)
     usage = usage.replace("```", fence)
     concept_lines = "\n".join(
@@ -133,7 +149,7 @@ def write_model_card(output_dir: Path, args, concepts, summary: dict) -> Path:
     front = {
         "base_model": base_name(args.pretrained_model_name_or_path),
         "library_name": "svdiff",
-        "tags": ["text-to-image", "stable-diffusion", "diffusers", "svdiff"]
+        "tags": ["text-to-image", TAGS.get(pipeline, "diffusers"), "diffusers", "svdiff"]
         + ([] if args.method == "svdiff" else [args.method]),
         "instance_prompt": prompt,
     }
@@ -149,7 +165,7 @@ def write_model_card(output_dir: Path, args, concepts, summary: dict) -> Path:
 
 # {markdown_text(output_dir.resolve().name)}
 
-{TITLES[args.method]} trained with `svdiff train` on {base_label}.
+{title} trained with `svdiff train` on {base_label}.
 
 Trigger prompt: {markdown_text(prompt)}
 
