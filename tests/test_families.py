@@ -430,3 +430,17 @@ def test_a_mixed_batch_on_flux_draws_each_sample_as_its_shift_set_alone(pipeline
         alone = sample_per_prompt(pipe, [prompt], **settings)[0]
         # the same picture, up to the rounding of a batched product against a single one
         assert np.abs(np.asarray(drawn[0]).astype(int) - np.asarray(alone[0]).astype(int)).max() <= 1
+
+
+def test_bf16_training_loads_the_frozen_flux_in_bf16_and_trains_fp32_shifts(pipelines, tmp_path, monkeypatch):
+    import svdiff.train.loop as loop
+
+    loaded = []
+    real = loop.load_pipeline
+    monkeypatch.setattr(loop, "load_pipeline", lambda *a, **kw: loaded.append(kw["dtype"]) or real(*a, **kw))
+    argv = cli_args(pipelines["flux"], tmp_path / "o", "--resolution", str(RESOLUTION), "--max_train_steps", "2")
+    assert main([*argv, "--mixed_precision", "bf16", "--save_dtype", "fp32"]) == 0
+    assert loaded == [torch.bfloat16]  # never the whole fp32 model in memory first
+    tensors = read_shift_file(tmp_path / "o" / WEIGHTS_NAME).tensors
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    assert any(t.abs().max() > 0 for t in tensors.values())

@@ -66,7 +66,10 @@ def _train(config: TrainConfig, held: contextlib.ExitStack) -> dict:
     concepts = read_concepts(config)
     check_folder(output_dir, concepts, config.logging_dir, config.overwrite)
     load_instance_images(concepts)
-    family = _load_base(config, accelerator.device)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # Frozen weights are loaded in the mixed-precision dtype straight away: a 12 B Flux in float32 would need its
+    # whole fp32 size in memory first. Full fine-tuning trains every weight, in float32.
+    family = _load_base(config, accelerator.device, torch.float32 if config.method == "full" else weight_dtype)
     pipe = family.pipe
     config = config.replace(resolution=_resolution(config.resolution, family))
     resume = checkpoint.resolve(output_dir, config.resume_from_checkpoint)
@@ -101,7 +104,6 @@ def _train(config: TrainConfig, held: contextlib.ExitStack) -> dict:
 
     denoiser = family.model
     trainable = prepare(config, family.components(config.train_text_encoder), family.lora_targets)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if config.method != "full" and weight_dtype != torch.float32:  # frozen weights in half precision, trained fp32
         for model in family.frozen():
             _cast_frozen(model, weight_dtype)
@@ -268,8 +270,8 @@ def _accelerator(config):
         raise SvdiffError(f"cannot set up training: {str(e).splitlines()[0]}") from None
 
 
-def _load_base(config, device) -> Family:
-    """The base pipeline, frozen, as its family (an unsupported pipeline is refused in one line)."""
+def _load_base(config, device, dtype: torch.dtype) -> Family:
+    """The base pipeline in `dtype`, frozen, as its family (an unsupported pipeline is refused in one line)."""
 
     pipe = load_pipeline(
         config.pretrained_model_name_or_path,
@@ -277,7 +279,7 @@ def _load_base(config, device) -> Family:
         revision=config.revision,
         variant=config.variant,
         device=device,
-        dtype=torch.float32,
+        dtype=dtype,
     )
     family = family_of(pipe, config)
     for model in family.frozen():
