@@ -10,6 +10,7 @@ from PIL import Image
 from svdiff.cli import main
 from svdiff.edit import edit_image, encode_image, invert, slerp
 from svdiff.errors import SvdiffError
+from svdiff.families import family_of
 from svdiff.sample import load_pipeline
 from svdiff.world.render import Scene, WorldObject, caption, render
 
@@ -30,7 +31,7 @@ def test_ddim_inversion_then_sampling_returns_the_latents():
     image, _ = render(SCENE)
     latents = encode_image(pipe, image, 64)
     prompt = caption(SCENE)
-    noise_map = invert(pipe, latents, prompt, 50)
+    noise_map = invert(family_of(pipe), latents, prompt, 50)
     back = pipe(prompt, latents=noise_map, num_inference_steps=50, guidance_scale=1.0, output_type="latent").images
     error = float((back - latents).norm() / latents.norm())
     fresh = pipe(prompt, num_inference_steps=50, guidance_scale=1.0, output_type="latent").images

@@ -14,7 +14,7 @@ import svdiff
 from svdiff.cli import main
 from svdiff.data.concepts import Concept
 from svdiff.data.images import load_image_folder
-from svdiff.families import Flux, family_of
+from svdiff.families import family_of
 from svdiff.families.noise import RectifiedFlow
 from svdiff.format import WEIGHTS_NAME, read_shift_file
 from svdiff.sample import load_pipeline, sample
@@ -194,7 +194,6 @@ def test_an_unknown_pipeline_names_the_supported_families():
 
     with pytest.raises(svdiff.SvdiffError, match="SanaPipeline is not a supported pipeline.*FluxPipeline"):
         family_of(SanaPipeline())
-    assert Flux.pipelines == ("FluxPipeline",)
 
 
 def test_unmix_reads_the_cross_attention_of_sdxl(pipelines):
@@ -293,41 +292,23 @@ def _sample_latents(pipe, fam, start, steps: int):
     return out if out.ndim == 4 else pipe._unpack_latents(out, RESOLUTION, RESOLUTION, pipe.vae_scale_factor)
 
 
-def test_flow_inversion_converges_to_the_image_as_steps_grow(pipelines):
+@pytest.mark.parametrize("family, bound", [("sd3", 0.05), ("flux", 0.15)])  # Flux's latents are 5× smaller
+def test_flow_inversion_converges_to_the_image_as_steps_grow(pipelines, family, bound):
     """The reversed Euler ODE undoes the pipeline's own sampling up to its first-order error: sampling the
-    inverted noise map returns the image's latents, closer with every doubling of the steps."""
+    inverted noise map returns the image's latents, closer with every doubling of the steps (Flux: inverted
+    and sampled at the same embedded guidance)."""
     from svdiff.edit import encode_image, invert
 
-    pipe = load_pipeline(pipelines["sd3"])
+    pipe = load_pipeline(pipelines[family])
     fam = family_of(pipe)
+    fam.guidance = 1.0  # Flux-dev: what _sample_latents passes as guidance_scale
     latents = encode_image(pipe, load_image_folder(SUBJECT)[0], RESOLUTION)
     errors = []
     for steps in (10, 40):
-        back = _sample_latents(pipe, fam, invert(pipe, latents, PROMPT, steps), steps)
+        back = _sample_latents(pipe, fam, invert(fam, latents, PROMPT, steps), steps)
         errors.append(float((back - latents).norm() / latents.norm()))
     fresh = float((_sample_latents(pipe, fam, None, 40) - latents).norm() / latents.norm())
-    assert errors[1] < 0.4 * errors[0] and errors[1] < 0.05 and fresh > 10 * errors[1], (errors, fresh)
-
-
-def test_flux_inversion_runs_the_pipelines_own_ode_backwards(pipelines):
-    """Flux: the inversion's schedule (σ from 1 to 1/steps, shifted by the token count) and denoiser inputs
-    (packed latents, rotary ids, T5 at 512 tokens, the embedded guidance) are the pipeline's: one Euler step of
-    the family from the inverted map equals the pipeline's first step."""
-    from svdiff.edit import encode_image, invert
-
-    pipe = load_pipeline(pipelines["flux"])
-    fam = family_of(pipe)
-    fam.guidance = 1.0
-    noise_map = invert(pipe, encode_image(pipe, load_image_folder(SUBJECT)[0], RESOLUTION), PROMPT, 8)
-    seen = []
-    hook = pipe.transformer.register_forward_hook(lambda m, a, kw, out: seen.append(out[0]), with_kwargs=True)
-    _sample_latents(pipe, fam, noise_map, 8)
-    hook.remove()
-    fam.set_sampling_timesteps(8, noise_map)
-    with torch.no_grad():
-        mine = fam.predict(noise_map, pipe.scheduler.timesteps[0].expand(1), fam.encode([PROMPT]))
-    assert len(seen) == 8
-    assert torch.allclose(fam.pipeline_latents(mine), seen[0], atol=1e-5)
+    assert errors[1] < 0.4 * errors[0] and errors[1] < bound and fresh > 10 * errors[1], (errors, fresh)
 
 
 @pytest.mark.slow
@@ -444,3 +425,14 @@ def test_bf16_training_loads_the_frozen_flux_in_bf16_and_trains_fp32_shifts(pipe
     tensors = read_shift_file(tmp_path / "o" / WEIGHTS_NAME).tensors
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
     assert any(t.abs().max() > 0 for t in tensors.values())
+
+
+def test_a_setting_of_another_objective_is_refused_in_one_line(pipelines):
+    cases = [
+        ("flux", dict(snr_gamma=5.0), "--snr_gamma weighs DDPM timesteps"),
+        ("sdxl", dict(weighting_scheme="logit_normal"), "--weighting_scheme draws flow-matching timesteps"),
+        ("sd3", dict(guidance_scale=3.5), "--guidance_scale is the guidance Flux-dev takes"),
+    ]
+    for family, settings, message in cases:
+        with pytest.raises(svdiff.SvdiffError, match=message):
+            family_of(load_pipeline(pipelines[family]), TrainConfig(**settings))

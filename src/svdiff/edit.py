@@ -5,7 +5,6 @@ it for structural edits."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import tempfile
 import time
@@ -19,10 +18,10 @@ from tqdm.auto import tqdm
 from .checks import check_range, png_path
 from .data.images import open_image, to_model_input
 from .errors import SvdiffError
-from .families import Flux, family_of
+from .families import Family, family_of
 from .families.noise import RectifiedFlow
 from .pictures import grid
-from .sample import apply_trained, check_sampling, load_pipeline
+from .sample import apply_trained, check_sampling, eta_argument, load_pipeline
 from .train import train
 from .train.recipes import single_image
 
@@ -56,13 +55,12 @@ def _noise_estimate(out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor,
 
 
 @torch.no_grad()
-def invert(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, progress: bool = False):
-    """The noise map that sampling `prompt` in `num_inference_steps` steps turns into `latents`: DDIM inversion
-    (Eq. 6) on SD and SDXL, the reversed Euler ODE of the flow on SD3 and Flux. Conditioned on `prompt` with
-    guidance 1 (Flux-dev: its embedded guidance as set on the family); each step mirrors a sampling step with the
-    model evaluated at the latent in hand (the usual approximation), so sampling the result with the same prompt
-    and steps returns close to `latents`."""
-    family = family_of(pipe)
+def invert(family: Family, latents: torch.Tensor, prompt: str, num_inference_steps: int, progress: bool = False):
+    """The noise map that sampling `prompt` in `num_inference_steps` steps turns into `latents` on the family's
+    pipeline: DDIM inversion (Eq. 6) on SD and SDXL, the reversed Euler ODE of the flow on SD3 and Flux.
+    Conditioned on `prompt` with guidance 1 (Flux-dev: the family's embedded guidance, which sampling must use
+    too); each step mirrors a sampling step with the model evaluated at the latent in hand (the usual
+    approximation), so sampling the result with the same prompt and steps returns close to `latents`."""
     family.set_sampling_timesteps(num_inference_steps, latents)
     conditioning = family.encode([prompt])
     if isinstance(family.noise, RectifiedFlow):
@@ -160,16 +158,15 @@ def draw_edits(
     with that prompt (moved towards fresh noise by slerp_alpha), or from fresh noise; DDIM with η = eta (flow
     models sample without η)."""
     family = family_of(pipe)
-    if isinstance(family, Flux):  # Flux-dev samples with the guidance embedded: the inversion uses the same
+    if family.embeds_guidance():  # Flux-dev samples with the guidance as an input: the inversion uses the same
         family.guidance = guidance_scale
     resolution = family.native_resolution()
     latents = encode_image(pipe, image, resolution)
-    takes_eta = "eta" in inspect.signature(pipe.__call__).parameters
     drawn = []
     for prompt in tqdm(prompts, desc="editing", disable=not progress):
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        start = invert(pipe, latents, prompt, num_inference_steps) if ddim_inversion else noise
+        start = invert(family, latents, prompt, num_inference_steps) if ddim_inversion else noise
         if ddim_inversion and slerp_alpha > 0:
             start = slerp(slerp_alpha, start, noise)
         drawn.append(
@@ -181,7 +178,7 @@ def draw_edits(
                 height=resolution,
                 width=resolution,
                 generator=generator,
-                **({"eta": eta} if takes_eta else {}),
+                **eta_argument(pipe, eta),
             ).images[0]
         )
     return drawn

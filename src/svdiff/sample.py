@@ -107,10 +107,15 @@ def sample_per_prompt(
                 height=height,
                 width=width,
                 output_type="np",
-                **({"eta": eta} if "eta" in inspect.signature(pipe.__call__).parameters else {}),  # DDIM's η
+                **eta_argument(pipe, eta),
             ).images
         images += pipe.numpy_to_pil(finite_images(pixels))
     return [images[p * num_images : (p + 1) * num_images] for p in range(len(prompts))]
+
+
+def eta_argument(pipe, eta: float) -> dict:
+    """DDIM's η (η > 0 adds noise) as a keyword for pipelines that take it; flow pipelines (SD3, Flux) take none."""
+    return {"eta": eta} if "eta" in inspect.signature(pipe.__call__).parameters else {}
 
 
 def finite_images(pixels):

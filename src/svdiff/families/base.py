@@ -24,7 +24,6 @@ UNET_GEOMETRY = (r"^unet\.(down_blocks\.2\.attentions\.1|mid_block\.attentions\.
 
 
 class Family:
-    name: str = ""
     pipelines: tuple[str, ...] = ()  # the diffusers pipeline classes of this family
     denoiser: str = "unet"  # the component that denoises
     text_encoders: tuple[str, ...] = ("text_encoder",)  # the CLIP encoders `--train_text_encoder` trains
@@ -37,11 +36,21 @@ class Family:
         missing = [c for c in (self.denoiser, "vae", *self.text_encoders) if getattr(pipe, c, None) is None]
         if missing:
             raise SvdiffError(f"the {type(pipe).__name__} has no {', '.join(missing)}: cannot train on it")
+        if config is not None and config.guidance_scale is not None and not self.embeds_guidance():
+            raise SvdiffError("--guidance_scale is the guidance Flux-dev takes as an input; this base has none")
         self.noise = self.objective(pipe.scheduler.config, config)
 
+    def embeds_guidance(self) -> bool:
+        """Whether the denoiser takes the guidance scale as an input (Flux-dev)."""
+        return False
+
     def objective(self, scheduler_config, config) -> Diffusion | RectifiedFlow:
-        """The training objective: DDPM for UNet families; transformer families override with rectified flow."""
-        return Diffusion(scheduler_config, getattr(config, "snr_gamma", None))
+        """The training objective: DDPM for UNet families (transformer.py: rectified flow for SD3 and Flux)."""
+        if config is None:
+            return Diffusion(scheduler_config)
+        if config.weighting_scheme != "none":
+            raise SvdiffError("--weighting_scheme draws flow-matching timesteps (SD3, Flux); this base trains by DDPM")
+        return Diffusion(scheduler_config, config.snr_gamma)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -67,7 +76,8 @@ class Family:
         return int(self.model.config.sample_size) * self.pipe.vae_scale_factor
 
     def resolution_multiple(self) -> int:
-        """What a training size must be a multiple of: whole latent cells through every downsampling, and 8."""
+        """What a training size must be a multiple of for whole latent cells through every patch or downsampling
+        (the loop adds diffusers' multiple of 8)."""
         return self.pipe.vae_scale_factor * self.patch
 
     # --- a step ---

@@ -9,9 +9,16 @@ import numpy as np
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import Family, select, token_positions
+from .base import select, token_positions
 from .sd import CLIP_ATTENTION
-from .sd3 import CONTEXT_ATTENTION, JOINT_ATTENTION, attention_probabilities, dynamic_shift, first_half, flow
+from .transformer import (
+    CONTEXT_ATTENTION,
+    JOINT_ATTENTION,
+    FlowTransformer,
+    attention_probabilities,
+    dynamic_shift,
+    first_half,
+)
 
 # diffusers' Flux DreamBooth LoRA targets: attention of both streams and the feed-forwards.
 FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
@@ -20,11 +27,8 @@ GUIDANCE = 3.5
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
 
 
-class Flux(Family):
-    name = "flux"
+class Flux(FlowTransformer):
     pipelines = ("FluxPipeline",)
-    denoiser = "transformer"
-    cross_attention = False  # joint attention: text and image tokens attend to each other
     text_encoders = ("text_encoder",)
     patch = 2
     lora_targets = {"transformer": JOINT_ATTENTION + CONTEXT_ATTENTION + FEED_FORWARD, "text_encoder": CLIP_ATTENTION}
@@ -34,8 +38,8 @@ class Flux(Family):
         given = getattr(config, "guidance_scale", None)
         self.guidance = GUIDANCE if given is None else given
 
-    def objective(self, scheduler_config, config):
-        return flow(scheduler_config, config)
+    def embeds_guidance(self) -> bool:
+        return bool(self.model.config.guidance_embeds)
 
     def geometry_layers(self) -> list[str]:
         return first_half(self.model, ("transformer_blocks", "single_transformer_blocks"))
@@ -95,7 +99,7 @@ class Flux(Family):
         packed = self.pipe._pack_latents(noisy, b, c, h, w)
         img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
         guidance = None
-        if self.model.config.guidance_embeds:
+        if self.embeds_guidance():
             guidance = torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32)
         out = self.model(
             hidden_states=packed,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .base import Family, select
@@ -14,14 +12,12 @@ CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class StableDiffusion(Family):
-    name = "sd"
     pipelines = ("StableDiffusionPipeline",)
     lora_targets = {"unet": UNET_ATTENTION, "text_encoder": CLIP_ATTENTION}
 
     def resolution_multiple(self) -> int:
-        # every UNet downsampling halves the latents, and diffusers' pipelines check multiples of 8
-        levels = len(self.model.config.block_out_channels) - 1
-        return math.lcm(8, self.pipe.vae_scale_factor * 2**levels)
+        # every UNet downsampling halves the latents
+        return self.pipe.vae_scale_factor * 2 ** (len(self.model.config.block_out_channels) - 1)
 
     def encode(self, prompts: list[str]) -> dict:
         tokenizer = self.pipe.tokenizer

@@ -7,57 +7,22 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, select, token_positions
-from .noise import RectifiedFlow
+from .base import select, token_positions
 from .sd import CLIP_ATTENTION
-
-# diffusers' SD3 DreamBooth LoRA targets: the joint attention's projections, image and text streams.
-JOINT_ATTENTION = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]
-CONTEXT_ATTENTION = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"]
-
-
-def flow(scheduler_config, config) -> RectifiedFlow:
-    """The rectified-flow objective with the run's timestep density and loss weighting."""
-    if config is None:  # a family set up for sampling or inspection: diffusers' defaults
-        return RectifiedFlow(scheduler_config)
-    settings = {k: getattr(config, k) for k in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")}
-    return RectifiedFlow(scheduler_config, **settings)
-
+from .transformer import (
+    CONTEXT_ATTENTION,
+    JOINT_ATTENTION,
+    FlowTransformer,
+    attention_probabilities,
+    dynamic_shift,
+    first_half,
+)
 
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default T5 length
 
 
-def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√d) over the keys, for (batch, heads, tokens, dim) queries and keys."""
-    return (query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(dim=-1)
-
-
-def dynamic_shift(scheduler, tokens: int, max_shift: float = 1.16) -> float:
-    """The schedule's shift μ for an image of `tokens` tokens, as diffusers' SD3 and Flux pipelines compute it:
-    linear in the token count from base_shift at base_image_seq_len to max_shift at max_image_seq_len (`max_shift`
-    when the scheduler's config has none: SD3's pipeline assumes 1.16, Flux's 1.15)."""
-    config = scheduler.config
-    low, high = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base, top = config.get("base_shift", 0.5), config.get("max_shift", max_shift)
-    slope = (top - base) / (high - low)
-    return tokens * slope + (base - slope * low)  # in the pipelines' order of operations, to their last bit
-
-
-def first_half(transformer, stacks: tuple[str, ...]) -> list[str]:
-    """Style mixing on a transformer, which has no coarse and fine levels: the first half of its blocks in the
-    order they run (`stacks`, e.g. Flux's double- then single-stream blocks) take the geometry file's shifts,
-    the rest and everything outside the blocks the appearance file's. A default by analogy with the UNet, where
-    the early, coarse layers lay out the picture; not measured on the real models."""
-    blocks = [(stack, i) for stack in stacks for i in range(len(getattr(transformer, stack)))]
-    chosen = blocks[: len(blocks) // 2 or 1]
-    return [rf"^transformer\.{stack}\.{i}\." for stack, i in chosen]
-
-
-class StableDiffusion3(Family):
-    name = "sd3"
+class StableDiffusion3(FlowTransformer):
     pipelines = ("StableDiffusion3Pipeline",)
-    denoiser = "transformer"
-    cross_attention = False  # joint attention: text and image tokens attend to each other
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_targets = {
         "transformer": JOINT_ATTENTION + CONTEXT_ATTENTION,
@@ -68,9 +33,6 @@ class StableDiffusion3(Family):
     def __init__(self, pipe, config=None):
         super().__init__(pipe, config)
         self.patch = pipe.transformer.config.patch_size
-
-    def objective(self, scheduler_config, config) -> RectifiedFlow:
-        return flow(scheduler_config, config)
 
     def geometry_layers(self) -> list[str]:
         return first_half(self.model, ("transformer_blocks",))

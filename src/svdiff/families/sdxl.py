@@ -9,7 +9,6 @@ from .sd import CLIP_ATTENTION, UNET_ATTENTION, StableDiffusion
 
 
 class StableDiffusionXL(StableDiffusion):
-    name = "sdxl"
     pipelines = ("StableDiffusionXLPipeline",)
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_targets = {"unet": UNET_ATTENTION, "text_encoder": CLIP_ATTENTION, "text_encoder_2": CLIP_ATTENTION}
