@@ -276,3 +276,70 @@ def weight_difference(patch, weight_shape) -> torch.Tensor:
     _, up, down, alpha = patch
     scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
     return (up.flatten(1).double() @ down.flatten(1).double()).reshape(weight_shape) * scale
+
+
+# --- ComfyUI: comfy/utils.py `flux_to_diffusers` and comfy/lora.py `model_lora_keys_unet`. A Flux model is held in
+# the original (BFL) checkpoint's names; a kohya LoRA names those modules (`lora_unet_` + path with "_"), and
+# diffusers-named layers map onto parts of them: (BFL weight, (dim, start, length) or None, function or None).
+def swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
+    shift, scale = weight.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def flux_to_bfl(depth: int, depth_single: int, hidden: int) -> dict[str, tuple]:
+    """{diffusers weight name: (BFL weight name, offset, function)} of a Flux transformer."""
+    out: dict[str, tuple] = {}
+    for i in range(depth):
+        a, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, (img, txt) in enumerate((("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj"))):
+            out[f"{a}.attn.{img}.weight"] = (f"{b}.img_attn.qkv.weight", (0, j * hidden, hidden), None)
+            out[f"{a}.attn.{txt}.weight"] = (f"{b}.txt_attn.qkv.weight", (0, j * hidden, hidden), None)
+        block = {
+            "attn.to_out.0": "img_attn.proj",
+            "norm1.linear": "img_mod.lin",
+            "norm1_context.linear": "txt_mod.lin",
+            "attn.to_add_out": "txt_attn.proj",
+            "ff.net.0.proj": "img_mlp.0",
+            "ff.net.2": "img_mlp.2",
+            "ff_context.net.0.proj": "txt_mlp.0",
+            "ff_context.net.2": "txt_mlp.2",
+        }
+        out |= {f"{a}.{k}.weight": (f"{b}.{v}.weight", None, None) for k, v in block.items()}
+    for i in range(depth_single):
+        a, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for j, part in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{a}.attn.{part}.weight"] = (f"{b}.linear1.weight", (0, j * hidden, hidden), None)
+        out[f"{a}.proj_mlp.weight"] = (f"{b}.linear1.weight", (0, 3 * hidden, 4 * hidden), None)
+        out[f"{a}.norm.linear.weight"] = (f"{b}.modulation.lin.weight", None, None)
+        out[f"{a}.proj_out.weight"] = (f"{b}.linear2.weight", None, None)
+    basic = {
+        "final_layer.linear": "proj_out",
+        "img_in": "x_embedder",
+        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "txt_in": "context_embedder",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    }
+    out |= {f"{d}.weight": (f"{b}.weight", None, None) for b, d in basic.items()}
+    out["norm_out.linear.weight"] = ("final_layer.adaLN_modulation.1.weight", None, swap_scale_shift)
+    return out
+
+
+def comfyui_flux_load(state: dict[str, torch.Tensor], bfl_weights: list[str]) -> tuple[dict, list[str]]:
+    """ComfyUI's generic mapping of a Flux model's weights (`lora_unet_<path with _>` → `<path>.weight`) and
+    `load_lora`: {BFL weight: patch} and the keys not loaded."""
+    key_map = {"lora_unet_" + w.removesuffix(".weight").replace(".", "_"): w for w in bfl_weights}
+    return comfyui_load(state, key_map)
+
+
+# --- sd-scripts: networks/lora_flux.py — LoRA modules are the Linear children of DoubleStreamBlock and
+# SingleStreamBlock only (and the text encoders'), named "lora_unet_" + path with "_".
+def sd_scripts_flux_names(bfl_weights: list[str]) -> set[str]:
+    return {
+        "lora_unet_" + w.removesuffix(".weight").replace(".", "_")
+        for w in bfl_weights
+        if w.startswith(("double_blocks.", "single_blocks."))
+    }

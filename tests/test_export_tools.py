@@ -217,3 +217,70 @@ def test_export_command_prints_what_each_tool_carries(tmp_path, capsys):
     assert tools["Forge"]["drops"] == tools["AUTOMATIC1111"]["drops"] and all(
         "norm" in k for k in tools["Forge"]["drops"]
     )
+
+
+def flux_like():
+    """A two-double, two-single-block Flux transformer (guidance embedder included) with every layer shifted."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        pooled_projection_dim=12,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+    g = torch.Generator().manual_seed(1)
+    for p in svdiff.add_shifts(transformer, cache=False, progress=False).values():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return transformer
+
+
+def test_flux_kohya_export_patches_the_original_checkpoint_as_comfyui_and_forge_map_it():
+    from svdiff.export import flux_kohya_export
+
+    transformer = flux_like()
+    state, report = flux_kohya_export({"transformer": transformer}, rank=10_000)
+    assert report["relative_error"] == 0.0
+    mapping = rules.flux_to_bfl(2, 2, 16)
+    bfl_weights = sorted({bfl for bfl, _, _ in mapping.values()})
+    patches, unmatched = rules.comfyui_flux_load(state, bfl_weights)
+    assert unmatched == []  # every key lands, so Forge (its copy of this loader, limit 12) takes the file too
+    shapes: dict[str, list[int]] = {}
+    for name, (bfl, offset, _) in mapping.items():
+        rows = transformer.get_parameter(name).shape
+        size = shapes.setdefault(bfl, [0, rows[1]])
+        size[0] = max(size[0], (offset[1] + offset[2]) if offset else rows[0])
+    expected = {bfl: torch.zeros(shape, dtype=torch.float64) for bfl, shape in shapes.items()}
+    carried = set()
+    for name, (module, shift) in shifted_modules(transformer).items():
+        if shift.kind.is_vector:
+            continue  # the qk-norm scales are not LoRA layers
+        bfl, offset, function = mapping[name]
+        delta = shift.delta_weight(shift.diagonal_change(), module.weight).double().detach()
+        delta = function(delta) if function else delta
+        target = expected[bfl] if offset is None else expected[bfl].narrow(*offset)
+        target += delta
+        carried.add(f"transformer.{name.removesuffix('.weight')}")
+    assert set(patches) == {bfl for bfl in expected if expected[bfl].abs().sum() > 0}
+    for bfl, patch in patches.items():
+        torch.testing.assert_close(rules.weight_difference(patch, expected[bfl].shape), expected[bfl])
+    tools = report["tools"]
+    assert set(tools["ComfyUI"]["drops"]) == set(tools["Forge"]["drops"]) == {
+        f"transformer.{n.removesuffix('.weight')}" for n, (_, s) in shifted_modules(transformer).items()
+    } - carried
+    assert tools["AUTOMATIC1111"]["carries"] == 0
+    written = {k.rsplit(".", 2)[0] for k in state}
+    in_blocks = written & rules.sd_scripts_flux_names(bfl_weights)
+    assert written - in_blocks == {
+        "lora_unet_" + w for w in ("img_in", "txt_in", "final_layer_linear", "final_layer_adaLN_modulation_1")
+    } | {f"lora_unet_{p}_{q}" for p in ("time_in", "vector_in", "guidance_in") for q in ("in_layer", "out_layer")}
+    assert tools["sd-scripts"]["carries"] == sum(
+        1 for k in carried if k.startswith(("transformer.transformer_blocks.", "transformer.single_transformer_blocks."))
+    )

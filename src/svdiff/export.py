@@ -13,6 +13,11 @@ all map: Forge refuses a whole LoRA with more than 12 keys it cannot place. Laye
 left out and reported; `include_norms` adds the UNet's 1-D norm shifts as whole differences (`<key>.diff`, which
 all three apply), `comfyui_extras` the text encoder's norms, embeddings and projection under ComfyUI's generic
 `text_encoders.` names, which only ComfyUI maps (Forge then refuses the file).
+
+Flux's kohya layout names the original (BFL) checkpoint's modules, as ComfyUI, Forge, sd-scripts and diffusers'
+kohya loader all do. There the attention's q, k and v are one `qkv` linear, and a single block's q, k, v and MLP
+input are one `linear1`: their LoRAs are stacked, downs one above the other and ups block-diagonal, which is
+exact (each part's rows see only its own down), with the rank the sum of the parts'.
 """
 
 from __future__ import annotations
@@ -149,6 +154,67 @@ def kohya_name(key: str, sdxl: bool = False) -> str | None:
     return f"{prefix}_{path.replace('.', '_')}" if prefix and _TEXT_LORA.fullmatch(path) else None
 
 
+# Flux.1: diffusers module path → original (BFL) module path, for the modules that are one weight in both
+# (ComfyUI comfy/utils.py `flux_to_diffusers`; sd-scripts networks/convert_flux_lora.py).
+_FLUX_DOUBLE = {
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+}
+_FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+_FLUX_BASIC = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+    "proj_out": "final_layer.linear",
+}
+# diffusers' final AdaLayerNorm puts (scale, shift) where the original has (shift, scale): rows swap halves.
+_FLUX_SWAPPED = {"norm_out.linear"}
+
+
+def flux_layout(transformer: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """{diffusers module path: (BFL module path, first row, rows)} of a FluxTransformer2DModel: the rows the layer
+    fills in the original checkpoint's weight (fused q/k/v and single-block linear1 hold several layers)."""
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    out = {}
+    for i, block in enumerate(transformer.transformer_blocks):
+        a, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, (img, txt) in enumerate((("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj"))):
+            out[f"{a}.attn.{img}"] = (f"{b}.img_attn.qkv", j * hidden, hidden)
+            out[f"{a}.attn.{txt}"] = (f"{b}.txt_attn.qkv", j * hidden, hidden)
+        for ours, theirs in _FLUX_DOUBLE.items():
+            out[f"{a}.{ours}"] = (f"{b}.{theirs}", 0, block.get_submodule(ours).out_features)
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        a, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for j, part in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+            out[f"{a}.{part}"] = (f"{b}.linear1", j * hidden, hidden)
+        out[f"{a}.proj_mlp"] = (f"{b}.linear1", 3 * hidden, block.proj_mlp.out_features)
+        for ours, theirs in _FLUX_SINGLE.items():
+            out[f"{a}.{ours}"] = (f"{b}.{theirs}", 0, block.get_submodule(ours).out_features)
+    for ours, theirs in _FLUX_BASIC.items():
+        if (module := _submodule(transformer, ours)) is not None:
+            out[ours] = (theirs, 0, module.out_features)
+    return out
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def comfyui_name(key: str, model: nn.Module) -> str | None:
     """ComfyUI's generic name of a text encoder layer (`text_encoders.clip_l.transformer.<module path>`)."""
     component, path = key.split(".", 1)
@@ -249,6 +315,52 @@ def kohya_export(
     return state, report
 
 
+def flux_kohya_export(
+    components: dict[str, nn.Module], *, rank: int | None = None, energy: float | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flux's kohya-layout state dict (`lora_unet_double_blocks_0_img_attn_qkv`, …, the CLIP encoder as
+    `lora_te1_…`) and the report of what each tool applies and drops."""
+    layers, report = lora_layers(components, rank=rank, energy=energy)
+    layout = flux_layout(components["transformer"])
+    rows: dict[str, int] = {}
+    for bfl, start, n in layout.values():
+        rows[bfl] = max(rows.get(bfl, 0), start + n)
+    parts: dict[str, list] = {}
+    state: dict[str, torch.Tensor] = {}
+    entries = []  # (our layer, inside a double or single block?)
+    for key, t in layers.items():
+        component, path = key.split(".", 1)
+        if component == "transformer" and path in layout:
+            bfl, start, _ = layout[path]
+            up = t["up"].roll(t["up"].shape[0] // 2, dims=0) if path in _FLUX_SWAPPED else t["up"]
+            parts.setdefault(bfl, []).append((start, up, t["down"]))
+            entries.append((key, bfl.startswith(("double_blocks.", "single_blocks."))))
+        elif component == "text_encoder" and (name := kohya_name(key, sdxl=True)):  # CLIP-L, as sd-scripts names it
+            state |= _lora_entries(name, t)
+            entries.append((key, True))
+    for bfl, pieces in parts.items():
+        down = torch.cat([d for _, _, d in pieces])
+        up = down.new_zeros(rows[bfl], down.shape[0])
+        col = 0
+        for start, u, d in pieces:
+            up[start : start + u.shape[0], col : col + d.shape[0]] = u
+            col += d.shape[0]
+        state |= _lora_entries("lora_unet_" + bfl.replace(".", "_"), {"down": down, "up": up})
+    every = [k for k, _ in entries]
+    carried = {
+        "ComfyUI": every,
+        "Forge": every,
+        "diffusers": every,
+        # networks/lora_flux.py puts LoRA modules only in the double and single blocks (and CLIP's layers)
+        "sd-scripts": [k for k, in_block in entries if in_block],
+        "AUTOMATIC1111": [],  # it has no Flux support
+    }
+    report["tools"] = _tool_report([key for key, *_ in _shifted(components)], carried, {})
+    report["layers"] = len(entries)
+    report["ranks"] = {k: v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")}
+    return state, report
+
+
 def diffusers_tools_report(components: dict[str, nn.Module], layers: dict) -> dict:
     """Per target tool, the layers of a diffusers-layout export it applies and drops."""
 
@@ -295,19 +407,25 @@ def export_lora(
         named = shift_file.metadata["base_model"]
         base = None if named == base_name(None) else named
     components = load_components(base)
-    if fmt == "kohya" and "transformer" in components:
+    flux = type(components.get("transformer")).__name__ == "FluxTransformer2DModel"
+    if fmt == "kohya" and "transformer" in components and not flux:
         raise SvdiffError(
-            "--format kohya names UNet and CLIP layers (SD 1.x/2.x, SDXL); export SD3 and Flux shifts with "
-            "--format diffusers, which diffusers' load_lora_weights loads"
+            "--format kohya names the layers of SD 1.x/2.x, SDXL and Flux; export SD3 shifts with "
+            "--format diffusers, which diffusers' load_lora_weights and ComfyUI load"
         )
+    if fmt == "kohya" and flux and (include_norms or comfyui_extras):
+        raise SvdiffError("--include-norms and --comfyui-text-extras name UNet and CLIP layers, not Flux's")
     attach(components, shift_file, progress=False)
     meta = {"format": "pt"}
     if fmt == "kohya":
-        state, report = kohya_export(
-            components, rank=rank, energy=energy, include_norms=include_norms, comfyui_extras=comfyui_extras
-        )
+        if flux:
+            state, report = flux_kohya_export(components, rank=rank, energy=energy)
+        else:
+            state, report = kohya_export(
+                components, rank=rank, energy=energy, include_norms=include_norms, comfyui_extras=comfyui_extras
+            )
         meta |= {
-            "ss_network_module": "networks.lora",
+            "ss_network_module": "networks.lora_flux" if flux else "networks.lora",
             "ss_network_alpha": "1.0",
             "ss_network_dim": str(max(report["ranks"].values())),
         }

@@ -462,9 +462,22 @@ def assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir: Path, out: Path)
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    store_half(out)
     for name in ("vocab.json", "merges.txt"):
         (out / "tokenizer" / name).write_bytes((tokenizer_dir / name).read_bytes())
     return pipe
+
+
+def store_half(folder: Path) -> None:
+    """Rewrites every weight file of a pipeline folder in fp16, which halves the package. The configs still say
+    float32, so `from_pretrained` loads the weights back into float32 modules (a CPU computes in float32; a
+    transformers model whose config said float16 would stay in half)."""
+    for path in sorted(folder.glob("*/*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(half, str(path), metadata=metadata)
 
 
 def parse_args(argv=None):
