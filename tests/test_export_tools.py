@@ -272,15 +272,16 @@ def test_flux_kohya_export_patches_the_original_checkpoint_as_comfyui_and_forge_
     for bfl, patch in patches.items():
         torch.testing.assert_close(rules.weight_difference(patch, expected[bfl].shape), expected[bfl])
     tools = report["tools"]
-    assert set(tools["ComfyUI"]["drops"]) == set(tools["Forge"]["drops"]) == {
-        f"transformer.{n.removesuffix('.weight')}" for n, (_, s) in shifted_modules(transformer).items()
-    } - carried
+    assert (
+        set(tools["ComfyUI"]["drops"])
+        == set(tools["Forge"]["drops"])
+        == {f"transformer.{n.removesuffix('.weight')}" for n, (_, s) in shifted_modules(transformer).items()} - carried
+    )
     assert tools["AUTOMATIC1111"]["carries"] == 0
     written = {k.rsplit(".", 2)[0] for k in state}
     in_blocks = written & rules.sd_scripts_flux_names(bfl_weights)
     assert written - in_blocks == {
         "lora_unet_" + w for w in ("img_in", "txt_in", "final_layer_linear", "final_layer_adaLN_modulation_1")
     } | {f"lora_unet_{p}_{q}" for p in ("time_in", "vector_in", "guidance_in") for q in ("in_layer", "out_layer")}
-    assert tools["sd-scripts"]["carries"] == sum(
-        1 for k in carried if k.startswith(("transformer.transformer_blocks.", "transformer.single_transformer_blocks."))
-    )
+    blocks = ("transformer.transformer_blocks.", "transformer.single_transformer_blocks.")
+    assert tools["sd-scripts"]["carries"] == sum(1 for k in carried if k.startswith(blocks))
