@@ -238,15 +238,40 @@ def test_diffusers_lora_export_at_full_rank_draws_what_the_shifts_draw(pipelines
     assert np.abs(draw(load_pipeline(base)).astype(int) - with_shifts).max() > 4  # the shifts do change it
 
 
-def test_kohya_export_of_a_transformer_is_refused_in_one_line(pipelines, tmp_path):
+def test_flux_kohya_export_draws_what_the_shifts_draw_through_stock_diffusers(pipelines, tmp_path):
+    """The BFL-named file (fused qkv) through diffusers' own kohya converter. That converter splits a single
+    block's linear1 at Flux.1's real widths only, so this tiny model shifts the double blocks (the ComfyUI rules
+    cover every layer: tests/test_export_tools.py)."""
     from svdiff.adapters import save_shifts
     from svdiff.export import export_lora
 
-    pipe = load_pipeline(pipelines["flux"])
+    base = pipelines["flux"]
+    pipe = load_pipeline(base)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for delta in svdiff.add_shifts(pipe.transformer, "attn", exclude=["single_transformer_blocks"]).values():
+            delta.normal_(0, 1.0)
+    shifts = save_shifts(
+        tmp_path / "s.safetensors", {"transformer": pipe.transformer}, base_model=str(base), preset="attn"
+    )
+    with_shifts = draw(pipe).astype(int)
+    report = export_lora(shifts, tmp_path / "k.safetensors", fmt="kohya", rank=10_000, base=str(base))
+    assert report["relative_error"] == 0.0 and report["tools"]["diffusers"]["drops"] == []
+    stock = load_pipeline(base)
+    stock.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
+    assert np.abs(draw(stock).astype(int) - with_shifts).max() <= 1
+    assert np.abs(draw(load_pipeline(base)).astype(int) - with_shifts).max() > 4
+
+
+def test_kohya_export_of_sd3_is_refused_in_one_line(pipelines, tmp_path):
+    from svdiff.adapters import save_shifts
+    from svdiff.export import export_lora
+
+    pipe = load_pipeline(pipelines["sd3"])
     svdiff.add_shifts(pipe.transformer, "attn")
     path = save_shifts(tmp_path / "s.safetensors", {"transformer": pipe.transformer}, base_model="x", preset="attn")
-    with pytest.raises(svdiff.SvdiffError, match="--format kohya names UNet and CLIP layers"):
-        export_lora(path, tmp_path / "k.safetensors", fmt="kohya", rank=4, base=str(pipelines["flux"]))
+    with pytest.raises(svdiff.SvdiffError, match="export SD3 shifts with --format diffusers"):
+        export_lora(path, tmp_path / "k.safetensors", fmt="kohya", rank=4, base=str(pipelines["sd3"]))
     assert not (tmp_path / "k.safetensors").exists()
 
 
