@@ -50,6 +50,10 @@ def test_flux_dev_report():
     assert report["trainable"] == 16 * (transformer["shifts"] + report["components"]["text_encoder"]["shifts"])
     acts = report["activations"][256]
     assert 0 < acts["gradient_checkpointing"] < acts["no_checkpointing"]
+    held = training_memory("flux-dev", resolutions=(256,), dtype="fp8")["components"]["transformer"]["weights"]
+    in_linears = sum(m.weight.numel() for m in linears)
+    # a held base: each Linear weight at a byte a value and a float32 scale per row, everything else bf16
+    assert held == 2 * 11_901_408_320 - in_linears + 4 * sum(m.out_features for m in linears)
 
 
 def test_targets_memory_command(capsys):

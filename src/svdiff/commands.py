@@ -379,7 +379,12 @@ def build_parser(more=None) -> argparse.ArgumentParser:
     flag(p, "list", action="store_true", help="list the presets")
     flag(p, "memory", action="store_true", help="what training needs in memory, by component (meta tensors)")
     flag(p, "resolution", type=int, nargs="+", default=[512, 1024], help="with --memory (default 512 1024)")
-    flag(p, "dtype", default="bf16", help="with --memory: the base weights' dtype, fp32, fp16 or bf16")
+    flag(
+        p,
+        "dtype",
+        default="bf16",
+        help="with --memory: the base weights' dtype, fp32, fp16, bf16 or fp8 (as --base_dtype float8_e4m3fn holds it)",
+    )
     flag(p, "batch", type=int, default=1, help="with --memory (default 1)")
     p.set_defaults(func=cmd_targets)
 

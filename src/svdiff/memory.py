@@ -2,7 +2,8 @@
 (nothing is allocated or downloaded): `svdiff targets --base flux-dev --memory`.
 
 - base weights at the chosen dtype, every component a training step keeps resident (denoiser and text encoders,
-  T5 included; the VAE is left out: latents can be encoded once, before training);
+  T5 included; the VAE is left out: latents can be encoded once, before training); with fp8 (`--base_dtype
+  float8_e4m3fn`), the linear layers' weights at one byte a value and a float32 scale per row, the rest in bf16;
 - the frozen factors U and V of every shifted matrix at each factor dtype (fp8 with a float32 scale per row of U
   and of Vᵀ), and σ in float32;
 - δ's trainable state: δ, its gradient and AdamW's two moments, all float32;
@@ -11,8 +12,6 @@
   the output and a float32 log-sum-exp per query; never the attention matrix). With checkpointing, the inputs
   every checkpointed block keeps plus the largest block's own activations, recomputed in the backward. These
   are the frozen denoiser's; the shift layers add what their path keeps (x·V of a layer on the activation path).
-
-fp8 factors are counted for planning; training holds U and V at fp32, fp16 or bf16 (`--factor_dtype`).
 """
 
 from __future__ import annotations
@@ -30,7 +29,21 @@ from .models import ARCHITECTURES, base_name, build_architecture, load_component
 from .spectral import find_targets
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # compute
+
+
+def weight_bytes(model: nn.Module, dtype: str) -> int:
+    """The model's weights at `dtype`; fp8 holds what `spectral.fp8.hold_in_fp8` holds (every nn.Linear's weight,
+    a byte a value and a float32 scale per row) and the rest in bf16."""
+    total = sum(p.numel() for p in model.parameters()) * BYTES[dtype]
+    if dtype == "fp8":
+        total = sum(p.numel() for p in model.parameters()) * BYTES["bf16"]
+        for module in model.modules():
+            if type(module) is nn.Linear:
+                total -= module.weight.numel() * (BYTES["bf16"] - BYTES["fp8"]) - 4 * module.out_features
+    return total
+
+
 GiB = 2**30
 
 
@@ -221,7 +234,7 @@ def training_memory(
     shifted_values = 0
     for name, model in components.items():
         row = {"parameters": sum(p.numel() for p in model.parameters())}
-        row["weights"] = row["parameters"] * BYTES[dtype]
+        row["weights"] = weight_bytes(model, dtype)
         if type(model).__name__ != "T5EncoderModel":
             sizes = _matrix_sizes(model, preset, include, exclude)
             row["shifts"] = sum(r if r else m for m, n, r in sizes)
@@ -276,6 +289,4 @@ def format_memory(report: dict) -> str:
         lines.append(f"  total with {f} factors and gradient checkpointing: {totals}")
     if frozen:
         lines.append(f"  (frozen text encoders: {gib(frozen)} of it, freed once the prompts are encoded)")
-    if "fp8" in factor_dtypes:
-        lines.append("  (fp8 factors are counted for planning; training holds U and V in fp32, fp16 or bf16)")
     return "\n".join(lines)

@@ -24,10 +24,8 @@ from torch import nn
 
 from . import mixed
 from .basis import SpectralBasis
+from .fp8 import FP8, from_fp8, to_fp8
 from .kinds import SPECTRAL, Conv, DeltaGrad, Embedding, Kind, Plan, Route
-
-# Factor dtypes stored in one byte with a scale per row.
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class SpectralShift(nn.Module):
@@ -41,8 +39,8 @@ class SpectralShift(nn.Module):
             dtype = factor_dtype or basis.U.dtype
             for name, factor in (("U", basis.U), ("Vh", basis.Vh)):
                 if dtype in FP8:  # one byte a value and a scale per row; read back as bf16 (see __getattr__)
-                    scale = factor.abs().amax(dim=1).float().clamp_min(1e-30) / torch.finfo(dtype).max
-                    self.register_buffer(f"{name}_fp8", (factor.float() / scale[:, None]).to(dtype), persistent=False)
+                    values, scale = to_fp8(factor, dtype)
+                    self.register_buffer(f"{name}_fp8", values, persistent=False)
                     self.register_buffer(f"{name}_scale", scale, persistent=False)
                 else:
                     self.register_buffer(name, factor.to(dtype), persistent=False)
@@ -59,7 +57,7 @@ class SpectralShift(nn.Module):
         if name in ("U", "Vh"):
             buffers = self.__dict__["_buffers"]
             if f"{name}_fp8" in buffers:
-                return buffers[f"{name}_fp8"].to(torch.bfloat16) * buffers[f"{name}_scale"][:, None].to(torch.bfloat16)
+                return from_fp8(buffers[f"{name}_fp8"], buffers[f"{name}_scale"])
         return super().__getattr__(name)
 
     def add_set(self, name: str, device: torch.device, scale: float = 1.0) -> nn.Parameter:

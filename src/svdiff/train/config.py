@@ -100,6 +100,14 @@ class TrainConfig:
         "a quarter of fp32's memory; δ = 0 stays exact)",
         choices=(*DTYPES, "float8_e4m3fn"),
     )
+    base_dtype: str | None = setting(
+        "model",
+        None,
+        "how the frozen base's linear layers are held (default: the mixed-precision dtype; float8_e4m3fn: one byte "
+        "a value with a scale per row, read back in the mixed-precision dtype per layer call; δ = 0 stays exact)",
+        choices=("float8_e4m3fn",),
+        resume=SAME,
+    )
 
     # --- data ---
     instance_data_dir: str | None = setting("data", None, "folder of 3-5 images of the subject")
@@ -370,6 +378,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise SvdiffError(f"bad include/exclude pattern {pattern!r}: {e}") from None
     if c.method != "svdiff" and (c.preset != "all" or c.include or c.exclude):
         raise SvdiffError("--preset/--include/--exclude choose spectral shifts: they need --method svdiff")
+    if c.base_dtype and c.method != "svdiff":
+        raise SvdiffError(f"--base_dtype holds a frozen base: it needs --method svdiff (--method {c.method})")
+    if c.base_dtype and (c.step_path == "merged" or c.compile):
+        raise SvdiffError("--base_dtype runs the shifts per layer call: drop --step_path merged and --compile")
     return c
 
 

@@ -37,9 +37,10 @@ from ..errors import Interrupted, SvdiffError
 from ..families import Family, family_of
 from ..models import base_name
 from ..sample import load_pipeline
+from ..spectral.fp8 import hold_in_fp8
 from . import checkpoint
 from .config import TrainConfig, changes, identity, record, resolve
-from .methods import prepare, save_result
+from .methods import DTYPE, prepare, save_result
 from .outputs import check_folder, locked
 from .report import write_loss_chart, write_model_card, write_samples
 from .runlog import RunLog, unfinished_note
@@ -107,6 +108,9 @@ def _train(config: TrainConfig, held: contextlib.ExitStack) -> dict:
     if config.method != "full" and weight_dtype != torch.float32:  # frozen weights in half precision, trained fp32
         for model in family.frozen():
             _cast_frozen(model, weight_dtype)
+    if config.base_dtype:  # the factors were taken from the full weights; the layers now hold them in one byte
+        layers = sum(hold_in_fp8(model, DTYPE[config.base_dtype]) for model in family.frozen())
+        accelerator.print(f"base: {layers} linear layers held in {config.base_dtype}")
     trained_encoders = [getattr(pipe, n) for n in family.text_encoders] if config.train_text_encoder else []
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
@@ -304,7 +308,7 @@ def _step_path(config, trainable, unet, accelerator) -> None:
     faster (`--step_path`, spectral/merged.py; the choice is kept with each checkpoint, so a resumed run computes
     as the first did), and with `--compile` the denoiser compiled (on merged weights throughout, which have no
     graph break). After the final cast: merged groups hold views of the weights."""
-    if trainable.method == "svdiff":
+    if trainable.method == "svdiff" and not config.base_dtype:  # a held base runs per call
         choose = "merged" if config.compile and config.step_path == "auto" else config.step_path
         for wiring in trainable.merge_steps(choose, report=accelerator.print):
             accelerator.register_for_checkpointing(wiring)

@@ -21,7 +21,7 @@ DTYPE = {
     "fp32": torch.float32,
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,  # for the factors only: one byte a value, a scale per row
+    "float8_e4m3fn": torch.float8_e4m3fn,  # factors and a held base: one byte a value, a scale per row
 }
 
 

@@ -71,7 +71,7 @@ PREVIEW_PROMPTS = (
 )
 
 
-def make_vae(channels: tuple[int, ...] = (16, 32, 64), layers: int = 1) -> AutoencoderKL:
+def make_vae(channels: tuple[int, ...] = (16, 32, 64), layers: int = 1, latent_channels: int = 4) -> AutoencoderKL:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -79,7 +79,7 @@ def make_vae(channels: tuple[int, ...] = (16, 32, 64), layers: int = 1) -> Autoe
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         block_out_channels=channels,
         layers_per_block=layers,
-        latent_channels=4,
+        latent_channels=latent_channels,
         # Few, wide groups: a group of one or two channels normalizes away the absolute colour of a flat region.
         norm_num_groups=4,
         sample_size=64,
