@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..errors import SvdiffError
 from ..files import atomic_path
 from ..flags import flag
 from ..pictures import grid
@@ -91,11 +92,11 @@ def make_vae(channels: tuple[int, ...] = (16, 32, 64), layers: int = 1, latent_c
     return vae
 
 
-def make_unet() -> UNet2DConditionModel:
+def make_unet(latent_channels: int = 4) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64, 128),
@@ -493,6 +494,7 @@ def parse_args(argv=None):
     flag(p, "vae_lr", type=float, default=3e-3)
     flag(p, "vae_channels", type=int, nargs="+", default=[16, 32, 64], help="the autoencoder's block widths")
     flag(p, "vae_layers", type=int, default=1, help="the autoencoder's layers per block")
+    flag(p, "vae_latent_channels", type=int, default=4, help="channels of the latents (the UNet's in and out)")
     flag(p, "num_scenes", type=int, default=20000)
     flag(p, "steps", type=int, default=12000)
     flag(p, "batch_size", type=int, default=32)
@@ -531,12 +533,17 @@ def main(argv=None) -> None:
     tokenizer_dir = args.work_dir / "tokenizer"
     tokenizer = build_tokenizer(tokenizer_dir)
     if args.init_from is None:
-        vae = make_vae(tuple(args.vae_channels), args.vae_layers)
-        unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+        vae = make_vae(tuple(args.vae_channels), args.vae_layers, args.vae_latent_channels)
+        unet, text_encoder = make_unet(args.vae_latent_channels), make_text_encoder(tokenizer)
         vae.to(args.device)
         vae_seconds = train_vae(vae, args, args.work_dir)
     else:  # a further phase of an existing base: no autoencoder training
         base = StableDiffusionPipeline.from_pretrained(args.init_from)
+        if (base.tokenizer.get_vocab(), base.tokenizer.model_max_length) != (
+            tokenizer.get_vocab(),
+            tokenizer.model_max_length,
+        ):
+            raise SvdiffError(f"--init_from {args.init_from}: its tokenizer is not this world's; pretrain from scratch")
         vae, unet, text_encoder, vae_seconds = base.vae, base.unet, base.text_encoder, 0.0
         vae.to(args.device)
 
