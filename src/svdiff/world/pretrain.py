@@ -488,7 +488,7 @@ def parse_args(argv=None):
     flag(p, "seed", type=int, default=0)
     flag(p, "device", default="cpu")
     flag(p, "threads", type=int, default=2)
-    flag(p, "vae_steps", type=int, default=6000)
+    flag(p, "vae_steps", type=int, default=12000)
     flag(p, "vae_batch_size", type=int, default=32)
     flag(p, "vae_crop", type=int, default=32, help="side of the random windows the autoencoder sees")
     flag(p, "vae_lr", type=float, default=3e-3)
