@@ -250,8 +250,7 @@ def render_single_subject(r: dict) -> str:
     rows = [
         [
             m,
-            f"{s[m]['subject_similarity']} ± {s[m].get('subject_similarity_subject_std', 0)}"
-            f" (seeds ± {s[m].get('subject_similarity_seed_std', 0)})",
+            s[m]["subject_similarity"],
             s[m]["prompt_accuracy"],
             s[m].get("class_drift"),
             s[m]["class_correct"],
@@ -266,7 +265,7 @@ def render_single_subject(r: dict) -> str:
         table(
             [
                 "method",
-                "subject similarity ± over subjects (over seeds)",
+                "subject similarity",
                 "prompt accuracy",
                 "class drift",
                 "class prompts drawn as the class",

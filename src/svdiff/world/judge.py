@@ -2,8 +2,7 @@
 same subject.
 
 It looks at the five places an object can stand (left, right, top, bottom, center) and says for each whether an
-object is there, which shape, color and pattern it has, and its marks: the emblem's shape and color, the outline's
-color (or none). An embedding head, trained so that two views of one
+object is there and which shape, color and pattern it has. An embedding head, trained so that two views of one
 object agree and views of different objects do not, plays the part DINO or CLIP-I plays for photos.
 
     python -m svdiff.world.judge --out src/svdiff/world/judge
@@ -24,34 +23,11 @@ from PIL import Image, ImageFilter
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .render import (
-    BODY_SHAPES,
-    COLORS,
-    MARK_COLORS,
-    PATTERNS,
-    POSITIONS,
-    SHAPES,
-    Scene,
-    random_object,
-    random_scene,
-    render,
-)
+from .render import COLORS, PATTERNS, POSITIONS, SHAPES, Scene, random_object, random_scene, render
 from .subjects import random_subject, views
 
 SLOTS = tuple(POSITIONS)
 COLOR_NAMES = tuple(COLORS)
-MARK_COLOR_NAMES = tuple(MARK_COLORS)
-# What each head of a place says, in the order of its classes; None is "no object" or "no mark".
-CLASSES = {
-    "shape": (None, *SHAPES),
-    "color": COLOR_NAMES,
-    "pattern": PATTERNS,
-    "emblem": (None, *BODY_SHAPES),
-    "emblem_color": MARK_COLOR_NAMES,
-    "outline": (None, *MARK_COLOR_NAMES),
-}
-# Heads that only speak of something present: ignored in the loss where the object (or its emblem) is absent.
-ATTRIBUTES = ("color", "pattern", "emblem", "emblem_color", "outline")
 EMBED_DIM = 64
 
 
@@ -79,7 +55,9 @@ class Judge(nn.Module):
         # Every place is read by the same head from the features under its anchor, so a shape learned on the
         # left is known on the right too.
         self.head = nn.Sequential(nn.Linear(4 * w, 128), nn.ReLU())
-        self.heads = nn.ModuleDict({k: nn.Linear(128, len(v)) for k, v in CLASSES.items()})
+        self.shape = nn.Linear(128, len(SHAPES) + 1)  # "no object" plus every shape
+        self.color = nn.Linear(128, len(COLOR_NAMES))
+        self.pattern = nn.Linear(128, len(PATTERNS))
         self.embed = nn.Sequential(nn.Linear(4 * w, 128), nn.ReLU(), nn.Linear(128, EMBED_DIM))
         anchors = torch.tensor([POSITIONS[s] for s in SLOTS], dtype=torch.float32) / 64 * 2 - 1
         self.register_buffer("anchors", anchors.view(1, 1, len(SLOTS), 2), persistent=False)
@@ -90,7 +68,9 @@ class Judge(nn.Module):
         at = F.grid_sample(f, grid, align_corners=False).squeeze(2).transpose(1, 2)  # (batch, slot, channel)
         h = self.head(at)
         return {
-            **{k: head(h) for k, head in self.heads.items()},
+            "shape": self.shape(h),
+            "color": self.color(h),
+            "pattern": self.pattern(h),
             # Pooled, so the embedding does not depend on where the subject stands.
             "embedding": F.normalize(self.embed(f.amax(dim=(2, 3))), dim=-1),
         }
@@ -107,19 +87,14 @@ def nearest_slot(box) -> int:
 
 
 def targets(truth) -> dict:
-    """Slot labels from ground truth; -100 (ignored by the loss) for the attributes of empty slots, the marks of
-    shapes that cannot carry them and the emblem color of an object without an emblem."""
-    labels = {k: [0 if k == "shape" else -100] * len(SLOTS) for k in CLASSES}
+    """Slot labels from ground truth; -100 (ignored by the loss) for the color and pattern of empty slots."""
+    shape = [0] * len(SLOTS)
+    color, pattern = [-100] * len(SLOTS), [-100] * len(SLOTS)
     for obj in truth.objects:
         s = nearest_slot(obj["box"])
-        for k in ("shape", "color", "pattern"):
-            labels[k][s] = CLASSES[k].index(obj[k])
-        if obj["shape"] in BODY_SHAPES:
-            labels["emblem"][s] = CLASSES["emblem"].index(obj["emblem"])
-            labels["outline"][s] = CLASSES["outline"].index(obj["outline"])
-            if obj["emblem"]:
-                labels["emblem_color"][s] = CLASSES["emblem_color"].index(obj["emblem_color"])
-    return labels
+        shape[s] = SHAPES.index(obj["shape"]) + 1
+        color[s], pattern[s] = COLOR_NAMES.index(obj["color"]), PATTERNS.index(obj["pattern"])
+    return {"shape": shape, "color": color, "pattern": pattern}
 
 
 def degrade(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -134,24 +109,27 @@ def degrade(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def judge_scene(rng: random.Random) -> Scene:
-    """Training scenes: the world's scenes placed more loosely, half of their objects marked."""
-    scene = random_scene(rng, marks=0.5)
-    objects = tuple(
-        replace(obj, offset=(rng.randint(-5, 5), rng.randint(-5, 5)), angle=round(rng.uniform(-25, 25), 1))
-        for obj in scene.objects
-    )
-    return replace(scene, objects=objects)
+    """Training scenes: the world's scenes placed more loosely, and a share of marked subjects."""
+    scene = random_scene(rng)
+    objects = []
+    for obj in scene.objects:
+        obj = replace(obj, offset=(rng.randint(-5, 5), rng.randint(-5, 5)), angle=round(rng.uniform(-25, 25), 1))
+        if rng.random() < 0.2:
+            marks = random_subject(rng, shape=obj.shape)
+            obj = replace(obj, emblem=marks.emblem, emblem_color=marks.emblem_color, outline=marks.outline)
+        objects.append(obj)
+    return replace(scene, objects=tuple(objects))
 
 
 def pair_views(rng: random.Random) -> tuple[Image.Image, Image.Image]:
     """Two views of one object: a marked subject or a plain object, seen at two places, sizes and backgrounds."""
-    obj = random_subject(rng) if rng.random() < 0.5 else replace(random_object(rng, "center", marks=0.5), size="large")
+    obj = random_subject(rng) if rng.random() < 0.5 else replace(random_object(rng, "center"), size="large")
     a, b = views(obj, 2, rng)
     return render(a)[0], render(b)[0]
 
 
 def train_batch(rng: random.Random, batch_size: int):
-    images, labels = [], {k: [] for k in CLASSES}
+    images, labels = [], {"shape": [], "color": [], "pattern": []}
     for _ in range(batch_size):
         image, truth = render(judge_scene(rng))
         images.append(degrade(image, rng))
@@ -198,7 +176,10 @@ def train(args) -> Judge:
         y = {k: v.to(args.device) for k, v in y.items()}
         out = model(torch.cat([x, va, vb]))
         n, m = len(x), len(va)
-        loss = sum(F.cross_entropy(out[k][:n].flatten(0, 1), y[k].flatten(), ignore_index=-100) for k in CLASSES)
+        loss = sum(
+            F.cross_entropy(out[k][:n].flatten(0, 1), y[k].flatten(), ignore_index=-100)
+            for k in ("shape", "color", "pattern")
+        )
         loss = loss + contrastive_loss(out["embedding"][n : n + m], out["embedding"][n + m :])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -225,23 +206,26 @@ def load(folder: str | Path) -> Judge:
 
 @torch.no_grad()
 def read(model: Judge, images, batch_size: int = 64) -> list[dict]:
-    """What the judge sees in each image: per slot, the object (or None) with its shape, color, pattern and marks
-    (None where it has none) and the judge's confidence that something stands there; plus the embedding."""
+    """What the judge sees in each image: per slot, the object (or None) with its shape, color and pattern and
+    the judge's confidence that something stands there; plus the embedding."""
     results = []
     for i in range(0, len(images), batch_size):
         out = model(to_input(images[i : i + batch_size]))
         shape_p = out["shape"].softmax(-1)
-        best = {k: out[k].argmax(-1).tolist() for k in CLASSES}
         for b in range(len(shape_p)):
             slots = {}
             for s, name in enumerate(SLOTS):
-                found = {k: CLASSES[k][best[k][b][s]] for k in CLASSES}
-                if found["shape"] is not None and found["shape"] not in BODY_SHAPES:
-                    found["emblem"] = found["outline"] = None
-                if found["emblem"] is None:
-                    found["emblem_color"] = None
-                found["confidence"] = round(float(1 - shape_p[b, s, 0]), 4)
-                slots[name] = None if found["shape"] is None else found
+                k = int(shape_p[b, s].argmax())
+                slots[name] = (
+                    None
+                    if k == 0
+                    else {
+                        "shape": SHAPES[k - 1],
+                        "color": COLOR_NAMES[int(out["color"][b, s].argmax())],
+                        "pattern": PATTERNS[int(out["pattern"][b, s].argmax())],
+                        "confidence": round(float(1 - shape_p[b, s, 0]), 4),
+                    }
+                )
             results.append({"slots": slots, "embedding": out["embedding"][b]})
     return results
 
