@@ -35,13 +35,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 def weight_bytes(model: nn.Module, dtype: str) -> int:
     """The model's weights at `dtype`; fp8 holds what `spectral.fp8.hold_in_fp8` holds (every nn.Linear's weight,
     a byte a value and a float32 scale per row) and the rest in bf16."""
-    total = sum(p.numel() for p in model.parameters()) * BYTES[dtype]
-    if dtype == "fp8":
-        total = sum(p.numel() for p in model.parameters()) * BYTES["bf16"]
-        for module in model.modules():
-            if type(module) is nn.Linear:
-                total -= module.weight.numel() * (BYTES["bf16"] - BYTES["fp8"]) - 4 * module.out_features
-    return total
+    values = sum(p.numel() for p in model.parameters())
+    if dtype != "fp8":
+        return values * BYTES[dtype]
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    held = sum(m.weight.numel() for m in linears)
+    return (values - held) * BYTES["bf16"] + held * BYTES["fp8"] + 4 * sum(m.out_features for m in linears)
 
 
 GiB = 2**30
