@@ -461,3 +461,46 @@ def test_a_setting_of_another_objective_is_refused_in_one_line(pipelines):
     for family, settings, message in cases:
         with pytest.raises(svdiff.SvdiffError, match=message):
             family_of(load_pipeline(pipelines[family]), TrainConfig(**settings))
+
+
+def test_sd3_without_t5_computes_its_empty_t5_tokens_as_one(pipelines):
+    """Loaded without T5, SD3 conditions on 256 tokens of zeros after the CLIP tokens. svdiff passes one, weighted
+    for all: the denoiser's output, the pictures and the Unmix maps over the CLIP tokens are the stock pipeline's."""
+    from diffusers import StableDiffusion3Pipeline
+
+    def without_t5():
+        pipe = StableDiffusion3Pipeline.from_pretrained(pipelines["sd3"], text_encoder_3=None, tokenizer_3=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    stock, pipe = without_t5(), without_t5()
+    fam = family_of(pipe)
+    clip_tokens = pipe.tokenizer_max_length
+    short = fam.encode([PROMPT, "a photo of a star"])
+    assert short["encoder_hidden_states"].shape[1] == clip_tokens + 1
+    full = StableDiffusion3Pipeline.encode_prompt(
+        stock, [PROMPT, "a photo of a star"], None, None, device="cpu", do_classifier_free_guidance=False
+    )[0]
+    assert full.shape[1] == clip_tokens + 256
+    noisy = torch.randn(2, 4, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900.0, 300.0])
+    with torch.no_grad():
+        ours = fam.predict(noisy, t, short)
+        theirs = stock.transformer(
+            hidden_states=noisy, timestep=t, encoder_hidden_states=full, pooled_projections=short["pooled_projections"]
+        ).sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    expected = stock(PROMPT, num_inference_steps=2, guidance_scale=3.0, generator=generator, output_type="np")
+    assert np.abs(draw(pipe, PROMPT)[0] / 255.0 - expected.images[0]).max() <= 1 / 255 + 1e-6
+
+    attn = pipe.transformer.transformer_blocks[0].attn
+    inputs = {"hidden_states": torch.randn(2, 16, attn.query_dim)}
+    text = torch.randn(2, clip_tokens, attn.to_add_out.out_features)
+    tail = torch.randn(2, 1, text.shape[-1])
+    maps = {}
+    for name, tokens in (("ours", 1), ("theirs", 256)):
+        inputs["encoder_hidden_states"] = torch.cat([text, tail.expand(-1, tokens, -1)], dim=1)
+        with torch.no_grad():
+            maps[name] = fam.image_text_attention(attn, inputs)[..., :clip_tokens]
+    torch.testing.assert_close(maps["ours"], maps["theirs"], rtol=1e-4, atol=1e-6)

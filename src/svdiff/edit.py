@@ -179,6 +179,7 @@ def draw_edits(
                 width=resolution,
                 generator=generator,
                 **eta_argument(pipe, eta),
+                **family.call_arguments(),
             ).images[0]
         )
     return drawn

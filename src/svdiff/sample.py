@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .adapters import adapter_name_of, fuse, load_shifts, mixed_batch
 from .checks import MAX_INFERENCE_STEPS, MAX_SCALE, MAX_SEED, check_range
 from .errors import SvdiffError
-from .families import family_of
+from .families import call_arguments, family_of
 from .models import ARCHITECTURES, SHIFTED_COMPONENTS, model_index, resolve_base
 
 SCHEDULERS = {
@@ -92,6 +92,7 @@ def sample_per_prompt(
         raise SvdiffError(f"{len(prompts)} prompts but {len(shift_sets)} shift sets: give one per prompt")
     check_sampling(num_inference_steps, guidance_scale, eta, seed)
     jobs = [(p, seed + i) for p in range(len(prompts)) for i in range(num_images)]
+    family_arguments = call_arguments(pipe)
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress):
         chunk = jobs[start : start + batch_size]
@@ -108,6 +109,7 @@ def sample_per_prompt(
                 width=width,
                 output_type="np",
                 **eta_argument(pipe, eta),
+                **family_arguments,
             ).images
         images += pipe.numpy_to_pil(finite_images(pixels))
     return [images[p * num_images : (p + 1) * num_images] for p in range(len(prompts))]

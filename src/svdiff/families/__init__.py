@@ -22,4 +22,10 @@ def family_of(pipe, config=None) -> Family:
     raise SvdiffError(f"{name} is not a supported pipeline; svdiff trains {supported}")
 
 
-__all__ = ["FAMILIES", "Family", "family_of"]
+def call_arguments(pipe) -> dict:
+    """The keywords svdiff gives every call of `pipe` (none for a pipeline of no family)."""
+    known = any(type(pipe).__name__ in family.pipelines for family in FAMILIES)
+    return family_of(pipe).call_arguments() if known else {}
+
+
+__all__ = ["FAMILIES", "Family", "call_arguments", "family_of"]

@@ -40,6 +40,10 @@ class Family:
             raise SvdiffError("--guidance_scale is the guidance Flux-dev takes as an input; this base has none")
         self.noise = self.objective(pipe.scheduler.config, config)
 
+    def call_arguments(self) -> dict:
+        """Keywords every call of the pipeline takes (sampling, previews), beyond the prompt and sampling settings."""
+        return {}
+
     def embeds_guidance(self) -> bool:
         """Whether the denoiser takes the guidance scale as an input (Flux-dev)."""
         return False

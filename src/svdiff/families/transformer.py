@@ -14,9 +14,10 @@ JOINT_ATTENTION = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]
 CONTEXT_ATTENTION = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"]
 
 
-def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√d) over the keys, for (batch, heads, tokens, dim) queries and keys."""
-    return (query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(dim=-1)
+def attention_probabilities(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + bias) over the keys, for (batch, heads, tokens, dim) queries and keys."""
+    logits = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5
+    return (logits if bias is None else logits + bias).softmax(dim=-1)
 
 
 def dynamic_shift(scheduler, tokens: int, max_shift: float = 1.16) -> float:
