@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -73,9 +74,28 @@ class QualityRun:
         emit(result | {"machine": machine(), "picture": str(self.picture), "minutes": minutes}, self.out)
 
 
+FRESH = Path("runs/subjects")  # new random subjects, written on first use
+
+
+def subject_dir(name: str) -> Path:
+    """The folder of an example subject, or of "fresh_<i>": a new subject of an identity held out of pretraining
+    (`subjects.unseen_subject`), a pure function of i, written under runs/subjects on first use."""
+    from svdiff.world.subjects import unseen_subject, write_subject_folder
+    from svdiff.world.tokenizer import IDENTIFIERS
+
+    if (SUBJECTS / name).is_dir() or not name.startswith("fresh_"):
+        return SUBJECTS / name
+    i = int(name.removeprefix("fresh_"))
+    folder = FRESH / name
+    if not (folder / "subject.json").is_file():
+        subject = unseen_subject(random.Random(f"fresh-subject-{i}"))
+        write_subject_folder(folder, subject, IDENTIFIERS[i % len(IDENTIFIERS)], n_views=4, seed=1000 + i)
+    return folder
+
+
 def subject_card(name: str) -> dict:
-    """An example subject's subject.json: class word, identifier, instance and class prompts."""
-    return json.loads((SUBJECTS / name / "subject.json").read_text())
+    """A subject's subject.json: class word, identifier, instance and class prompts, identity."""
+    return json.loads((subject_dir(name) / "subject.json").read_text())
 
 
 def keep_half(image: Image.Image, side: str) -> Image.Image:
@@ -111,7 +131,7 @@ def train_subject(runs: Path, name: str, method: str, steps: int, identifier: st
     if not summary.is_file():
         train(
             recipes.subject(
-                SUBJECTS / name,
+                subject_dir(name),
                 prompt,
                 c["class_prompt"],
                 runs / f"class-{c['class_word']}",

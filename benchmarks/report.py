@@ -250,7 +250,8 @@ def render_single_subject(r: dict) -> str:
     rows = [
         [
             m,
-            s[m]["subject_similarity"],
+            f"{s[m]['subject_similarity']} ± {s[m].get('subject_similarity_subject_std', 0)}"
+            f" (seeds ± {s[m].get('subject_similarity_seed_std', 0)})",
             s[m]["prompt_accuracy"],
             s[m].get("class_drift"),
             s[m]["class_correct"],
@@ -265,7 +266,7 @@ def render_single_subject(r: dict) -> str:
         table(
             [
                 "method",
-                "subject similarity",
+                "subject similarity ± over subjects (over seeds)",
                 "prompt accuracy",
                 "class drift",
                 "class prompts drawn as the class",

@@ -1,7 +1,8 @@
 """One subject, three ways: spectral shifts against full fine-tuning and LoRA on the embedded tiny world, with the
-same recipe (the demo's: prior preservation, 400 steps), the same prompts and the same seeds.
+same recipe (the demo's: prior preservation, 400 steps), the same prompts and the same seeds. Subjects: the six
+examples and new ones of identities held out of pretraining (`fresh_<i>`).
 
-    HF_HUB_OFFLINE=1 python benchmarks/single_subject.py [--subjects 4] [--prompts 10] [--seeds 4] [--steps 400]
+    HF_HUB_OFFLINE=1 python benchmarks/single_subject.py [--subjects 8] [--prompts 10] [--seeds 4] [--steps 400]
         [--out docs/results/single_subject/single_subject.json]
 
 Per subject and method, the judge reads every generation of the novel-context prompts (places, backgrounds and a
@@ -11,7 +12,8 @@ second object the subject never appeared with):
   class drift          class prompts ("a photo of a heart") after tuning: how much more they look like the
                        subject than the base's do (similarity after − base), and the share still of the class;
   size, minutes        what the run ships, and its training time on this machine.
-The base row is the untuned model given the same prompts.
+The base row is the untuned model given the same prompts. The summary gives each figure's mean over subjects and
+its spread: the standard deviation over subjects, and over seeds (of each subject's per-seed means).
 """
 
 import argparse
@@ -21,9 +23,9 @@ import torch
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import SUBJECTS, QualityRun, embed, files_bytes, subject_card, train_subject
+from common import QualityRun, embed, files_bytes, subject_card, subject_dir, train_subject
 
-NAMES = ("heart_sks", "star_zwx", "circle_qlo", "square_vyx")
+NAMES = ("heart_sks", "heart_xyz", "star_zwx", "square_vyx", "circle_qlo", "triangle_sks", "fresh_0", "fresh_1")
 METHODS = ("svdiff", "full", "lora")
 CONTEXTS = (
     "a photo of {s} on the left",
@@ -53,14 +55,16 @@ def measure(pipe, judge, refs: torch.Tensor, prompts, class_prompts, seeds: int,
         first.append(images[0])
         results = score(judge, images, prompt)
         correct += [r["all_correct"] for r in results]
-        sims.append(torch.stack([r["embedding"] for r in results]) @ refs.T)
+        sims.append((torch.stack([r["embedding"] for r in results]) @ refs.T).mean(dim=1))  # one per seed
     class_sims, class_ok = [], []
     for prompt in class_prompts:
         results = score(judge, draw(prompt), prompt)
         class_ok += [r["all_correct"] for r in results]
         class_sims.append(torch.stack([r["embedding"] for r in results]) @ refs.T)
+    per_seed = torch.stack(sims).mean(dim=0)  # seeds: each seed's mean over the prompts
     return {
-        "subject_similarity": round(float(torch.cat(sims).mean()), 4),
+        "subject_similarity": round(float(per_seed.mean()), 4),
+        "subject_similarity_seed_std": round(float(per_seed.std()), 4),
         "prompt_accuracy": round(sum(correct) / len(correct), 4),
         "class_similarity": round(float(torch.cat(class_sims).mean()), 4),
         "class_correct": round(sum(class_ok) / len(class_ok), 4),
@@ -74,7 +78,7 @@ def mean(rows: list[dict], key: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--subjects", type=int, default=4, help=f"how many of {', '.join(NAMES)}")
+    p.add_argument("--subjects", type=int, default=len(NAMES), help=f"how many of {', '.join(NAMES)}")
     p.add_argument("--prompts", type=int, default=10, help=f"how many novel-context prompts (at most {len(CONTEXTS)})")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=400)
@@ -95,7 +99,7 @@ def main() -> None:
         subject = f"{c['identifier']} {c['class_word']}"
         prompts = [t.format(s=subject) for t in CONTEXTS[: args.prompts]]
         class_prompts = [t.format(c=c["class_prompt"]) for t in CLASS_CONTEXTS]
-        photos = load_image_folder(SUBJECTS / name)
+        photos = load_image_folder(subject_dir(name))
         refs = embed(judge, photos)
         own = refs @ refs.T
         found = {"photos_similarity": round(float(own[~torch.eye(len(own), dtype=torch.bool)].mean()), 4)}
@@ -124,6 +128,10 @@ def main() -> None:
         if method != "base":
             keys += ["class_drift", "bytes", "train_minutes"]
         summary[method] = {k: mean(runs, k) for k in keys}
+        summary[method]["subject_similarity_subject_std"] = round(
+            float(torch.tensor([r["subject_similarity"] for r in runs]).std()), 4
+        )
+        summary[method]["subject_similarity_seed_std"] = mean(runs, "subject_similarity_seed_std")
     run.finish(
         {
             "benchmark": "single_subject",

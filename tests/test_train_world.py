@@ -58,8 +58,11 @@ def test_demo_writes_pictures_shift_file_and_figures(tmp_path):
     pipe, photos = load_pipeline(None), load_image_folder(SUBJECT)
     drawn = [sample(pipe, p, num_images=1, seed=0, guidance_scale=GUIDANCE_SCALE, progress=False) for p in prompts]
     assert result["subject_loss_before"] == subject_loss(pipe, photos, card["instance_prompt"])
-    assert result["judge_before"] == judge_subject([im for ims in drawn[:-1] for im in ims], photos, PROMPT)
-    assert result["class_prompt_before"] == judge_subject(drawn[-1], photos, card["class_prompt"])
+    marks = {k: card["subject"][k] for k in ("emblem", "emblem_color", "outline")}
+    subject_drawn = [im for ims in drawn[:-1] for im in ims]
+    assert result["judge_before"] == judge_subject(subject_drawn, photos, PROMPT, marks)
+    assert result["class_prompt_before"] == judge_subject(drawn[-1], photos, card["class_prompt"], marks)
+    assert 0 <= result["judge_after"]["marks_correct"] <= 1
     # ... and the "after" ones are the trained model's: four steps already move the loss.
     assert result["subject_loss_after"] != result["subject_loss_before"]
 

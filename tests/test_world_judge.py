@@ -24,6 +24,21 @@ def test_parse_prompt_finds_objects_attributes_and_places():
         {"shape": "circle", "color": "blue", "position": "right"},
     ]
     assert parse_prompt("a photo of sks heart") == [{"shape": "heart"}]
+    marked = "a photo of a pink heart with a white outline and a black diamond emblem on the left and a blue star"
+    assert parse_prompt(marked) == [
+        {
+            "shape": "heart",
+            "color": "pink",
+            "outline": "white",
+            "emblem": "diamond",
+            "emblem_color": "black",
+            "position": "left",
+        },
+        {"shape": "star", "color": "blue"},
+    ]
+    assert parse_prompt("a photo of a red square with a green star emblem") == [
+        {"shape": "square", "color": "red", "emblem": "star", "emblem_color": "green"}
+    ]
     assert parse_prompt("a photo of a dog") == []
 
 
@@ -53,6 +68,8 @@ def test_judge_reads_fresh_scenes(judge):
     acc = judge_accuracy(judge, n_scenes=150, seed=123)
     for key in ("shape", "color", "pattern", "position"):
         assert acc[key] >= 0.97, acc
+    for key in ("emblem", "emblem_color", "outline"):
+        assert acc[key] >= 0.95, acc
 
 
 @needs_judge

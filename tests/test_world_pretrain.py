@@ -66,9 +66,16 @@ def test_a_few_steps_make_a_pipeline_and_a_second_call_resumes(tmp_path):
     ids = pipe.tokenizer.convert_tokens_to_ids
     identifiers = table[[ids(w + "</w>") for w in IDENTIFIERS]].norm(dim=1)
     words = table[[ids(w + "</w>") for w in world_words()]].norm(dim=1)
-    # identifiers, in no caption, are scaled to a trained word's size
-    assert torch.allclose(identifiers, torch.tensor(record["identifier_norm"]), rtol=1e-4)
-    assert record["identifier_norm"] == pytest.approx(float(words.median()), rel=1e-4)
+    # identifiers, in no caption, are scaled to a trained word's size (stored in fp16)
+    assert torch.allclose(identifiers, torch.tensor(record["identifier_norm"]), rtol=2e-3)
+    assert record["identifier_norm"] == pytest.approx(float(words.median()), rel=2e-3)
+    # weights stored in fp16, loaded back as float32 modules (configs say float32)
+    for folder in ("unet", "vae", "text_encoder"):
+        (weights,) = (tmp_path / "base" / folder).glob("*.safetensors")
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    for model in (pipe.text_encoder, pipe.unet, pipe.vae):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
     ckpt = tmp_path / "work" / "denoiser.safetensors"
     before = ckpt.read_bytes()
     with safe_open(str(ckpt), "pt") as f:

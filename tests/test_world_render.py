@@ -1,6 +1,7 @@
 """The shapes world's renderer, captions and tokenizer: deterministic pixels, true ground truth, one token a word."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -162,11 +163,28 @@ def test_every_world_word_and_identifier_is_one_token(tokenizer):
 
 def test_captions_round_trip_through_the_tokenizer(tokenizer):
     rng = random.Random(3)
-    for _ in range(100):
-        text = caption(random_scene(rng), rng)
+    for i in range(200):
+        scene = random_scene(rng, marks=0.8)
+        text = caption(scene, rng) if i % 2 else caption(scene)
         ids = tokenizer(text).input_ids
         assert len(ids) == len(text.split()) + 2 <= tokenizer.model_max_length
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_captions_name_marks_part_of_the_time():
+    marked = WorldObject("heart", "pink", "striped", emblem="diamond", emblem_color="black", outline="white")
+    scene = Scene(objects=(replace(marked, position="left"),))
+    assert caption(scene) == (
+        "a photo of a medium pink striped heart with a white outline and a black diamond emblem on the left"
+        " on a white background"
+    )
+    texts = [caption(scene, random.Random(i)) for i in range(400)]
+    named = sum("with a white outline and a black diamond emblem" in t for t in texts) / len(texts)
+    assert 0.65 < named < 0.85
+    assert all("emblem" in t or "outline" not in t for t in texts)  # both marks are named, or neither
+    assert caption(scene, random.Random(0), mark_naming=0.0).count("with") == 0
+    outline_only = Scene(objects=(replace(marked, emblem=None, emblem_color=None),))
+    assert "heart with a white outline" in caption(outline_only)
 
 
 def test_unknown_words_split_into_pieces_not_unknown(tokenizer):

@@ -8,8 +8,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from svdiff.world.render import SHAPES, random_scene, render
-from svdiff.world.subjects import EXAMPLES, identity, load_subject, random_subject, views, write_examples
+from svdiff.world.render import (
+    BODY_SHAPES,
+    EXAMPLE_IDENTITIES,
+    SHAPES,
+    held_out_identity,
+    random_scene,
+    render,
+)
+from svdiff.world.subjects import (
+    EXAMPLES,
+    examples,
+    identity,
+    load_subject,
+    random_subject,
+    unseen_subject,
+    views,
+    write_examples,
+)
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "subjects"
 
@@ -27,11 +43,26 @@ def test_views_differ_but_keep_the_identity():
     assert len({(s.objects[0].position, s.background) for s in scenes}) == 4
 
 
-def test_subject_marks_never_occur_in_pretraining_scenes():
+def test_marks_are_vocabulary_but_held_out_identities_never_occur_in_pretraining():
     rng = random.Random(0)
-    for _ in range(200):
-        for obj in random_scene(rng).objects:
-            assert obj.emblem is None and obj.outline is None
+    objects = [obj for _ in range(600) for obj in random_scene(rng, allow_held_out=False, marks=0.5).objects]
+    assert not any(held_out_identity(obj) for obj in objects)
+    both = [obj for obj in objects if obj.emblem and obj.outline]
+    assert len(both) > 50 and any(obj.emblem and not obj.outline for obj in objects)
+    assert any(obj.outline and not obj.emblem for obj in objects)
+    assert all(obj.shape in BODY_SHAPES for obj in objects if obj.emblem or obj.outline)
+    # Every example identity is held out, and about one identity in eight besides.
+    assert all(held_out_identity(subject) for subject, _ in examples().values())
+    drawn = [random_subject(random.Random(i)) for i in range(2000)]
+    assert 0.1 < sum(map(held_out_identity, drawn)) / len(drawn) < 0.16
+    assert all(held_out_identity(unseen_subject(random.Random(i))) for i in range(50))
+    assert EXAMPLE_IDENTITIES == {tuple(identity(s).values()) for s, _ in examples().values()}
+
+
+def test_unmarked_scenes_draw_as_before():
+    """marks=0 takes no extra random draws, so the world's unmarked scenes and captions are unchanged."""
+    a, b = random.Random(4), random.Random(4)
+    assert [random_scene(a) for _ in range(50)] == [random_scene(b, marks=0.0) for _ in range(50)]
 
 
 def test_marks_change_the_pixels():

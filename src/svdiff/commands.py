@@ -272,6 +272,11 @@ def cmd_demo(args) -> int:
         f"class prompt drawn as its shape: {r['class_prompt_before']['shape_correct']:.0%} before, "
         f"{r['class_prompt_after']['shape_correct']:.0%} after"
     )
+    if "marks_correct" in after:
+        print(
+            f"subject pictures with its emblem and outline: {before['marks_correct']:.0%} before, "
+            f"{after['marks_correct']:.0%} after"
+        )
     print(f"before/after grid: {r['picture']}")
     return 0
 

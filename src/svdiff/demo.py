@@ -32,19 +32,25 @@ def demo_prompts(instance_prompt: str, class_prompt: str) -> list[str]:
     return [instance_prompt + c for c in CONTEXTS] + [class_prompt]
 
 
-def judge_subject(images, references, prompt: str) -> dict:
-    """Mean judge similarity to the reference photos, and the share of images the judge reads as the prompt's
-    shape."""
+def judge_subject(images, references, prompt: str, marks: dict | None = None) -> dict:
+    """Mean judge similarity to the reference photos, the share of images the judge reads as the prompt's shape,
+    and, given the subject's `marks` ({"emblem": …, "emblem_color": …, "outline": …}), the share whose object
+    carries exactly those marks."""
 
     judge = load(default_judge())
     refs = torch.stack([r["embedding"] for r in read(judge, references)])
     results = score(judge, images, prompt)
     embeddings = torch.stack([r["embedding"] for r in results])
     shape_ok = [all(m["correct"].get("shape", False) for m in r["objects"]) for r in results]
-    return {
+    out = {
         "similarity": round(float(similarity(embeddings, refs).mean()), 4),
         "shape_correct": round(sum(shape_ok) / len(shape_ok), 4),
     }
+    if marks:
+        found = [r["objects"][0]["found"] if r["objects"] else None for r in results]
+        ok = [f is not None and all(f[k] == v for k, v in marks.items()) for f in found]
+        out["marks_correct"] = round(sum(ok) / len(ok), 4)
+    return out
 
 
 @torch.no_grad()
@@ -89,6 +95,7 @@ def run_demo(
     except (OSError, ValueError) as e:
         raise SvdiffError(f"{subject} is not an example subject folder (subject.json: {e})") from None
     instance_prompt, class_prompt = card["instance_prompt"], card["class_prompt"]
+    marks = {k: card.get("subject", {}).get(k) for k in ("emblem", "emblem_color", "outline")}
     prompts = demo_prompts(instance_prompt, class_prompt)
     summary = train(
         subject_recipe(
@@ -145,10 +152,10 @@ def run_demo(
         "shift_file_bytes": summary["weights_bytes"],
         "subject_loss_before": loss_before,
         "subject_loss_after": loss_after,
-        "judge_before": judge_subject(subject_before, references, instance_prompt),
-        "judge_after": judge_subject(subject_after, references, instance_prompt),
-        "class_prompt_before": judge_subject(before[-1], references, class_prompt),
-        "class_prompt_after": judge_subject(after[-1], references, class_prompt),
+        "judge_before": judge_subject(subject_before, references, instance_prompt, marks),
+        "judge_after": judge_subject(subject_after, references, instance_prompt, marks),
+        "class_prompt_before": judge_subject(before[-1], references, class_prompt, marks),
+        "class_prompt_after": judge_subject(after[-1], references, class_prompt, marks),
         "picture": str(picture),
     }
     (output_dir / "demo_summary.json").write_text(json.dumps(result, indent=2) + "\n")

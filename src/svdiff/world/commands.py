@@ -16,7 +16,7 @@ from .evaluate import parse_prompt, score, similarity
 from .judge import load, read
 from .quality import base_sheet, measure, subject_sheet
 from .render import SHAPES, caption, random_scene, render
-from .subjects import random_subject, write_examples, write_subject_folder
+from .subjects import unseen_subject, write_examples, write_subject_folder
 
 
 def add_parser(subparsers) -> None:
@@ -28,9 +28,12 @@ def add_parser(subparsers) -> None:
     flag(p, "num", "n", type=int, default=16)
     flag(p, "seed", type=int, default=0)
     flag(p, "objects", type=int, choices=(1, 2), help="objects per scene (default: mixed)")
+    flag(p, "marks", type=float, default=0.0, help="chance that an object carries an emblem, an outline or both")
     p.set_defaults(func=run_render)
 
-    p = sub.add_parser("subjects", help="write subject folders (views + subject.json) for fine-tuning")
+    p = sub.add_parser(
+        "subjects", help="write subject folders (views + subject.json) of identities pretraining never showed"
+    )
     flag(p, "out", type=Path, required=True)
     flag(p, "num", "n", type=int, default=1, help="how many subjects")
     flag(p, "views", type=int, default=4)
@@ -60,7 +63,7 @@ def run_render(args) -> int:
     rng = random.Random(args.seed)
     with open(args.out / "scenes.jsonl", "w") as f:
         for i in range(args.num):
-            scene = random_scene(rng, n_objects=args.objects)
+            scene = random_scene(rng, n_objects=args.objects, marks=args.marks)
             image, truth = render(scene)
             image.save(args.out / f"{i:04d}.png")
             f.write(json.dumps({"image": f"{i:04d}.png", "caption": caption(scene), **asdict(truth)}) + "\n")
@@ -78,7 +81,7 @@ def run_subjects(args) -> int:
         raise SvdiffError(f"unknown shape {args.shape!r}; choose one of {', '.join(SHAPES)}")
     rng = random.Random(args.seed)
     for i in range(args.num):
-        subject = random_subject(rng, shape=args.shape)
+        subject = unseen_subject(rng, shape=args.shape)
         folder = args.out / f"{subject.shape}_{args.seed}_{i}" if args.num > 1 else args.out
         write_subject_folder(folder, subject, args.identifier, args.views, seed=args.seed * 1000 + i)
         print(folder)

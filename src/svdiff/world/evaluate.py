@@ -3,31 +3,56 @@
 import torch
 
 from .judge import SLOTS, read
-from .render import COLORS, PATTERNS, POSITION_PHRASES, SHAPES
+from .render import COLORS, MARK_COLORS, PATTERNS, POSITION_PHRASES, SHAPES
 
 PHRASE_TO_SLOT = {phrase: slot for slot, phrase in POSITION_PHRASES.items()}
 
 
+def _names_object(words: list[str]) -> bool:
+    """Whether words name an object of their own: a shape that is not an emblem's."""
+    return any(w in SHAPES and words[i + 1 : i + 2] != ["emblem"] for i, w in enumerate(words))
+
+
+def _parse_object(part: str) -> dict:
+    words = part.replace(",", " ").split()
+    obj, marks = {}, set()
+    for i, w in enumerate(words):
+        before = words[i - 1] if i else None
+        if w == "outline" and before in MARK_COLORS:
+            obj["outline"] = before
+            marks.add(i - 1)
+        elif w in SHAPES and words[i + 1 : i + 2] == ["emblem"]:
+            obj["emblem"] = w
+            marks.add(i)
+            if before in MARK_COLORS:
+                obj["emblem_color"] = before
+                marks.add(i - 1)
+    for i, w in enumerate(words):
+        if i in marks:
+            continue
+        if w in SHAPES:
+            obj["shape"] = w
+        elif w in COLORS:
+            obj["color"] = w
+        elif w in PATTERNS:
+            obj["pattern"] = w
+    for phrase, slot in PHRASE_TO_SLOT.items():
+        if phrase in part:
+            obj["position"] = slot
+    return obj
+
+
 def parse_prompt(prompt: str) -> list[dict]:
-    """The objects a world prompt asks for, in order: each with the shape and whatever color, pattern and
-    position it names. "a photo of sks heart on the left and a blue circle on the right" → two objects."""
-    objects = []
+    """The objects a world prompt asks for, in order: each with the shape and whatever color, pattern, marks and
+    position it names. "a photo of sks heart on the left and a blue circle with a white outline on the right" →
+    two objects; "and" between two marks ("a white outline and a black diamond emblem") stays in one."""
+    parts = []
     for part in prompt.lower().split(" and "):
-        words = part.replace(",", " ").split()
-        obj = {}
-        for w in words:
-            if w in SHAPES:
-                obj["shape"] = w
-            elif w in COLORS:
-                obj["color"] = w
-            elif w in PATTERNS:
-                obj["pattern"] = w
-        for phrase, slot in PHRASE_TO_SLOT.items():
-            if phrase in part:
-                obj["position"] = slot
-        if "shape" in obj:
-            objects.append(obj)
-    return objects
+        if parts and not _names_object(part.split()):
+            parts[-1] += " and " + part
+        else:
+            parts.append(part)
+    return [obj for obj in map(_parse_object, parts) if "shape" in obj]
 
 
 def match(reading: dict, wanted: list[dict]) -> list[dict]:

@@ -21,16 +21,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..errors import SvdiffError
 from ..files import atomic_path
 from ..flags import flag
 from ..pictures import grid
-from .render import BACKGROUNDS, caption, random_scene, render, world_words
+from .render import (
+    BACKGROUNDS,
+    SHAPES,
+    SIZE,
+    SS,
+    Scene,
+    caption,
+    held_out_identity,
+    random_scene,
+    render,
+    shape_mask,
+    world_words,
+)
+from .subjects import random_subject, views
 from .tokenizer import IDENTIFIERS, build_tokenizer
 
 # Stable Diffusion's betas, rescaled so the last step is pure noise, with v-prediction and trailing timesteps
@@ -58,15 +72,15 @@ PREVIEW_PROMPTS = (
 )
 
 
-def make_vae() -> AutoencoderKL:
+def make_vae(channels: tuple[int, ...] = (16, 32, 64), layers: int = 1, latent_channels: int = 4) -> AutoencoderKL:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=layers,
+        latent_channels=latent_channels,
         # Few, wide groups: a group of one or two channels normalizes away the absolute colour of a flat region.
         norm_num_groups=4,
         sample_size=64,
@@ -78,11 +92,11 @@ def make_vae() -> AutoencoderKL:
     return vae
 
 
-def make_unet() -> UNet2DConditionModel:
+def make_unet(latent_channels: int = 4) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64, 128),
@@ -200,8 +214,57 @@ def random_crops(x: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor
     return torch.stack([im[:, i : i + size, j : j + size] for im, (i, j) in zip(x, corners, strict=True)])
 
 
+def scribble(image: Image.Image, rng: random.Random, n: int) -> Image.Image:
+    """`n` lines, dots and small shapes of any color over an image, anti-aliased as the renderer draws: structure
+    outside the world's vocabulary, so the autoencoder learns to encode pictures, not just the world's words."""
+    side = SIZE * SS
+    layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    for _ in range(n):
+        color = (*(rng.randrange(256) for _ in range(3)), 255)
+        x, y = rng.uniform(0, side), rng.uniform(0, side)
+        kind = rng.randrange(3)
+        if kind == 0:
+            length, angle = rng.uniform(4, 24) * SS, rng.uniform(0, 2 * math.pi)
+            end = (x + length * math.cos(angle), y + length * math.sin(angle))
+            draw.line([(x, y), end], fill=color, width=int(rng.uniform(1, 3) * SS))
+        elif kind == 1:
+            r = rng.uniform(0.7, 3) * SS
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+        else:
+            px = int(rng.uniform(4, 14) * SS)
+            layer.paste(color, (int(x - px / 2), int(y - px / 2)), shape_mask(rng.choice(SHAPES), px))
+    layer = layer.resize((SIZE, SIZE), Image.BOX)
+    return Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
+
+
+def autoencoder_scene(rng: random.Random) -> Scene:
+    """What the autoencoder learns from: scenes whose objects carry marks more often than the denoiser's do, and
+    views of marked subjects as personalization shows them (larger, turned further). Held-out identities never
+    appear, so the subjects a benchmark measures are new to it."""
+    if rng.random() < 0.25:
+        while True:
+            subject = random_subject(rng)
+            if not held_out_identity(subject):
+                return views(subject, 1, rng)[0]
+    return random_scene(rng, allow_held_out=False, marks=0.6)
+
+
+def autoencoder_batch(rng: random.Random, n: int) -> tuple[list[Image.Image], list[str]]:
+    """`n` images and their backgrounds; half of them scribbled over."""
+    images, backgrounds = [], []
+    for _ in range(n):
+        scene = autoencoder_scene(rng)
+        image = render(scene)[0]
+        if rng.random() < 0.5:
+            image = scribble(image, rng, rng.randint(1, 8))
+        images.append(image)
+        backgrounds.append(scene.background)
+    return images, backgrounds
+
+
 def train_vae(vae, args, work: Path) -> float | None:
-    """Object-weighted reconstruction (L1 + MSE) with a tiny KL term, on windows of freshly rendered scenes.
+    """Object-weighted reconstruction (L1 + MSE) with a tiny KL term, on windows of freshly drawn images.
     Returns the phase's seconds of work (None when it resumed from a checkpoint that predates keeping them)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt = work / "vae.safetensors"
@@ -211,9 +274,9 @@ def train_vae(vae, args, work: Path) -> float | None:
     bar = tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps)
     for step in bar:
         rng = random.Random(f"{args.seed}-vae-{step}")
-        scenes = [random_scene(rng) for _ in range(args.vae_batch_size)]
-        x = to_tensor([render(s)[0] for s in scenes]).to(args.device)
-        w = object_weights(x, [s.background for s in scenes])
+        images, backgrounds = autoencoder_batch(rng, args.vae_batch_size)
+        x = to_tensor(images).to(args.device)
+        w = object_weights(x, backgrounds)
         x, w = random_crops(torch.cat([x, w], dim=1), args.vae_crop, rng).split([3, 1], dim=1)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=50)
@@ -246,10 +309,11 @@ def encode_scenes(vae, scenes, batch_size: int, device) -> tuple[torch.Tensor, t
     return torch.cat(chunks), torch.cat(masks)
 
 
-def training_scenes(seed: int, n: int) -> list:
-    """The denoiser's data set. Held-out (shape, color, pattern) triples are left out (see `render.held_out`)."""
+def training_scenes(seed: int, n: int, marks: float) -> list:
+    """The denoiser's data set: a share `marks` of its body shapes carry marks. Held-out (shape, color, pattern)
+    triples and held-out identities are left out (see `render.held_out`, `render.held_out_identity`)."""
     rng = random.Random(f"{seed}-scenes")
-    return [random_scene(rng, allow_held_out=False) for _ in range(n)]
+    return [random_scene(rng, allow_held_out=False, marks=marks) for _ in range(n)]
 
 
 class EMA:
@@ -322,7 +386,7 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, a
         prompts = [
             ""
             if rng.random() < args.caption_dropout
-            else caption(scenes[i], rng, args.attribute_dropout, args.right_first)
+            else caption(scenes[i], rng, args.attribute_dropout, args.right_first, args.mark_naming)
             for i in idx
         ]
         ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
@@ -399,9 +463,22 @@ def assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir: Path, out: Path)
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    store_half(out)
     for name in ("vocab.json", "merges.txt"):
         (out / "tokenizer" / name).write_bytes((tokenizer_dir / name).read_bytes())
     return pipe
+
+
+def store_half(folder: Path) -> None:
+    """Rewrites every weight file of a pipeline folder in fp16, which halves the package. The configs still say
+    float32, so `from_pretrained` loads the weights back into float32 modules (a CPU computes in float32; a
+    transformers model whose config said float16 would stay in half)."""
+    for path in sorted(folder.glob("*/*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(half, str(path), metadata=metadata)
 
 
 def parse_args(argv=None):
@@ -411,10 +488,13 @@ def parse_args(argv=None):
     flag(p, "seed", type=int, default=0)
     flag(p, "device", default="cpu")
     flag(p, "threads", type=int, default=2)
-    flag(p, "vae_steps", type=int, default=3000)
+    flag(p, "vae_steps", type=int, default=12000)
     flag(p, "vae_batch_size", type=int, default=32)
     flag(p, "vae_crop", type=int, default=32, help="side of the random windows the autoencoder sees")
     flag(p, "vae_lr", type=float, default=3e-3)
+    flag(p, "vae_channels", type=int, nargs="+", default=[16, 32, 64], help="the autoencoder's block widths")
+    flag(p, "vae_layers", type=int, default=1, help="the autoencoder's layers per block")
+    flag(p, "vae_latent_channels", type=int, default=4, help="channels of the latents (the UNet's in and out)")
     flag(p, "num_scenes", type=int, default=20000)
     flag(p, "steps", type=int, default=12000)
     flag(p, "batch_size", type=int, default=32)
@@ -427,6 +507,8 @@ def parse_args(argv=None):
         ("right_first", "a two-object caption names the right (bottom) object first"),
     ):
         flag(p, name, type=float, default=0.0, help=f"chance that {chance}")
+    flag(p, "marks", type=float, default=0.4, help="share of the denoiser's body shapes that carry marks")
+    flag(p, "mark_naming", type=float, default=0.75, help="chance that a caption names an object's marks")
     flag(p, "object_weight", type=float, default=2.5, help="loss weight of latent cells holding an object")
     flag(
         p,
@@ -451,16 +533,22 @@ def main(argv=None) -> None:
     tokenizer_dir = args.work_dir / "tokenizer"
     tokenizer = build_tokenizer(tokenizer_dir)
     if args.init_from is None:
-        vae, unet, text_encoder = make_vae(), make_unet(), make_text_encoder(tokenizer)
+        vae = make_vae(tuple(args.vae_channels), args.vae_layers, args.vae_latent_channels)
+        unet, text_encoder = make_unet(args.vae_latent_channels), make_text_encoder(tokenizer)
         vae.to(args.device)
         vae_seconds = train_vae(vae, args, args.work_dir)
     else:  # a further phase of an existing base: no autoencoder training
         base = StableDiffusionPipeline.from_pretrained(args.init_from)
+        if (base.tokenizer.get_vocab(), base.tokenizer.model_max_length) != (
+            tokenizer.get_vocab(),
+            tokenizer.model_max_length,
+        ):
+            raise SvdiffError(f"--init_from {args.init_from}: its tokenizer is not this world's; pretrain from scratch")
         vae, unet, text_encoder, vae_seconds = base.vae, base.unet, base.text_encoder, 0.0
         vae.to(args.device)
 
     encoding = time.time()
-    scenes = training_scenes(args.seed, args.num_scenes)
+    scenes = training_scenes(args.seed, args.num_scenes, args.marks)
     latents, masks = encode_scenes(vae, scenes, 256, args.device)
     args.scaling_factor = round(1.0 / latents.std().item(), 5)
     vae.register_to_config(scaling_factor=args.scaling_factor)

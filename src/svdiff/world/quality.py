@@ -5,9 +5,11 @@ import itertools
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -15,28 +17,100 @@ from tqdm.auto import tqdm
 from ..pictures import grid
 from . import GUIDANCE_SCALE, default_base, default_judge
 from .evaluate import match, parse_prompt, score
-from .judge import load, nearest_slot, read
-from .render import COLORS, PATTERNS, POSITION_PHRASES, SHAPES, held_out, random_scene, render
-from .subjects import random_subject, views
+from .judge import SLOTS, load, nearest_slot, read
+from .render import (
+    BODY_SHAPES,
+    COLORS,
+    PATTERNS,
+    POSITION_PHRASES,
+    SHAPES,
+    describe,
+    held_out,
+    random_scene,
+    render,
+)
+from .subjects import examples, random_subject, unseen_subject, views
 from .tokenizer import IDENTIFIERS
+
+MARKS = ("emblem", "emblem_color", "outline")
 
 
 def judge_accuracy(model, n_scenes: int, seed: int) -> dict:
-    """Per-attribute accuracy over every object of `n_scenes` fresh scenes (a seed the judge never trained on)."""
+    """Per-attribute accuracy over every object of `n_scenes` fresh scenes (a seed the judge never trained on),
+    half of whose objects carry marks. Marks are counted over the shapes that can carry them (emblem and outline,
+    "none" included) and emblem color over the objects that have an emblem."""
     rng = random.Random(f"eval-{seed}")
-    scenes = [random_scene(rng) for _ in range(n_scenes)]
-    rendered = [render(s) for s in scenes]
+    rendered = [render(random_scene(rng, marks=0.5)) for _ in range(n_scenes)]
     readings = read(model, [im for im, _ in rendered])
-    hits = {"shape": 0, "color": 0, "pattern": 0, "position": 0}
-    total = 0
+    hits, totals = {}, {}
     for (_, truth), reading in zip(rendered, readings, strict=True):
         for obj in truth.objects:
-            found = reading["slots"][list(reading["slots"])[nearest_slot(obj["box"])]]
-            total += 1
-            hits["position"] += found is not None
-            for k in ("shape", "color", "pattern"):
-                hits[k] += found is not None and found[k] == obj[k]
-    return {k: round(v / total, 4) for k, v in hits.items()} | {"objects": total}
+            found = reading["slots"][SLOTS[nearest_slot(obj["box"])]]
+            asked = ["position", "shape", "color", "pattern"]
+            if obj["shape"] in BODY_SHAPES:
+                asked += ["emblem", "outline"] + (["emblem_color"] if obj["emblem"] else [])
+            for k in asked:
+                totals[k] = totals.get(k, 0) + 1
+                hits[k] = hits.get(k, 0) + (found is not None and (k == "position" or found[k] == obj[k]))
+    return {k: round(hits[k] / totals[k], 4) for k in totals} | {"objects": totals["position"]}
+
+
+def fidelity_subjects(n_fresh: int, seed: int) -> dict[str, tuple]:
+    """The example subjects and `n_fresh` new subjects of held-out identities, four views each: name → (subject,
+    rendered views)."""
+    subjects = {name: (subject, [render(v)[0] for v in scenes]) for name, (subject, scenes) in examples().items()}
+    rng = random.Random(f"fidelity-{seed}")
+    for i in range(n_fresh):
+        subject = unseen_subject(rng)
+        subjects[f"fresh_{i:02d}"] = (subject, [render(v)[0] for v in views(subject, 4, rng)])
+    return subjects
+
+
+def mutual(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of a[i] to b[j] over i ≠ j: how much an image looks like the subject's other views."""
+    sim = a @ b.T
+    return float(sim[~torch.eye(len(sim), dtype=torch.bool)].mean())
+
+
+@torch.no_grad()
+def autoencoder_fidelity(vae, model, subjects: dict[str, tuple]) -> dict:
+    """Whether the autoencoder can draw the subjects at all: each view encoded and decoded
+    (`vae.decode(vae.encode(x).latent_dist.mode())`), then the judge's similarity of each reconstruction to the
+    subject's other real views against the real views' own mutual similarity, the mean absolute error in levels
+    of 255, and whether the judge reads the subject's marks on the reconstructions as it does on the views."""
+    rows = {}
+    for name, (subject, images) in subjects.items():
+        x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images]).permute(0, 3, 1, 2)
+        x = x / 127.5 - 1.0
+        recon = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float().clamp(-1, 1)
+        recon_images = [Image.fromarray(a) for a in ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+        real, back = read(model, images), read(model, recon_images)
+        zr = torch.stack([r["embedding"] for r in real])
+        zb = torch.stack([r["embedding"] for r in back])
+        truth = {k: getattr(subject, k) for k in MARKS}
+        marks = [
+            all(found is not None and found[k] == v for k, v in truth.items())
+            for found in (
+                max((f for f in r["slots"].values() if f), key=lambda f: f["confidence"], default=None) for r in back
+            )
+        ]
+        views_similarity, recon_similarity = mutual(zr, zr), mutual(zb, zr)
+        rows[name] = {
+            "views_vs_each_other": round(views_similarity, 4),
+            "reconstruction_vs_other_views": round(recon_similarity, 4),
+            "ratio": round(recon_similarity / views_similarity, 4),
+            "mean_abs_error_levels": round(float((recon - x).abs().mean() * 127.5), 3),
+            "marks_read": round(sum(marks) / len(marks), 4),
+        }
+    summary = {
+        "worst_ratio": min(r["ratio"] for r in rows.values()),
+        "mean_ratio": round(sum(r["ratio"] for r in rows.values()) / len(rows), 4),
+        "worst_mean_abs_error_levels": max(r["mean_abs_error_levels"] for r in rows.values()),
+        "mean_abs_error_levels": round(sum(r["mean_abs_error_levels"] for r in rows.values()) / len(rows), 3),
+        "marks_read": round(sum(r["marks_read"] for r in rows.values()) / len(rows), 4),
+        "subjects": len(rows),
+    }
+    return {"summary": summary, "subjects": rows}
 
 
 def subject_similarity(model, n_subjects: int, seed: int) -> dict:
@@ -68,6 +142,25 @@ def unseen_single_prompts(n: int, seed: int) -> list[str]:
     for i in range(n):
         shape, color, pattern = triples[i % len(triples)]
         text = f"a photo of a {color} {pattern} {shape}"
+        if rng.random() < 0.5:
+            text += " " + POSITION_PHRASES[rng.choice(tuple(POSITION_PHRASES))]
+        prompts.append(text)
+    return prompts
+
+
+def mark_prompts(n: int, seed: int) -> list[str]:
+    """Prompts that name marks, on identities held out of pretraining: an emblem, an outline or both, on a body
+    shape, half of them with a place ("a photo of a pink striped heart with a white outline and a black diamond
+    emblem on the left")."""
+    rng = random.Random(f"marks-{seed}")
+    prompts = []
+    for i in range(n):
+        subject = unseen_subject(rng)
+        if i % 3 == 1:
+            subject = replace(subject, outline=None)
+        elif i % 3 == 2:
+            subject = replace(subject, emblem=None, emblem_color=None)
+        text = f"a photo of a {describe(subject)}"
         if rng.random() < 0.5:
             text += " " + POSITION_PHRASES[rng.choice(tuple(POSITION_PHRASES))]
         prompts.append(text)
@@ -169,27 +262,45 @@ def text_separation(pipe) -> dict:
     }
 
 
+def mark_accuracy(model, images, prompts) -> dict:
+    """Per mark the prompts name (emblem, its color, outline), how often the judge finds it on the asked-for
+    object, and how often every named mark is right."""
+    counts, totals, every = {}, {}, 0
+    for image, prompt in zip(images, prompts, strict=True):
+        (m,) = score(model, [image], prompt)[0]["objects"]
+        named = {k: ok for k, ok in m["correct"].items() if k in MARKS}
+        every += all(named.values())
+        for k, ok in named.items():
+            counts[k] = counts.get(k, 0) + ok
+            totals[k] = totals.get(k, 0) + 1
+    return {k: round(counts[k] / totals[k], 4) for k in totals} | {"all_marks_correct": round(every / len(prompts), 4)}
+
+
 def measure(
     quick: bool = False, seed: int = 0, guidance_scale: float = GUIDANCE_SCALE, threads: int = 2, base=None
 ) -> dict:
     """The figures of `benchmarks/world_quality.py` for the shipped base, or for the pipeline folder `base`."""
     torch.set_num_threads(threads)
     judge = load(default_judge())
-    n_scenes, n_subjects, n_single, n_pairs = (200, 50, 40, 20) if quick else (2000, 200, 200, 100)
+    n_scenes, n_subjects, n_single, n_pairs, n_fresh = (200, 50, 40, 20, 4) if quick else (2000, 200, 200, 100, 20)
     pipe = diffusers.DiffusionPipeline.from_pretrained(base or default_base())
     pipe.set_progress_bar_config(disable=True)
     single = unseen_single_prompts(n_single, seed)
     pairs = pair_prompts(n_pairs, seed)
     bare = class_prompts(n_pairs)
+    marked = mark_prompts(n_pairs, seed)
     return {
         "judge_on_fresh_renders": judge_accuracy(judge, n_scenes, seed),
         "judge_subject_similarity": subject_similarity(judge, n_subjects, seed),
+        "autoencoder_on_subjects": autoencoder_fidelity(pipe.vae, judge, fidelity_subjects(n_fresh, seed)),
         "base_unseen_single_object": prompt_accuracy(judge, generate(pipe, single, guidance_scale, 25, seed), single)
         | {"prompts": n_single},
         "base_left_right_pairs": pair_accuracy(judge, generate(pipe, pairs, guidance_scale, 25, seed + 1), pairs)
         | {"prompts": n_pairs},
         "base_class_prompts": prompt_accuracy(judge, generate(pipe, bare, guidance_scale, 25, seed + 2), bare)
         | {"prompts": len(bare)},
+        "base_mark_prompts": mark_accuracy(judge, generate(pipe, marked, guidance_scale, 25, seed + 3), marked)
+        | {"prompts": len(marked)},
         "text_separation": text_separation(pipe),
         "sampling_16_images_25_ddim_steps_seconds": sampling_seconds(pipe, guidance_scale),
         "settings": {

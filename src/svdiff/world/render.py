@@ -35,6 +35,9 @@ POSITION_PHRASES = {
     "center": "in the center",
 }
 MARK_COLORS = {**COLORS, "black": (20, 20, 20), "white": (250, 250, 250)}
+# Shapes whose centre is solid enough to carry an emblem (a ring's centre is a hole, a cross's arms are thin), and
+# the shapes an emblem takes.
+BODY_SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
 BACKGROUNDS = {"white": (246, 246, 244), "gray": (150, 150, 150), "beige": (232, 216, 184), "dark": (40, 44, 52)}
 # Two-object scenes always pair opposite sides, so the caption can say where each object is.
 PAIRS = (("left", "right"), ("top", "bottom"))
@@ -49,10 +52,11 @@ class WorldObject:
     position: str = "center"
     angle: float = 0.0  # degrees, counter-clockwise
     offset: tuple[int, int] = (0, 0)  # pixels from the position's anchor
-    # Marks only subjects carry (see `subjects.py`); pretraining scenes never have them.
-    emblem: str | None = None  # a small shape at the centre
+    # Marks: a small shape at the centre in another color, and a colored border. Pretraining scenes put them on a
+    # share of the objects and name them in words; a subject is a combination of them never seen whole.
+    emblem: str | None = None
     emblem_color: str | None = None
-    outline: str | None = None  # color of a border around the shape
+    outline: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,21 +195,36 @@ def render(scene: Scene) -> tuple[Image.Image, Truth]:
     return canvas.resize((SIZE, SIZE), Image.BOX), truth
 
 
-def describe(obj: WorldObject, size: bool = False, pattern: bool = True, color: bool = True) -> str:
+def describe(obj: WorldObject, size: bool = False, pattern: bool = True, color: bool = True, marks: bool = True) -> str:
+    """ "large pink striped heart with a white outline and a black diamond emblem": the object, with the words
+    asked for."""
     words = [obj.size] if size else []
     if color:
         words.append(obj.color)
     if pattern:
         words.append(obj.pattern)
     words.append(obj.shape)
+    named = []
+    if marks and obj.outline:
+        named.append(f"a {obj.outline} outline")
+    if marks and obj.emblem:
+        named.append(f"a {obj.emblem_color} {obj.emblem} emblem")
+    if named:
+        words += ["with", " and ".join(named)]
     return " ".join(words)
 
 
 def caption(
-    scene: Scene, rng: random.Random | None = None, attribute_dropout: float = 0.0, right_first: float = 0.0
+    scene: Scene,
+    rng: random.Random | None = None,
+    attribute_dropout: float = 0.0,
+    right_first: float = 0.0,
+    mark_naming: float = 0.75,
 ) -> str:
     """The scene's caption. With an rng, optional words (size, plain, position of a lone object, background) are
-    dropped at random so a model learns each word on its own; without one, the caption says everything.
+    dropped at random so a model learns each word on its own; an object's marks are named with chance
+    `mark_naming`, so a model also learns to draw marks that a caption leaves unsaid; without an rng, the caption
+    says everything.
     `attribute_dropout` also drops an object's color, and its pattern, each with that probability, so that a
     caption naming only the class ("a photo of a heart") still draws one. `right_first` is the chance that a
     two-object caption names the right (or bottom) object first, so that a model binds each object to its place
@@ -225,7 +244,8 @@ def caption(
         if attribute_dropout > 0:
             color = keep(1 - attribute_dropout)
             pattern = pattern and keep(1 - attribute_dropout)
-        text = describe(obj, size=size, pattern=pattern, color=color)
+        marks = not (obj.emblem or obj.outline) or keep(mark_naming)
+        text = describe(obj, size=size, pattern=pattern, color=color, marks=marks)
         if len(scene.objects) > 1 or keep(0.8):
             text += " " + POSITION_PHRASES[obj.position]
         parts.append(("an " if text[0] in "aeiou" else "a ") + text)
@@ -241,6 +261,55 @@ def held_out(shape: str, color: str, pattern: str) -> bool:
     return (SHAPES.index(shape) * 3 + list(COLORS).index(color) * 5 + PATTERNS.index(pattern) * 7) % 8 == 3
 
 
+def random_marks(rng: random.Random, color: str, shape: str, emblem: bool = True, outline: bool = True) -> dict:
+    """An emblem (a body shape other than the object's, in a color other than its) and an outline color that
+    differs from both, or only one of the two."""
+    marks = {"emblem": None, "emblem_color": None, "outline": None}
+    if emblem:
+        marks["emblem"] = rng.choice([s for s in BODY_SHAPES if s != shape])
+        marks["emblem_color"] = rng.choice([c for c in MARK_COLORS if c != color])
+    if outline:
+        marks["outline"] = rng.choice([c for c in MARK_COLORS if c not in (color, marks["emblem_color"])])
+    return marks
+
+
+IDENTITY = ("shape", "color", "pattern", "emblem", "emblem_color", "outline")
+
+
+def identity(obj: WorldObject) -> tuple:
+    """The fields that make an object itself, independent of where and how it is seen."""
+    return tuple(getattr(obj, k) for k in IDENTITY)
+
+
+def held_out_identity(obj: WorldObject) -> bool:
+    """One in eight identities with both marks never appears in pretraining (the example subjects' are among
+    them, see `subjects.py`), so a subject drawn from them is a combination the base has never seen whole."""
+    if not (obj.emblem and obj.outline):
+        return False
+    code = (
+        SHAPES.index(obj.shape) * 3
+        + list(COLORS).index(obj.color) * 5
+        + PATTERNS.index(obj.pattern) * 7
+        + SHAPES.index(obj.emblem) * 11
+        + list(MARK_COLORS).index(obj.emblem_color) * 13
+        + list(MARK_COLORS).index(obj.outline) * 17
+    )
+    return code % 8 == 5 or identity(obj) in EXAMPLE_IDENTITIES
+
+
+# The example subjects of `examples/subjects/` (see `subjects.EXAMPLES`), kept out of pretraining whatever the rule.
+EXAMPLE_IDENTITIES = frozenset(
+    {
+        ("circle", "green", "striped", "square", "white", "red"),
+        ("heart", "pink", "striped", "diamond", "black", "white"),
+        ("heart", "blue", "dotted", "square", "purple", "yellow"),
+        ("square", "orange", "dotted", "diamond", "white", "cyan"),
+        ("star", "cyan", "striped", "triangle", "yellow", "blue"),
+        ("triangle", "blue", "checkered", "heart", "black", "cyan"),
+    }
+)
+
+
 def random_object(
     rng: random.Random,
     position: str,
@@ -248,31 +317,47 @@ def random_object(
     jitter: int = 2,
     max_angle: float = 12.0,
     allow_held_out: bool = True,
+    marks: float = 0.0,
 ) -> WorldObject:
+    """An object with random attributes. A body shape carries marks with chance `marks`: an emblem, an outline,
+    or both, each combination as often. Without `allow_held_out`, neither a held-out (shape, color, pattern)
+    triple nor a held-out identity is drawn."""
     while True:
         shape, color, pattern = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(PATTERNS)
-        if allow_held_out or not held_out(shape, color, pattern):
-            break
-    return WorldObject(
-        shape=shape,
-        color=color,
-        pattern=pattern,
-        size=rng.choice(sizes),
-        position=position,
-        angle=round(rng.uniform(-max_angle, max_angle), 1),
-        offset=(rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)),
-    )
+        if not allow_held_out and held_out(shape, color, pattern):
+            continue
+        drawn = {}
+        if shape in BODY_SHAPES and marks > 0 and rng.random() < marks:
+            kind = rng.randrange(3)
+            drawn = random_marks(rng, color, shape, emblem=kind != 1, outline=kind != 0)
+        obj = WorldObject(
+            shape=shape,
+            color=color,
+            pattern=pattern,
+            size=rng.choice(sizes),
+            position=position,
+            angle=round(rng.uniform(-max_angle, max_angle), 1),
+            offset=(rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)),
+            **drawn,
+        )
+        if allow_held_out or not held_out_identity(obj):
+            return obj
 
 
-def random_scene(rng: random.Random, n_objects: int | None = None, allow_held_out: bool = True) -> Scene:
-    """A scene with one object anywhere, or two on opposite sides (small or medium so they never overlap)."""
+def random_scene(
+    rng: random.Random, n_objects: int | None = None, allow_held_out: bool = True, marks: float = 0.0
+) -> Scene:
+    """A scene with one object anywhere, or two on opposite sides (small or medium so they never overlap); each
+    body shape carries marks with chance `marks`."""
     if n_objects is None:
         n_objects = 1 if rng.random() < 0.5 else 2
     if n_objects == 1:
-        objects = (random_object(rng, rng.choice(tuple(POSITIONS)), allow_held_out=allow_held_out),)
+        objects = (random_object(rng, rng.choice(tuple(POSITIONS)), allow_held_out=allow_held_out, marks=marks),)
     elif n_objects == 2:
         pair = rng.choice(PAIRS)
-        objects = tuple(random_object(rng, p, sizes=("small", "medium"), allow_held_out=allow_held_out) for p in pair)
+        objects = tuple(
+            random_object(rng, p, sizes=("small", "medium"), allow_held_out=allow_held_out, marks=marks) for p in pair
+        )
     else:
         raise ValueError("a scene holds one or two objects")
     return Scene(objects=objects, background=rng.choice(tuple(BACKGROUNDS)))
@@ -280,8 +365,8 @@ def random_scene(rng: random.Random, n_objects: int | None = None, allow_held_ou
 
 def world_words() -> list[str]:
     """Every word a caption of this world can contain."""
-    words = {"a", "an", "photo", "of", "and", "on", "the", "at", "in", "background"}
-    words.update(SHAPES, COLORS, PATTERNS, SIZES, BACKGROUNDS)
+    words = {"a", "an", "photo", "of", "and", "on", "the", "at", "in", "background", "with", "outline", "emblem"}
+    words.update(SHAPES, MARK_COLORS, PATTERNS, SIZES, BACKGROUNDS)
     for phrase in POSITION_PHRASES.values():
         words.update(phrase.split())
     return sorted(words)

@@ -1,8 +1,10 @@
-"""Subjects: unique objects the base model cannot draw from words alone, each seen in a few views.
+"""Subjects: unique objects, each seen in a few views, that the base model has never seen whole.
 
-A subject is a world shape with marks no pretraining scene has (a two-color emblem at its centre and a colored
-outline); a view places it somewhere else, at another size, angle and background. Fine-tuning binds a subject to an
-identifier ("a photo of sks heart"); the class word keeps meaning every heart.
+A subject is a world shape with both marks, an emblem at its centre and a colored outline. The base knows every
+part from pretraining (shapes, colors, patterns, emblems and outlines, named in captions), but never this
+combination: held-out identities (`render.held_out_identity`) are kept out of pretraining. A view places the subject
+somewhere else, at another size, angle and background. Fine-tuning binds a subject to an identifier ("a photo of
+sks heart"), as DreamBooth binds a particular dog; the class word keeps meaning every heart.
 """
 
 import json
@@ -10,28 +12,36 @@ import random
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .render import BACKGROUNDS, COLORS, MARK_COLORS, PATTERNS, SHAPES, Scene, WorldObject, render
+from .render import (
+    BACKGROUNDS,
+    BODY_SHAPES,
+    COLORS,
+    IDENTITY,
+    PATTERNS,
+    Scene,
+    WorldObject,
+    held_out_identity,
+    random_marks,
+    render,
+)
 
-# Shapes whose centre is solid enough to carry an emblem (a ring's centre is a hole, a cross's arms are thin).
-BODY_SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
 VIEW_POSITIONS = ("left", "right", "top", "bottom", "center")
 
 
 def random_subject(rng: random.Random, shape: str | None = None) -> WorldObject:
+    """A body shape with both marks (any identity; `unseen_subject` draws one pretraining never showed)."""
     shape = shape or rng.choice(BODY_SHAPES)
     color = rng.choice(list(COLORS))
-    emblem = rng.choice([s for s in SHAPES if s not in (shape, "ring", "cross")])
-    emblem_color = rng.choice([c for c in MARK_COLORS if c != color])
-    outline = rng.choice([c for c in MARK_COLORS if c not in (color, emblem_color)])
-    return WorldObject(
-        shape=shape,
-        color=color,
-        pattern=rng.choice(PATTERNS),
-        size="large",
-        emblem=emblem,
-        emblem_color=emblem_color,
-        outline=outline,
-    )
+    marks = random_marks(rng, color, shape)
+    return WorldObject(shape=shape, color=color, pattern=rng.choice(PATTERNS), size="large", **marks)
+
+
+def unseen_subject(rng: random.Random, shape: str | None = None) -> WorldObject:
+    """A subject whose identity is held out of pretraining: what a benchmark measures personalization on."""
+    while True:
+        subject = random_subject(rng, shape)
+        if held_out_identity(subject):
+            return subject
 
 
 def views(subject: WorldObject, n: int, rng: random.Random) -> list[Scene]:
@@ -56,8 +66,7 @@ def views(subject: WorldObject, n: int, rng: random.Random) -> list[Scene]:
 
 def identity(subject: WorldObject) -> dict:
     """The fields that make a subject itself, independent of any view."""
-    keep = ("shape", "color", "pattern", "emblem", "emblem_color", "outline")
-    return {k: v for k, v in asdict(subject).items() if k in keep}
+    return {k: v for k, v in asdict(subject).items() if k in IDENTITY}
 
 
 def write_subject_folder(folder: Path, subject: WorldObject, identifier: str, n_views: int, seed: int) -> None:
@@ -92,6 +101,15 @@ EXAMPLES = (
     ("circle_qlo", "circle", "qlo", 15),
     ("triangle_sks", "triangle", "sks", 16),
 )
+
+
+def examples(n_views: int = 4) -> dict[str, tuple[WorldObject, list[Scene]]]:
+    """The example set, name → (subject, its views), as `write_examples` writes it."""
+    out = {}
+    for name, shape, _, seed in EXAMPLES:
+        subject = random_subject(random.Random(seed), shape=shape)
+        out[name] = (subject, views(subject, n_views, random.Random(seed)))
+    return out
 
 
 def write_examples(root: str | Path, n_views: int = 4) -> list[Path]:

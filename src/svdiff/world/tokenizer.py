@@ -57,8 +57,9 @@ def vocabulary_words() -> list[str]:
     return sorted(set(world_words()) | set(IDENTIFIERS))
 
 
-def build_tokenizer(out_dir: str | Path, max_length: int = 32) -> CLIPTokenizer:
-    """Writes vocab.json and merges.txt into `out_dir` and loads them with stock CLIPTokenizer."""
+def build_tokenizer(out_dir: str | Path, max_length: int = 48) -> CLIPTokenizer:
+    """Writes vocab.json and merges.txt into `out_dir` and loads them with stock CLIPTokenizer. 48 positions hold the
+    longest caption (two objects, each named with both marks, a size and a place, and the background)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     merges = learn_merges(vocabulary_words())
