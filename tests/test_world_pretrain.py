@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from svdiff.world.pretrain import encode_scenes, main, make_vae, sample_timesteps
+from svdiff.world.denoisers import sample_timesteps
+from svdiff.world.pretrain import encode_scenes, main, make_vae
 from svdiff.world.render import Scene, WorldObject, world_words
 from svdiff.world.tokenizer import IDENTIFIERS
 
@@ -107,3 +108,49 @@ def test_init_from_trains_an_existing_base_further(tmp_path):
         assert torch.equal(a, b)
     moved = [not torch.equal(a, b) for a, b in zip(shipped.unet.parameters(), further.unet.parameters(), strict=True)]
     assert any(moved)
+
+
+@pytest.mark.slow
+def test_a_flow_base_from_a_unet_base_loads_in_stock_diffusers_and_draws_as_svdiff_does(tmp_path):
+    """`--family sd3`: an SD3 pipeline whose autoencoder is the UNet base's, whose first text encoder starts from
+    the UNet base's, and whose T5 slot is silent; stock `from_pretrained` loads it whole, and svdiff, which computes
+    the empty T5 tokens as one, draws what the stock call draws."""
+    import numpy as np
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+    from svdiff.families.sd3 import AbsentT5Attention
+    from svdiff.sample import load_pipeline, sample
+    from svdiff.world import default_base
+
+    out = tmp_path / "flow"
+    main(
+        ["--family", "sd3", "--out", str(out), "--work_dir", str(tmp_path / "work"), "--init_from", str(default_base())]
+        + ["--num_scenes", "8", "--steps", "2", "--batch_size", "2", "--checkpoint_every", "1", "--preview_every", "2"]
+    )
+    assert (tmp_path / "work" / "preview_000002.png").exists()
+    stock = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(stock, StableDiffusion3Pipeline)
+    assert not any(p.any() for p in stock.text_encoder_3.parameters())
+    record = json.loads((tmp_path / "work" / "run.json").read_text())
+    assert record["family"] == "sd3" and record["phase_minutes"]["autoencoder"] == 0.0
+    assert stock.vae.config.shift_factor == record["shift_factor"] != 0
+    shipped = DiffusionPipeline.from_pretrained(default_base())
+    for a, b in zip(shipped.vae.parameters(), stock.vae.parameters(), strict=True):
+        assert torch.equal(a, b)
+    first = stock.text_encoder.text_model.state_dict()
+    close = [torch.allclose(v, first[k], atol=0.02) for k, v in shipped.text_encoder.state_dict().items()]
+    assert all(close)  # two steps from the UNet base's encoder
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(
+        "a photo of a red heart",
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
+    pipe = load_pipeline(out)
+    (image,) = sample(
+        pipe, "a photo of a red heart", num_images=1, num_inference_steps=4, guidance_scale=4.0, progress=False
+    )
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.processor, AbsentT5Attention)
+    assert np.abs(np.asarray(image) / 255.0 - expected).max() <= 1 / 255 + 1e-6

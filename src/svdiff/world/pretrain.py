@@ -1,12 +1,14 @@
-"""Pretrains the embedded base: a tiny Stable Diffusion pipeline that draws the shapes world from its captions.
+"""Pretrains an embedded base: a tiny diffusers pipeline that draws the shapes world from its captions.
 
     python -m svdiff.world.pretrain --out src/svdiff/world/base --work_dir runs/pretrain
+    python -m svdiff.world.pretrain --family sd3 --init_from src/svdiff/world/base --out src/svdiff/world/flow_base
 
 Two phases, as Stable Diffusion was built: an AutoencoderKL (64×64 RGB ↔ 16×16×4 latents), trained on random
-windows of rendered scenes; then the UNet and the CLIP text encoder together on the latents of a fixed set of
-scenes (v-prediction on SD's betas rescaled to zero terminal SNR, 10% empty captions for classifier-free guidance).
-Every random choice is a function of (seed, step), so the run is deterministic and resumes from its last checkpoint
-in `--work_dir` with the same command.
+windows of rendered scenes; then the denoiser and its text encoders together on the latents of a fixed set of
+scenes (10% empty captions for classifier-free guidance). `--family` picks the denoiser (`denoisers.py`): a UNet
+("sd", the default base) or a flow-matching transformer ("sd3", the flow base), which takes the autoencoder and
+the text encoder of the base given by `--init_from`. Every random choice is a function of (seed, step), so the run
+is deterministic and resumes from its last checkpoint in `--work_dir` with the same command.
 """
 
 import argparse
@@ -20,17 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..errors import SvdiffError
+from ..families import call_arguments
 from ..files import atomic_path
 from ..flags import flag
 from ..pictures import grid
+from .denoisers import BASES, voice_identifiers
 from .render import (
     BACKGROUNDS,
     SHAPES,
@@ -42,24 +45,10 @@ from .render import (
     random_scene,
     render,
     shape_mask,
-    world_words,
 )
 from .subjects import random_subject, views
-from .tokenizer import IDENTIFIERS, build_tokenizer
+from .tokenizer import build_tokenizer
 
-# Stable Diffusion's betas, rescaled so the last step is pure noise, with v-prediction and trailing timesteps
-# (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", as in SD 2.x's v-models). On 16×16
-# latents SD's schedule leaves ~7% of the image in its noisiest step, enough for the mean color of the scene to
-# show through; a model trained on that takes the background and colors from the starting noise, not the caption.
-NOISE_SCHEDULE = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    prediction_type="v_prediction",
-    rescale_betas_zero_snr=True,
-    timestep_spacing="trailing",
-)
 # Sampled at every checkpoint into work_dir/preview_<step>.png: four held-out triples, two pairs, no prompt.
 PREVIEW_PROMPTS = (
     "a photo of a pink striped star",
@@ -92,40 +81,6 @@ def make_vae(channels: tuple[int, ...] = (16, 32, 64), layers: int = 1, latent_c
     return vae
 
 
-def make_unet(latent_channels: int = 4) -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 128),
-        layers_per_block=1,
-        cross_attention_dim=128,
-        attention_head_dim=4,
-        norm_num_groups=8,
-        # The attention-pooled caption is added to the time embedding too (as in DeepFloyd IF), so what the
-        # caption says about the whole picture reaches every layer, not only the attention ones.
-        addition_embed_type="text",
-        addition_embed_type_num_heads=4,
-    )
-
-
-def make_text_encoder(tokenizer) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
-
-
 def to_tensor(images) -> torch.Tensor:
     """PIL images → a float batch in [-1, 1], as Stable Diffusion's VAE expects."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
@@ -138,15 +93,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def sample_timesteps(n: int, total: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """Training timesteps: uniform for shift 1; shift > 1 moves them towards the noisy end (u ↦ s·u / (1 + (s−1)·u),
-    as SD3 does), where a picture's layout and shapes are decided."""
-    if shift == 1:
-        return torch.randint(0, total, (n,), generator=generator)
-    u = torch.rand(n, generator=generator)
-    return (total * shift * u / (1 + (shift - 1) * u)).long().clamp(max=total - 1)
 
 
 def save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int, seconds: float) -> None:
@@ -333,53 +279,48 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
-def make_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
 @torch.no_grad()
-def preview(vae, unet, text_encoder, tokenizer, shadows: dict, path: Path, device) -> None:
+def preview(base, vae, shadows: dict, path: Path) -> None:
     """Samples the preview prompts with the averaged weights, without disturbing the weights being trained."""
-    unet_avg, text_avg = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    unet_avg.load_state_dict(shadows["unet"])
-    text_avg.load_state_dict(shadows["text_encoder"])
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_avg,
-        tokenizer=tokenizer,
-        unet=unet_avg,
-        scheduler=make_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    averaged = {}
+    for name, module in base.modules.items():
+        averaged[name] = copy.deepcopy(module).eval()
+        averaged[name].load_state_dict(shadows[name])
+    pipe = base.pipeline(vae, averaged)
     pipe.set_progress_bar_config(disable=True)
     images = []
     for prompt in PREVIEW_PROMPTS:
-        gen = torch.Generator(device).manual_seed(0)
+        gen = torch.Generator(base.args.device).manual_seed(0)
         images += pipe(
-            [prompt] * 6, num_inference_steps=25, guidance_scale=4.0, generator=gen, height=64, width=64
+            [prompt] * 6,
+            num_inference_steps=25,
+            guidance_scale=4.0,
+            generator=gen,
+            height=64,
+            width=64,
+            **call_arguments(pipe),
         ).images
     grid(images, cols=6, labels=[p or "(empty prompt)" for p in PREVIEW_PROMPTS]).save(path)
 
 
-def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, args, work: Path):
-    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+def train_denoiser(base, latents, masks, scenes, vae, args, work: Path):
+    """Trains the base's denoiser and text encoders together on the scenes' latents (already normalized), then
+    leaves their averaged weights in them. Returns the phase's seconds of work (None as `train_vae`)."""
+    modules = base.modules
+    params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ema_unet, ema_text = EMA(unet, args.ema_decay), EMA(text_encoder, args.ema_decay)
+    emas = {name: EMA(m, args.ema_decay) for name, m in modules.items()}
     ckpt = work / "denoiser.safetensors"
-    modules = {"unet": unet, "text_encoder": text_encoder}
     start, earlier = 0, 0.0
     if ckpt.exists():
         start, earlier = load_checkpoint(ckpt, modules, opt)
         shadows = load_file(str(work / "ema.safetensors"))
-        ema_unet.shadow = {k[5:]: v for k, v in shadows.items() if k.startswith("unet.")}
-        ema_text.shadow = {k[13:]: v for k, v in shadows.items() if k.startswith("text_encoder.")}
+        for name, ema in emas.items():
+            ema.shadow = {k[len(name) + 1 :]: v for k, v in shadows.items() if k.startswith(name + ".")}
     clock = Clock(earlier)
-    unet.train()
-    text_encoder.train()
-    bar = tqdm(range(start, args.steps), desc="unet+text", initial=start, total=args.steps)
+    for m in modules.values():
+        m.train()
+    bar = tqdm(range(start, args.steps), desc="denoiser", initial=start, total=args.steps)
     for step in bar:
         rng = random.Random(f"{args.seed}-denoise-{step}")
         idx = [rng.randrange(len(scenes)) for _ in range(args.batch_size)]
@@ -389,17 +330,10 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, a
             else caption(scenes[i], rng, args.attribute_dropout, args.right_first, args.mark_naming)
             for i in idx
         ]
-        ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        z0 = latents[idx] * args.scaling_factor
-        noise = torch.randn(z0.shape, generator=gen)
-        t = sample_timesteps(len(idx), noise_scheduler.config.num_train_timesteps, args.timestep_shift, gen)
-        z0, noise, t, ids = z0.to(args.device), noise.to(args.device), t.to(args.device), ids.to(args.device)
-        zt = noise_scheduler.add_noise(z0, noise, t)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
-        pred = unet(zt, t, text_encoder(ids).last_hidden_state).sample
-        err = (pred - noise_scheduler.get_velocity(z0, noise, t)).square()
+        err = base.error(latents[idx], prompts, gen)
         if args.object_weight == 1:
             loss = err.mean()
         else:  # as in the autoencoder: the objects carry what the caption says, the background little
@@ -409,63 +343,33 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, a
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema_unet.update(unet, step)
-        ema_text.update(text_encoder, step)
+        for name, ema in emas.items():
+            ema.update(modules[name], step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt, modules, opt, step + 1, clock.seconds())
-            shadows = {f"unet.{k}": v for k, v in ema_unet.shadow.items()}
-            shadows.update({f"text_encoder.{k}": v for k, v in ema_text.shadow.items()})
-            save_file({k: v.contiguous() for k, v in shadows.items()}, str(work / "ema.safetensors"))
+            shadows = {f"{name}.{k}": v.contiguous() for name, ema in emas.items() for k, v in ema.shadow.items()}
+            save_file(shadows, str(work / "ema.safetensors"))
             if (step + 1) % args.preview_every == 0 or step + 1 == args.steps:
-                preview(
-                    vae,
-                    unet,
-                    text_encoder,
-                    tokenizer,
-                    {"unet": ema_unet.shadow, "text_encoder": ema_text.shadow},
-                    work / f"preview_{step + 1:06d}.png",
-                    args.device,
-                )
-                unet.train()
-                text_encoder.train()
-    unet.load_state_dict(ema_unet.shadow)
-    text_encoder.load_state_dict(ema_text.shadow)
-    unet.eval()
-    text_encoder.eval()
+                averaged = {name: ema.shadow for name, ema in emas.items()}
+                preview(base, vae, averaged, work / f"preview_{step + 1:06d}.png")
+                for m in modules.values():
+                    m.train()
+    for name, m in modules.items():
+        m.load_state_dict(emas[name].shadow)
+        m.eval()
     return clock.total()
 
 
-def voice_identifiers(text_encoder, tokenizer) -> float:
-    """Identifiers are in no caption, so their embeddings keep their initial size, a third of a trained word's: the
-    encoder barely hears them and encodes "sks heart" as it does "xyz heart". A real model's rare word is a trained
-    word like any other, so each identifier keeps its random direction, scaled to the median norm of the world's
-    words (which it returns)."""
-    table = text_encoder.get_input_embeddings().weight
-    words = [tokenizer.convert_tokens_to_ids(w + "</w>") for w in world_words()]
-    rows = [tokenizer.convert_tokens_to_ids(w + "</w>") for w in IDENTIFIERS]
-    norm = table[words].detach().norm(dim=1).median()
-    with torch.no_grad():
-        table[rows] *= (norm / table[rows].norm(dim=1))[:, None]
-    return round(float(norm), 5)
-
-
-def assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir: Path, out: Path) -> StableDiffusionPipeline:
-    """A stock Stable Diffusion folder; the tokenizer keeps CLIP's vocab.json/merges.txt beside tokenizer.json."""
-    pipe = StableDiffusionPipeline(
-        vae=vae.cpu(),
-        text_encoder=text_encoder.cpu(),
-        tokenizer=tokenizer,
-        unet=unet.cpu(),
-        scheduler=make_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def assemble(base, vae, tokenizer_dir: Path, out: Path):
+    """A stock diffusers folder; each tokenizer keeps CLIP's vocab.json/merges.txt beside tokenizer.json."""
+    pipe = base.pipeline(vae.cpu(), {name: m.cpu() for name, m in base.modules.items()})
     pipe.save_pretrained(out, safe_serialization=True)
     store_half(out)
-    for name in ("vocab.json", "merges.txt"):
-        (out / "tokenizer" / name).write_bytes((tokenizer_dir / name).read_bytes())
+    for folder in ("tokenizer", "tokenizer_2"):
+        if (out / folder).is_dir():
+            for name in ("vocab.json", "merges.txt"):
+                (out / folder / name).write_bytes((tokenizer_dir / name).read_bytes())
     return pipe
 
 
@@ -485,6 +389,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     flag(p, "out", type=Path, required=True, help="where to write the pipeline folder")
     flag(p, "work_dir", type=Path, default=Path("runs/pretrain"), help="checkpoints, to resume from")
+    flag(p, "family", choices=sorted(BASES), default="sd", help="the denoiser: a UNet (sd) or an MMDiT (sd3)")
     flag(p, "seed", type=int, default=0)
     flag(p, "device", default="cpu")
     flag(p, "threads", type=int, default=2)
@@ -515,7 +420,8 @@ def parse_args(argv=None):
         "init_from",
         type=Path,
         default=None,
-        help="a pipeline folder to start from: its autoencoder is kept, its UNet and text encoder trained further",
+        help="a base to start from: its autoencoder is kept; a base of --family trains further, a UNet base gives an "
+        "sd3 base its text encoder",
     )
     flag(p, "checkpoint_every", type=int, default=250)
     flag(p, "preview_every", type=int, default=2500, help="a multiple of --checkpoint_every")
@@ -534,31 +440,32 @@ def main(argv=None) -> None:
     tokenizer = build_tokenizer(tokenizer_dir)
     if args.init_from is None:
         vae = make_vae(tuple(args.vae_channels), args.vae_layers, args.vae_latent_channels)
-        unet, text_encoder = make_unet(args.vae_latent_channels), make_text_encoder(tokenizer)
+        base = BASES[args.family](tokenizer, vae, args)
         vae.to(args.device)
         vae_seconds = train_vae(vae, args, args.work_dir)
-    else:  # a further phase of an existing base: no autoencoder training
-        base = StableDiffusionPipeline.from_pretrained(args.init_from)
-        if (base.tokenizer.get_vocab(), base.tokenizer.model_max_length) != (
+    else:  # another base's autoencoder (and text encoder or denoiser, as the family takes them): no autoencoder phase
+        init = DiffusionPipeline.from_pretrained(args.init_from)
+        if (init.tokenizer.get_vocab(), init.tokenizer.model_max_length) != (
             tokenizer.get_vocab(),
             tokenizer.model_max_length,
         ):
             raise SvdiffError(f"--init_from {args.init_from}: its tokenizer is not this world's; pretrain from scratch")
-        vae, unet, text_encoder, vae_seconds = base.vae, base.unet, base.text_encoder, 0.0
+        vae, vae_seconds = init.vae, 0.0
+        base = BASES[args.family](tokenizer, vae, args, init)
         vae.to(args.device)
 
     encoding = time.time()
     scenes = training_scenes(args.seed, args.num_scenes, args.marks)
     latents, masks = encode_scenes(vae, scenes, 256, args.device)
-    args.scaling_factor = round(1.0 / latents.std().item(), 5)
-    vae.register_to_config(scaling_factor=args.scaling_factor)
-
-    unet.to(args.device)
-    text_encoder.to(args.device)
+    args.shift_factor, args.scaling_factor = base.normalize(vae, latents)
+    latents = (latents - args.shift_factor) * args.scaling_factor
+    for module in base.modules.values():
+        module.to(args.device)
     encode_seconds = time.time() - encoding
-    denoiser_seconds = train_denoiser(unet, text_encoder, tokenizer, latents, masks, scenes, vae, args, args.work_dir)
-    args.identifier_norm = voice_identifiers(text_encoder, tokenizer)
-    assemble(vae, unet, text_encoder, tokenizer, tokenizer_dir, args.out)
+    denoiser_seconds = train_denoiser(base, latents, masks, scenes, vae, args, args.work_dir)
+    norms = [voice_identifiers(m, tokenizer) for name, m in base.modules.items() if name.startswith("text_encoder")]
+    args.identifier_norm = norms[0]
+    assemble(base, vae, tokenizer_dir, args.out)
     minutes = (time.time() - began) / 60
     phases = {"autoencoder": vae_seconds, "encoding": encode_seconds, "denoiser": denoiser_seconds}
     known = None not in phases.values()
