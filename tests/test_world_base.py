@@ -28,10 +28,24 @@ def pipe():
 def test_missing_base_is_a_one_line_error(monkeypatch, tmp_path):
     import svdiff.world as world
 
-    monkeypatch.setattr(world, "BASE_DIR", tmp_path / "nowhere")
-    with pytest.raises(SvdiffError, match="base pipeline is missing") as e:
+    monkeypatch.setitem(world.BASE_DIRS, "unet", tmp_path / "nowhere")
+    with pytest.raises(SvdiffError, match="embedded unet base is missing") as e:
         world.default_base()
     assert "\n" not in str(e.value)
+    with pytest.raises(SvdiffError, match="unknown embedded base 'dit'; choose from unet, flow"):
+        world.default_base("dit")
+
+
+def test_embedded_bases_by_name(tmp_path, monkeypatch):
+    import svdiff.world as world
+    from svdiff.models import default_guidance, is_embedded_base, resolve_base
+
+    assert resolve_base("embedded:unet") == resolve_base(None) == world.BASE_DIRS["unet"]
+    (tmp_path / "model_index.json").write_text("{}")
+    monkeypatch.setitem(world.BASE_DIRS, "flow", tmp_path)
+    assert resolve_base("embedded:flow") == tmp_path
+    assert is_embedded_base("embedded:flow") and is_embedded_base(str(tmp_path)) and not is_embedded_base("sd15")
+    assert default_guidance("embedded:flow") == world.GUIDANCE_SCALE
 
 
 @needs_base

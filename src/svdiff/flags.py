@@ -29,5 +29,6 @@ def base_flag(parser: argparse._ActionsContainer) -> argparse.Action:
         "pretrained_model_name_or_path",
         default=None,
         help="sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, flux-dev, flux-schnell (built-in "
-        "architectures), a diffusers folder or a hub id; default: the embedded tiny pipeline",
+        "architectures), a diffusers folder, a hub id, or embedded:unet / embedded:flow (the embedded tiny pipelines); "
+        "default: embedded:unet",
     )

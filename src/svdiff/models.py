@@ -63,9 +63,13 @@ def is_shifted(module: nn.Module) -> bool:
     return type(module).__name__ not in FROZEN_CLASSES
 
 
-def default_base() -> Path:
-    """The embedded tiny Stable Diffusion pipeline folder, used when no base is given."""
-    return world.default_base()
+EMBEDDED = "embedded:"  # `embedded:unet` (the default base), `embedded:flow`
+
+
+def default_base(name: str = "unet") -> Path:
+    """The folder of an embedded tiny pipeline: "unet" (Stable Diffusion, used when no base is given) or "flow"
+    (an SD3 transformer)."""
+    return world.default_base(name)
 
 
 def base_name(base: str | Path | None) -> str:
@@ -132,11 +136,18 @@ def model_index(base: str | Path, revision: str | None = None) -> dict:
 
 
 def resolve_base(base: str | Path | None) -> str | Path:
-    return default_base() if base is None else base
+    """The folder or hub id of a base: None and `embedded:<name>` name the embedded ones."""
+    if base is None:
+        return default_base()
+    if str(base).startswith(EMBEDDED):
+        return default_base(str(base)[len(EMBEDDED) :])
+    return base
 
 
 def is_embedded_base(base: str | Path | None) -> bool:
-    return base is None or Path(base).resolve() == world.BASE_DIR.resolve()
+    if base is None or str(base).startswith(EMBEDDED):
+        return True
+    return any(Path(base).resolve() == folder.resolve() for folder in world.BASE_DIRS.values())
 
 
 def default_guidance(base: str | Path | None) -> float:

@@ -1,11 +1,14 @@
 """The embedded tiny world: a renderer of shapes scenes, subjects to personalize, a judge that reads images back
-into words, and a small Stable Diffusion pipeline pretrained on the world, shipped in the package."""
+into words, and two small pipelines pretrained on the world, shipped in the package: a Stable Diffusion UNet base
+(the default) and a flow-matching transformer, an SD3 pipeline (`embedded:flow`)."""
 
 from pathlib import Path
 
 from ..errors import SvdiffError
 
-BASE_DIR = Path(__file__).parent / "base"
+# The embedded bases by name: `embedded:<name>` wherever a base is asked for, `default_base(name)` in Python.
+BASE_DIRS = {"unet": Path(__file__).parent / "base", "flow": Path(__file__).parent / "flow_base"}
+BASE_DIR = BASE_DIRS["unet"]
 # The classifier-free guidance the embedded base draws its prompts best at (`python benchmarks/world_quality.py
 # --guidance_scale G` measures it at another).
 GUIDANCE_SCALE = 3.0
@@ -13,11 +16,15 @@ GUIDANCE_SCALE = 3.0
 JUDGE_DIR = Path(__file__).parent / "judge_model"
 
 
-def default_base() -> Path:
-    """The folder of the embedded pipeline; `DiffusionPipeline.from_pretrained` loads it offline."""
-    if not (BASE_DIR / "model_index.json").is_file():
-        raise SvdiffError(f"the embedded base pipeline is missing from {BASE_DIR}; reinstall svdiff")
-    return BASE_DIR
+def default_base(name: str = "unet") -> Path:
+    """The folder of the embedded pipeline `name` ("unet" or "flow"); `DiffusionPipeline.from_pretrained` loads it
+    offline."""
+    if name not in BASE_DIRS:
+        raise SvdiffError(f"unknown embedded base {name!r}; choose from {', '.join(BASE_DIRS)}")
+    folder = BASE_DIRS[name]
+    if not (folder / "model_index.json").is_file():
+        raise SvdiffError(f"the embedded {name} base is missing from {folder}; reinstall svdiff")
+    return folder
 
 
 def default_judge() -> Path:
