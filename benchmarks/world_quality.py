@@ -1,7 +1,7 @@
 """Quality of the embedded world, printed as JSON: judge accuracy on fresh renders, the base model on prompts it
 never saw (single objects, left/right pairs) and on bare class prompts, and the time to draw 16 images.
 
-    HF_HUB_OFFLINE=1 python benchmarks/world_quality.py [--quick] [--guidance_scale 3] [--base DIR] [--out FILE]
+    HF_HUB_OFFLINE=1 python benchmarks/world_quality.py [--quick] [--guidance_scale 3] [--base DIR or embedded:flow] [--out FILE]
 """
 
 import argparse
@@ -19,7 +19,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--base", default=None, help="a pipeline folder (default: the shipped base)")
+    p.add_argument("--base", default=None, help="a pipeline folder or embedded:flow (default: embedded:unet)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     began = time.time()

@@ -8,14 +8,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..families import call_arguments
 from ..pictures import grid
-from . import GUIDANCE_SCALE, default_base, default_judge
+from ..sample import load_pipeline
+from . import GUIDANCE_SCALE, default_judge
 from .evaluate import match, parse_prompt, score
 from .judge import SLOTS, load, nearest_slot, read
 from .render import (
@@ -194,6 +195,7 @@ def generate(pipe, prompts, guidance_scale: float, steps: int, seed: int, batch_
             generator=gen,
             height=64,
             width=64,
+            **call_arguments(pipe),
         ).images
     return images
 
@@ -228,16 +230,10 @@ def pair_accuracy(model, images, prompts) -> dict:
 def sampling_seconds(pipe, guidance_scale: float, steps: int = 25, n: int = 16) -> float:
     """Wall time of one call drawing `n` images at 64 px (after a warm-up call)."""
     prompts = ["a photo of a red striped star"] * n
-    pipe(prompts[:2], num_inference_steps=2, guidance_scale=guidance_scale, height=64, width=64)
+    settings = dict(guidance_scale=guidance_scale, height=64, width=64, **call_arguments(pipe))
+    pipe(prompts[:2], num_inference_steps=2, **settings)
     began = time.perf_counter()
-    pipe(
-        prompts,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-    )
+    pipe(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **settings)
     return round(time.perf_counter() - began, 2)
 
 
@@ -252,7 +248,7 @@ def text_separation(pipe) -> dict:
             prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
         ).input_ids
         with torch.no_grad():
-            e = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].flatten(1).float()
+            e = pipe.text_encoder(ids.to(pipe.text_encoder.device)).last_hidden_state.flatten(1).float()
         pairs = list(itertools.combinations(range(len(prompts)), 2))
         return round(sum(float((e[i] - e[j]).norm() / e[i].norm()) for i, j in pairs) / len(pairs), 4)
 
@@ -279,12 +275,12 @@ def mark_accuracy(model, images, prompts) -> dict:
 def measure(
     quick: bool = False, seed: int = 0, guidance_scale: float = GUIDANCE_SCALE, threads: int = 2, base=None
 ) -> dict:
-    """The figures of `benchmarks/world_quality.py` for the shipped base, or for the pipeline folder `base`."""
+    """The figures of `benchmarks/world_quality.py` for the shipped base, or for `base` (a folder or an embedded
+    base's name)."""
     torch.set_num_threads(threads)
     judge = load(default_judge())
     n_scenes, n_subjects, n_single, n_pairs, n_fresh = (200, 50, 40, 20, 4) if quick else (2000, 200, 200, 100, 20)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(base or default_base())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(base, device="cpu")
     single = unseen_single_prompts(n_single, seed)
     pairs = pair_prompts(n_pairs, seed)
     bare = class_prompts(n_pairs)
@@ -324,8 +320,7 @@ SHOWCASE_PROMPTS = (
 
 def base_sheet(path, guidance_scale: float = GUIDANCE_SCALE, per_prompt: int = 6, base=None) -> None:
     """A row of base-model samples per showcase prompt, seeds 0…per_prompt-1 in one batch."""
-    pipe = diffusers.DiffusionPipeline.from_pretrained(base or default_base())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(base, device="cpu")
     images = []
     for prompt in tqdm(SHOWCASE_PROMPTS, desc="showcase"):
         images += pipe(
@@ -335,6 +330,7 @@ def base_sheet(path, guidance_scale: float = GUIDANCE_SCALE, per_prompt: int = 6
             height=64,
             width=64,
             generator=torch.Generator().manual_seed(0),
+            **call_arguments(pipe),
         ).images
     grid(images, cols=per_prompt, labels=list(SHOWCASE_PROMPTS)).save(path)
 
