@@ -120,6 +120,8 @@ def test_flow_objective_is_the_straight_path_with_its_target():
     assert torch.allclose(noisy, (1 - s) * x0 + s * eps, atol=1e-6)
     assert torch.equal(target, eps - x0)
     assert torch.allclose(weight, 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2)), atol=1e-5)
+    at_noisy, at_target = flow.at(x0, eps, timesteps)  # the same point, given its timesteps
+    assert torch.allclose(at_noisy, noisy, atol=1e-6) and torch.equal(at_target, target)
     # the density: logit-normal σ concentrate in the middle, uniform ones spread; the same generator, the same σ
     draws = {}
     for scheme in ("none", "logit_normal", "mode"):

@@ -341,8 +341,8 @@ def build_parser(more=None) -> argparse.ArgumentParser:
     flag(
         p,
         "base",
-        help="another pipeline of the shapes world, e.g. a candidate from `python -m svdiff.world.pretrain` "
-        "(default: the shipped one)",
+        help="embedded:flow (the flow-matching transformer base), or another pipeline of the shapes world, e.g. a "
+        "candidate from `python -m svdiff.world.pretrain` (default: embedded:unet)",
     )
     p.set_defaults(func=cmd_demo)
 

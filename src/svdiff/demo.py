@@ -1,4 +1,4 @@
-"""`svdiff demo` (`make demo`): the main job end to end on the embedded tiny base. It personalizes one example
+"""`svdiff demo` (`make demo`): the main job end to end on an embedded tiny base. It personalizes one example
 subject with prior preservation, then draws the same prompts with the same seeds before and after, and asks the
 shapes-world judge how much the pictures look like the subject's photos."""
 
@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 
 from .adapters import fuse, load_shifts
 from .data.images import load_image_folder, to_model_input
 from .errors import SvdiffError
-from .families.noise import training_target
+from .families import family_of
 from .models import base_name
 from .pictures import grid
 from .sample import load_pipeline, sample
@@ -55,21 +54,21 @@ def judge_subject(images, references, prompt: str, marks: dict | None = None) ->
 
 @torch.no_grad()
 def subject_loss(pipe, images, prompt: str, timesteps=range(50, 1000, 100), seed: int = 0) -> float:
-    """How well a pipeline denoises the subject's own photos under its prompt: the training loss (ε or v) at
-    fixed timesteps with fixed noise, averaged. Lower after training means the photos were learned."""
+    """How well a pipeline denoises the subject's own photos under its prompt: the training loss (ε, v or the
+    flow) at fixed timesteps with fixed noise, averaged. Lower after training means the photos were learned."""
 
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    family = family_of(pipe)
+    size = family.native_resolution()
     pixels = torch.stack([to_model_input(im, size) for im in images]).to(pipe.device, pipe.vae.dtype)
-    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    context = pipe.encode_prompt([prompt] * len(images), pipe.device, 1, False)[0]
+    latents = family.latents(pixels)
+    conditioning = family.encode([prompt] * len(images))
     g = torch.Generator().manual_seed(seed)
     losses = []
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=g).to(latents)
         tt = torch.full((len(images),), t, device=latents.device)
-        pred = pipe.unet(scheduler.add_noise(latents, noise, tt), tt, context).sample
-        target = training_target(scheduler, latents, noise, tt)
+        noisy, target = family.noise.at(latents, noise, tt)
+        pred = family.predict(noisy, tt, conditioning)
         losses.append(float(((pred.float() - target.float()) ** 2).mean()))
     return round(sum(losses) / len(losses), 5)
 
@@ -85,8 +84,8 @@ def run_demo(
     progress: bool = True,
     base: str | Path | None = None,
 ) -> dict:
-    """Personalizes `subject` on `base` (a shapes-world pipeline folder; None: the shipped one) and writes the
-    before/after grid, the shift file and `demo_summary.json` into `output_dir`."""
+    """Personalizes `subject` on `base` (a shapes-world pipeline folder or embedded:flow; None: the UNet base) and
+    writes the before/after grid, the shift file and `demo_summary.json` into `output_dir`."""
 
     began = time.time()
     subject, output_dir = Path(subject), Path(output_dir)

@@ -39,6 +39,10 @@ class Diffusion:
         weight = snr_weight(self.scheduler, t, self.snr_gamma) if self.snr_gamma else torch.ones(len(t))
         return noisy, t, training_target(self.scheduler, latents, noise, t), weight.to(latents.device)
 
+    def at(self, latents, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy latents, target) at the denoiser's timesteps `t`: for a loss at fixed noise levels."""
+        return self.scheduler.add_noise(latents, noise, t), training_target(self.scheduler, latents, noise, t)
+
 
 def training_target(scheduler, latents, noise, t) -> torch.Tensor:
     """What a DDPM-trained denoiser predicts: the velocity for v-prediction, else the noise."""
@@ -100,3 +104,8 @@ class RectifiedFlow:
         else:
             weight = torch.ones_like(sigmas, dtype=torch.float32)
         return noisy, timesteps, noise - latents, weight
+
+    def at(self, latents, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy latents, target) at the denoiser's timesteps `t` = σ·num_train_timesteps."""
+        s = (t / self.scheduler.config.num_train_timesteps).to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+        return (1 - s) * latents + s * noise, noise - latents
