@@ -206,22 +206,24 @@ class Batches(torch.utils.data.Dataset):
         return train_batch(random.Random(f"{self.seed}-judge-{step}"), self.batch_size)
 
 
-def train(args) -> Judge:
-    """Trains a judge; checkpoints every `--checkpoint_every` steps into `--out`, and the same command resumes."""
-    from .pretrain import load_checkpoint, save_checkpoint
+def train(args) -> tuple[Judge, float | None]:
+    """Trains a judge; checkpoints every `--checkpoint_every` steps into `--out`, and the same command resumes.
+    Returns it and its seconds of work over every resumed run (None where a checkpoint did not keep them)."""
+    from .pretrain import Clock, load_checkpoint, save_checkpoint
 
     torch.manual_seed(args.seed)
     model = Judge(args.width).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     ckpt = args.out / "checkpoint.safetensors"
-    start = 0
+    start, earlier = 0, 0.0
     if ckpt.exists():
-        start, _ = load_checkpoint(ckpt, {"judge": model}, opt)
+        start, earlier = load_checkpoint(ckpt, {"judge": model}, opt)
         with warnings.catch_warnings():  # the schedule is replayed to where the checkpoint left it
             warnings.simplefilter("ignore")
             for _ in range(start):
                 sched.step()
+    clock = Clock(earlier)
     model.train()
     batches = Batches(args.seed, args.steps, args.batch_size)
     loader = torch.utils.data.DataLoader(
@@ -243,8 +245,8 @@ def train(args) -> Judge:
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % args.checkpoint_every == 0:
-            save_checkpoint(ckpt, {"judge": model}, opt, step + 1, 0.0)
-    return model.cpu().eval()
+            save_checkpoint(ckpt, {"judge": model}, opt, step + 1, clock.seconds())
+    return model.cpu().eval(), clock.total()
 
 
 def save(model: Judge, out: Path) -> None:
@@ -312,10 +314,14 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.time()
-    model = train(args)
+    model, seconds = train(args)
     save(model, args.out)
     minutes = (time.time() - began) / 60
-    record = {k: str(v) for k, v in vars(args).items() if k != "out"} | {"minutes": round(minutes, 1)}
+    record = {k: str(v) for k, v in vars(args).items() if k != "out"} | {
+        # work over every resumed run (None where a checkpoint did not keep it); this run's wall time beside it
+        "minutes": None if seconds is None else round(seconds / 60, 1),
+        "minutes_this_run": round(minutes, 1),
+    }
     (args.out / "train.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out} in {minutes:.1f} min")
 
