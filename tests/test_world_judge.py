@@ -137,3 +137,19 @@ def test_judge_weights_are_small():
 
     assert sum(p.numel() for p in Judge().parameters()) * 4 <= 5 * 2**20
     assert torch.is_tensor(Judge()(torch.zeros(1, 3, 64, 64))["embedding"])
+
+
+def test_judge_training_checkpoints_resumes_and_counts_its_work(tmp_path):
+    from svdiff.world import judge as judge_module
+
+    flags = ["--out", str(tmp_path), "--steps", "2", "--batch_size", "4", "--checkpoint_every", "1", "--width", "8"]
+    with pytest.raises(SvdiffError, match="--batch_size must be at least 4"):
+        judge_module.main([*flags[:5], "2", *flags[6:]])
+    judge_module.main(flags)
+    first = json.loads((tmp_path / "train.json").read_text())
+    weights = (tmp_path / "judge.safetensors").read_bytes()
+    assert first["minutes"] is not None and first["width"] == "8"
+    judge_module.main([*flags[:3], "3", *flags[4:]])  # one more step, from the checkpoint
+    again = json.loads((tmp_path / "train.json").read_text())
+    assert again["minutes"] >= first["minutes"] and (tmp_path / "judge.safetensors").read_bytes() != weights
+    assert judge_module.load(tmp_path).width == 8

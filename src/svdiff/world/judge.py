@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import SvdiffError
 from .render import (
     BODY_SHAPES,
     COLORS,
@@ -311,6 +312,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.batch_size < 4:
+        raise SvdiffError("--batch_size must be at least 4: a quarter of each batch is pairs of views")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.time()
