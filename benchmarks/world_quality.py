@@ -1,7 +1,9 @@
 """Quality of the embedded world, printed as JSON: judge accuracy on fresh renders, the base model on prompts it
 never saw (single objects, left/right pairs) and on bare class prompts, and the time to draw 16 images.
 
-    HF_HUB_OFFLINE=1 python benchmarks/world_quality.py [--quick] [--guidance_scale 3] [--base DIR or embedded:flow] [--out FILE]
+    HF_HUB_OFFLINE=1 python benchmarks/world_quality.py [--quick] [--guidance_scale 3] [--base DIR] [--out FILE]
+
+`--base` takes a pipeline folder or an embedded base's name (embedded:flow); the default is embedded:unet.
 """
 
 import argparse

@@ -73,12 +73,20 @@ def mutual(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(sim[~torch.eye(len(sim), dtype=torch.bool)].mean())
 
 
+def marks_read(readings: list[dict], truth: dict) -> float:
+    """The share of judge readings whose most confident object carries exactly the marks `truth` names."""
+    found = [max((f for f in r["slots"].values() if f), key=lambda f: f["confidence"], default=None) for r in readings]
+    ok = [f is not None and all(f[k] == v for k, v in truth.items()) for f in found]
+    return round(sum(ok) / len(ok), 4)
+
+
 @torch.no_grad()
 def autoencoder_fidelity(vae, model, subjects: dict[str, tuple]) -> dict:
     """Whether the autoencoder can draw the subjects at all: each view encoded and decoded
     (`vae.decode(vae.encode(x).latent_dist.mode())`), then the judge's similarity of each reconstruction to the
     subject's other real views against the real views' own mutual similarity, the mean absolute error in levels
-    of 255, and whether the judge reads the subject's marks on the reconstructions as it does on the views."""
+    of 255, and how often the judge reads the subject's marks (emblem, its color, outline) on the reconstructions
+    and on the views themselves."""
     rows = {}
     for name, (subject, images) in subjects.items():
         x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images]).permute(0, 3, 1, 2)
@@ -89,19 +97,14 @@ def autoencoder_fidelity(vae, model, subjects: dict[str, tuple]) -> dict:
         zr = torch.stack([r["embedding"] for r in real])
         zb = torch.stack([r["embedding"] for r in back])
         truth = {k: getattr(subject, k) for k in MARKS}
-        marks = [
-            all(found is not None and found[k] == v for k, v in truth.items())
-            for found in (
-                max((f for f in r["slots"].values() if f), key=lambda f: f["confidence"], default=None) for r in back
-            )
-        ]
         views_similarity, recon_similarity = mutual(zr, zr), mutual(zb, zr)
         rows[name] = {
             "views_vs_each_other": round(views_similarity, 4),
             "reconstruction_vs_other_views": round(recon_similarity, 4),
             "ratio": round(recon_similarity / views_similarity, 4),
             "mean_abs_error_levels": round(float((recon - x).abs().mean() * 127.5), 3),
-            "marks_read": round(sum(marks) / len(marks), 4),
+            "marks_read": marks_read(back, truth),
+            "marks_read_on_views": marks_read(real, truth),
         }
     summary = {
         "worst_ratio": min(r["ratio"] for r in rows.values()),
@@ -109,6 +112,7 @@ def autoencoder_fidelity(vae, model, subjects: dict[str, tuple]) -> dict:
         "worst_mean_abs_error_levels": max(r["mean_abs_error_levels"] for r in rows.values()),
         "mean_abs_error_levels": round(sum(r["mean_abs_error_levels"] for r in rows.values()) / len(rows), 3),
         "marks_read": round(sum(r["marks_read"] for r in rows.values()) / len(rows), 4),
+        "marks_read_on_views": round(sum(r["marks_read_on_views"] for r in rows.values()) / len(rows), 4),
         "subjects": len(rows),
     }
     return {"summary": summary, "subjects": rows}
