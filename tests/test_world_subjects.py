@@ -99,3 +99,25 @@ def test_example_folders_regenerate_bit_for_bit(tmp_path, name):
     for png in sorted((EXAMPLES_DIR / name).glob("*.png")):
         assert np.array_equal(np.asarray(Image.open(tmp_path / name / png.name)), np.asarray(Image.open(png)))
     assert (tmp_path / name / "subject.json").read_text() == (EXAMPLES_DIR / name / "subject.json").read_text()
+
+
+def test_mark_masks_find_each_mark_and_the_pixel_test_sees_a_lost_mark_color():
+    from dataclasses import replace
+
+    from svdiff.world.quality import mark_colors_kept, mark_masks
+    from svdiff.world.render import render
+    from svdiff.world.subjects import examples
+
+    _, scenes = examples()["heart_sks"]
+    scene = scenes[0]
+    masks = mark_masks(scene)
+    assert masks["outline"].sum() > 20 and masks["emblem"].sum() > 4
+
+    def pixels(s):
+        return np.asarray(render(s)[0], dtype=np.float32)[None]
+
+    real = pixels(scene)
+    assert mark_colors_kept(real, real, [masks]) == {"outline": 1.0, "emblem": 1.0}
+    obj = scene.objects[0]
+    no_outline = pixels(replace(scene, objects=(replace(obj, outline=None),)))
+    assert mark_colors_kept(no_outline, real, [masks]) == {"outline": 0.0, "emblem": 1.0}

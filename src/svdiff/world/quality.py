@@ -25,6 +25,7 @@ from .render import (
     PATTERNS,
     POSITION_PHRASES,
     SHAPES,
+    Scene,
     describe,
     held_out,
     random_scene,
@@ -56,15 +57,47 @@ def judge_accuracy(model, n_scenes: int, seed: int) -> dict:
     return {k: round(hits[k] / totals[k], 4) for k in totals} | {"objects": totals["position"]}
 
 
+# A mark's color counts as kept when the mean color of its pixels comes back within this many levels per channel.
+MARK_COLOR_TOLERANCE = 16
+
+
+def mark_masks(scene: Scene) -> dict[str, np.ndarray]:
+    """Where each mark of the scene's first object shows: the pixels that change when the mark is left out."""
+    full = np.asarray(render(scene)[0], dtype=np.int16)
+    obj, rest = scene.objects[0], scene.objects[1:]
+    masks = {}
+    for mark, bare in (("outline", replace(obj, outline=None)), ("emblem", replace(obj, emblem=None))):
+        without = np.asarray(render(replace(scene, objects=(bare, *rest)))[0], dtype=np.int16)
+        masks[mark] = np.abs(full - without).max(axis=-1) > MARK_COLOR_TOLERANCE
+    return masks
+
+
 def fidelity_subjects(n_fresh: int, seed: int) -> dict[str, tuple]:
     """The example subjects and `n_fresh` new subjects of held-out identities, four views each: name → (subject,
-    rendered views)."""
-    subjects = {name: (subject, [render(v)[0] for v in scenes]) for name, (subject, scenes) in examples().items()}
+    rendered views, each view's mark masks)."""
+    scenes = {name: (subject, views_) for name, (subject, views_) in examples().items()}
     rng = random.Random(f"fidelity-{seed}")
     for i in range(n_fresh):
         subject = unseen_subject(rng)
-        subjects[f"fresh_{i:02d}"] = (subject, [render(v)[0] for v in views(subject, 4, rng)])
-    return subjects
+        scenes[f"fresh_{i:02d}"] = (subject, views(subject, 4, rng))
+    return {
+        name: (subject, [render(v)[0] for v in views_], [mark_masks(v) for v in views_])
+        for name, (subject, views_) in scenes.items()
+    }
+
+
+def mark_colors_kept(recon: np.ndarray, real: np.ndarray, masks: list[dict]) -> dict[str, float]:
+    """Per mark, the share of views whose reconstruction brings the mark's mean color back within
+    MARK_COLOR_TOLERANCE levels in every channel (a pixel test, apart from the judge)."""
+    kept = {}
+    for mark in masks[0]:
+        ok = [
+            np.abs(r[m[mark]].mean(0) - x[m[mark]].mean(0)).max() <= MARK_COLOR_TOLERANCE
+            for r, x, m in zip(recon, real, masks, strict=True)
+            if m[mark].any()
+        ]
+        kept[mark] = round(sum(ok) / len(ok), 4)
+    return kept
 
 
 def mutual(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,7 +121,7 @@ def autoencoder_fidelity(vae, model, subjects: dict[str, tuple]) -> dict:
     of 255, and how often the judge reads the subject's marks (emblem, its color, outline) on the reconstructions
     and on the views themselves."""
     rows = {}
-    for name, (subject, images) in subjects.items():
+    for name, (subject, images, masks) in subjects.items():
         x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images]).permute(0, 3, 1, 2)
         x = x / 127.5 - 1.0
         recon = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float().clamp(-1, 1)
@@ -105,6 +138,11 @@ def autoencoder_fidelity(vae, model, subjects: dict[str, tuple]) -> dict:
             "mean_abs_error_levels": round(float((recon - x).abs().mean() * 127.5), 3),
             "marks_read": marks_read(back, truth),
             "marks_read_on_views": marks_read(real, truth),
+            "mark_colors_kept": mark_colors_kept(
+                np.stack([np.asarray(im, dtype=np.float32) for im in recon_images]),
+                np.stack([np.asarray(im, dtype=np.float32) for im in images]),
+                masks,
+            ),
         }
     summary = {
         "worst_ratio": min(r["ratio"] for r in rows.values()),
@@ -113,6 +151,10 @@ def autoencoder_fidelity(vae, model, subjects: dict[str, tuple]) -> dict:
         "mean_abs_error_levels": round(sum(r["mean_abs_error_levels"] for r in rows.values()) / len(rows), 3),
         "marks_read": round(sum(r["marks_read"] for r in rows.values()) / len(rows), 4),
         "marks_read_on_views": round(sum(r["marks_read_on_views"] for r in rows.values()) / len(rows), 4),
+        **{
+            f"{mark}_color_kept": round(sum(r["mark_colors_kept"][mark] for r in rows.values()) / len(rows), 4)
+            for mark in ("outline", "emblem")
+        },
         "subjects": len(rows),
     }
     return {"summary": summary, "subjects": rows}
