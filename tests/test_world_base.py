@@ -61,7 +61,7 @@ def test_stock_diffusers_loads_a_stable_diffusion_folder(pipe):
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert 1e6 < sum(p.numel() for p in pipe.unet.parameters()) < 10e6
     size = sum(f.stat().st_size for f in default_base().rglob("*") if f.is_file())
-    assert size <= 25 * 2**20
+    assert size <= 15 * 2**20
 
 
 @needs_base
