@@ -64,6 +64,31 @@ def test_zero_delta_gives_the_base_weights_and_outputs_bit_for_bit():
     assert torch.equal(out, base(*x).sample)
 
 
+def test_per_call_groups_copy_nothing_and_merged_groups_view_their_stacks():
+    """On the per-call path (a CPU's) the layers keep their own weights and factors; a group stacks them only when
+    it goes on the merged path, and then every layer's tensors are views of its group's stacks."""
+    torch.manual_seed(0)
+    model = tiny_unet()
+    svdiff.add_shifts(model, cache=False, progress=False)
+    shifted = shifted_modules(model)
+
+    def pointers():
+        matrices = {k: (m, s) for k, (m, s) in shifted.items() if not s.kind.is_vector}
+        return {k: (m.weight.data_ptr(), s.U.data_ptr(), s.Vh.data_ptr()) for k, (m, s) in matrices.items()}
+
+    before = pointers()
+    ms = MergedShifts(model, choose="per-call")
+    assert pointers() == before and all(g.base is None for g in ms.groups)
+    ms.use("merged")
+    merged = [g for g in ms.groups if g.path == "merged"]
+    assert merged and all(g.base is not None for g in merged)
+    for g in merged:
+        for i, (module, shift) in enumerate(zip(g.modules, g.shifts, strict=True)):
+            assert module.weight.data_ptr() == g.base[i].data_ptr()
+            if not g.vector:
+                assert shift.U.data_ptr() == g.U[i].data_ptr() and shift.Vh.data_ptr() == g.Vh[i].data_ptr()
+
+
 def test_text_encoder_with_embeddings_is_bit_exact_at_zero_and_trains():
     torch.manual_seed(0)
     # float64: in float32 the per-call reference runs its layers on their factors (the SPECTRAL plan), whose

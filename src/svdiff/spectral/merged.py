@@ -19,9 +19,9 @@ Here, for one component (a UNet, a text encoder, a transformer):
   device before the first step, as cudnn.benchmark does); its δ gradients accumulate straight into the flat
   gradient's storage.
 
-With δ = 0, d = 0 and W′ = W + 0 is W bit for bit. The module weights (and factors) become views of their
-group's stacked tensors, so merging holds one extra copy of the weights (W′), not two, plus each group's weight
-gradients from its first layer's backward to its last. Since the wiring holds views, it is made once the model
+With δ = 0, d = 0 and W′ = W + 0 is W bit for bit. A merged group's weights (and factors) become views of its
+stacked tensors, copied one layer at a time, so merging holds one extra copy of the weights (W′), not two, plus
+each group's weight gradients from its first layer's backward to its last; a per-call group stacks nothing. Since the wiring holds views, it is made once the model
 has its final device and dtype; casting, moving, fusing or removing shifts afterwards needs `close()` first.
 """
 
@@ -42,6 +42,22 @@ from .layer import SpectralShift
 from .shifts import _shifted_forward, shifted_modules
 
 log = logging.getLogger(__name__)
+
+
+def _stack_in_place(owners: list, attr: str) -> torch.Tensor:
+    """The owners' tensors `attr` (weights, factors) stacked into one k × shape tensor, each owner's tensor becoming
+    its view as soon as it is copied, so its own storage is freed before the next is copied: a group's tensors are
+    never held twice, as a plain stack would hold them for a moment. A parameter keeps its identity."""
+    first = getattr(owners[0], attr)
+    stack = torch.empty((len(owners), *first.shape), dtype=first.dtype, device=first.device)
+    for i, owner in enumerate(owners):
+        tensor = getattr(owner, attr)
+        stack[i].copy_(tensor.detach())
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = stack[i]
+        else:
+            setattr(owner, attr, stack[i])
+    return stack
 
 
 class StepPath(StrEnum):
@@ -69,7 +85,7 @@ class Group:
     vector: bool
     start: int  # this group's δ in its flat parameter: [start, stop), target by target
     stop: int
-    base: torch.Tensor  # k × weight shape; the modules' weights are its views
+    base: torch.Tensor | None = None  # k × weight shape, the modules' weights its views (merged groups only)
     U: torch.Tensor | None = None  # k × m × r
     Ut: torch.Tensor | None = None  # its transpose, a view
     Vh: torch.Tensor | None = None  # k × r × n
@@ -88,12 +104,18 @@ class Group:
         """A k × weight-shape stack seen as k × m × n."""
         return t.view(len(self.modules), t.shape[1], -1)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first layer's weight: the group's shape, dtype and device."""
+        return self.modules[0].weight
+
     def flops(self) -> int:
         """Of one merge (or one projection): a batched product of k × m × r by k × r × n."""
+        k, weight = len(self.modules), self.weight
         if self.vector:
-            return self.base.numel()
-        k, m, r = self.U.shape
-        return 2 * k * m * r * self.Vh.shape[2]
+            return k * weight.numel()
+        shift = self.shifts[0]
+        return 2 * k * shift.U.shape[0] * shift.U.shape[1] * shift.Vh.shape[1]
 
 
 def _mergeable(kind) -> bool:
@@ -174,7 +196,6 @@ class MergedShifts:
                 vector=vector,
                 start=start,
                 stop=lengths[which],
-                base=torch.stack([shifted[n][0].weight.detach() for n in names]),
                 path=StepPath.MERGED if gkey[-1] and choose is not StepPath.PER_CALL else StepPath.PER_CALL,
             )
             self.groups.append(group)
@@ -186,22 +207,16 @@ class MergedShifts:
         for g in self.groups:
             flat = self.flat["vector" if g.vector else "matrix"]
             with torch.no_grad():
-                for i, (module, shift) in enumerate(zip(g.modules, g.shifts, strict=True)):
+                for i, shift in enumerate(g.shifts):
                     view = flat.detach()[g.start + i * shift.length : g.start + (i + 1) * shift.length]
                     view.copy_(shift.deltas[name])
                     shift.deltas[name] = nn.Parameter(view)  # shares the flat parameter's storage and version
-                    module.weight.data = g.base[i]
             if not g.vector:
-                g.U = torch.stack([s.U for s in g.shifts])
-                g.Vh = torch.stack([s.Vh for s in g.shifts])
-                g.Ut = g.U.transpose(1, 2)
-                for i, s in enumerate(g.shifts):
-                    s.U, s.Vh = g.U[i], g.Vh[i]
                 sigma.append(torch.cat([s.S for s in g.shifts]))
         self.sigma = torch.cat(sigma) if sigma else None  # σ of every matrix target, in flat order
         # Persistent buffers: the flat gradients (handed to the optimizer as .grad), d per weight dtype, the mask
         self._grad = {which: torch.zeros_like(p) for which, p in self.flat.items()}
-        dtypes = {g.base.dtype for g in self.groups if not g.vector}
+        dtypes = {g.weight.dtype for g in self.groups if not g.vector}
         self._dbuf = {dt: torch.zeros(lengths["matrix"], dtype=dt, device=device) for dt in dtypes}
         self._mask = torch.zeros(lengths["matrix"], device=device) if dtypes else None
         for g in self.groups:
@@ -209,11 +224,10 @@ class MergedShifts:
             which = "vector" if g.vector else "matrix"
             g.grad = self._grad[which][g.start : g.stop].view(k, -1)
             if g.vector:
-                g.d = self.flat[which].detach()[g.start : g.stop].view(g.base.shape)
+                g.d = self.flat[which].detach()[g.start : g.stop].view(k, *g.weight.shape)
             else:
-                g.d = self._dbuf[g.base.dtype][g.start : g.stop].view(k, 1, -1)
+                g.d = self._dbuf[g.weight.dtype][g.start : g.stop].view(k, 1, -1)
                 g.mask = self._mask[g.start : g.stop].view(k, -1)
-                g.base_m = g.matrix(g.base)
             for i, shift in enumerate(g.shifts):  # per-call groups accumulate their δ gradients here
                 shift.deltas[name].grad = g.grad[i]
         self._merged_at = None  # the flat parameters' versions at the last merge
@@ -357,6 +371,8 @@ class MergedShifts:
             flat.grad = buf
 
     def _set_path(self, g: Group, path: StepPath) -> None:
+        if path is StepPath.MERGED and g.base is None:
+            _stack(g)
         g.path = path
         for m in g.modules:
             m.__dict__.pop(WEIGHT, None)
@@ -404,14 +420,14 @@ class MergedShifts:
             self.report(line)
 
     def _time_group(self, g: Group, inputs: list[tuple]) -> None:
-        device = g.base.device
+        device = g.weight.device
         rng = torch.Generator(device=device).manual_seed(0)  # the run's own random streams stay untouched
 
         def make(spec):
             shape, dtype, needs_grad = spec
             if dtype.is_floating_point:
                 return torch.randn(shape, dtype=dtype, device=device, generator=rng).requires_grad_(needs_grad)
-            return torch.randint(0, g.base.shape[1], shape, device=device, generator=rng)  # an embedding's ids
+            return torch.randint(0, g.weight.shape[0], shape, device=device, generator=rng)  # an embedding's ids
 
         xs = [make(spec) for spec in inputs]
 
@@ -429,6 +445,16 @@ class MergedShifts:
         per_call_s = _timed(lambda: run(_shifted_forward), device)
         g.timing = {"merged_ms": round(merged_s * 1e3, 3), "per_call_ms": round(per_call_s * 1e3, 3)}
         self._set_path(g, StepPath.MERGED if merged_s < per_call_s else StepPath.PER_CALL)
+
+
+def _stack(g: Group) -> None:
+    """Stacks a group's weights (and factors) for merging; its layers then hold views of the stacks. Done when a
+    group first goes on the merged path: a per-call group keeps its layers' own tensors and costs no copy."""
+    g.base = _stack_in_place(g.modules, "weight")
+    if not g.vector:
+        g.base_m = g.matrix(g.base)
+        g.U, g.Vh = _stack_in_place(g.shifts, "U"), _stack_in_place(g.shifts, "Vh")
+        g.Ut = g.U.transpose(1, 2)
 
 
 def _install(g: Group) -> None:
