@@ -21,8 +21,9 @@ Here, for one component (a UNet, a text encoder, a transformer):
 
 With δ = 0, d = 0 and W′ = W + 0 is W bit for bit. A merged group's weights (and factors) become views of its
 stacked tensors, copied one layer at a time, so merging holds one extra copy of the weights (W′), not two, plus
-each group's weight gradients from its first layer's backward to its last; a per-call group stacks nothing. Since the wiring holds views, it is made once the model
-has its final device and dtype; casting, moving, fusing or removing shifts afterwards needs `close()` first.
+each group's weight gradients from its first layer's backward to its last; a per-call group stacks nothing.
+Since the wiring holds views, it is made once the model has its final device and dtype; casting, moving, fusing or
+removing shifts afterwards needs `close()` first.
 """
 
 from __future__ import annotations
