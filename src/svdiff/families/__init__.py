@@ -12,20 +12,24 @@ from .sdxl import StableDiffusionXL
 FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
 
 
+def _family(pipe) -> type[Family] | None:
+    name = type(pipe).__name__
+    return next((family for family in FAMILIES if name in family.pipelines), None)
+
+
 def family_of(pipe, config=None) -> Family:
     """The family of a loaded pipeline, set up for the run's `config` (its objective's settings)."""
-    name = type(pipe).__name__
-    for family in FAMILIES:
-        if name in family.pipelines:
-            return family(pipe, config)
-    supported = ", ".join(p for f in FAMILIES for p in f.pipelines)
-    raise SvdiffError(f"{name} is not a supported pipeline; svdiff trains {supported}")
+    family = _family(pipe)
+    if family is None:
+        supported = ", ".join(p for f in FAMILIES for p in f.pipelines)
+        raise SvdiffError(f"{type(pipe).__name__} is not a supported pipeline; svdiff trains {supported}")
+    return family(pipe, config)
 
 
 def call_arguments(pipe) -> dict:
     """The keywords svdiff gives every call of `pipe` (none for a pipeline of no family)."""
-    known = any(type(pipe).__name__ in family.pipelines for family in FAMILIES)
-    return family_of(pipe).call_arguments() if known else {}
+    family = _family(pipe)
+    return family(pipe).call_arguments() if family else {}
 
 
 __all__ = ["FAMILIES", "Family", "call_arguments", "family_of"]
