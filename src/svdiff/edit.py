@@ -123,7 +123,7 @@ def fine_tune(
     progress: bool = True,
 ) -> dict:
     """§4.1: the single (image, caption) pair, no identifier and no prior term (λ = 0); lr 1e-3 for matrices and
-    1e-6 for 1-D weights (the defaults of `svdiff train`). Center crops and no flips keep the image as it is."""
+    1e-6 for 1-D weights (the paper's, on every base). Center crops and no flips keep the image as it is."""
 
     with tempfile.TemporaryDirectory() as folder:
         image.save(Path(folder) / "image.png")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import DEFAULT_LR, TrainConfig
 
 # A run that writes only its result: no checkpoints, no validation grids along the way, no tracker.
 QUIET = dict(checkpointing_steps=0, validation_steps=0, num_validation_images=1, report_to="none")
@@ -37,5 +37,7 @@ def subject(
 
 def single_image(folder: str | Path, caption: str, **settings) -> TrainConfig:
     """§4.1's single-image editing: one (image, caption) pair, no identifier and no prior term, the paper's rates
-    (the defaults); center crops and no flips keep the image as it is."""
-    return quiet(**(dict(instance_data_dir=str(folder), instance_prompt=caption, center_crop=True) | settings))
+    on every base (those the editing benchmark measures); center crops and no flips keep the image as it is."""
+    data = dict(instance_data_dir=str(folder), instance_prompt=caption, center_crop=True)
+    rate = DEFAULT_LR[settings.get("method", "svdiff")]
+    return quiet(**(data | dict(learning_rate=rate) | settings))

@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..errors import SvdiffError
 from ..spectral.targets import PRESETS
-from ..train.config import DEFAULT_LR, TrainConfig, from_flags, parser, resolve
+from ..train.config import TrainConfig, default_learning_rate, from_flags, parser, resolve
 from ..train.report import write_loss_chart
 from . import actions
 from .forms import NONE, command_box, guarded, integer, message, whole
@@ -58,7 +58,9 @@ def train_page(demo: gr.Blocks, workspace: Workspace, trainer: Trainer, base=Non
                     defaults.validation_inference_steps, "validation sampling steps", "train_val_inference"
                 )
                 checkpoints = whole(0, "checkpoint every (0: a tenth of the run)", "train_checkpoints")
-                learning_rate = gr.Number(DEFAULT_LR["svdiff"], label="learning rate", elem_id="train_lr")
+                learning_rate = gr.Number(
+                    default_learning_rate("svdiff", base), label="learning rate", elem_id="train_lr"
+                )
                 seed = whole(defaults.seed, "seed", "train_seed")
         start = gr.Button("Start training", variant="primary", elem_id="train_start")
         train_message = gr.Markdown(elem_id="train_message")
