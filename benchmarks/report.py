@@ -1,18 +1,20 @@
 """The evidence report: every benchmark run side by side, the paper's claims checked on the embedded tiny world, and
 svdiff's size, speed and memory against LoRA and full fine-tuning. `make bench` / `make bench-quick` run it.
 
-    HF_HUB_OFFLINE=1 python benchmarks/report.py [--quick | --smoke] [--out docs/results/report] [--runs runs/bench]
+    HF_HUB_OFFLINE=1 python benchmarks/report.py [--quick | --smoke] [--out docs/results/report] [--runs DIR]
 
 Writes `report.md` (tables, pictures, each section's command and a plain verdict on the paper's claim) and
 `results.json` (every benchmark's JSON) into --out, beside the benchmarks' own JSON and PNG files. On a 2-core
 CPU the committed full report's sections took 36.9 minutes (some trained runs reused); --quick (fewer subjects,
 seeds and steps) took 11.8 minutes from an empty --runs; --smoke (a few steps of everything, for CI, about three
 minutes) proves only that the pipeline of benchmarks runs. Trained runs are kept in --runs and reused, and a
-benchmark already run with the same command is not run again (its record is in --out/records/), so an
-interrupted report resumes; delete them to start afresh.
+benchmark already run with the same command on the same world (a hash of the embedded bases' and the judge's
+weights) is not run again (its record is in --out/records/), so an interrupted report resumes; delete them to
+start afresh.
 """
 
 import argparse
+import hashlib
 import json
 import platform
 import subprocess
@@ -118,9 +120,21 @@ SECTIONS = (
 TIMINGS = {"world", "svd_engine", "train_methods", "compose"}
 
 
-def run_section(key: str, script: str, args: list[str], out: Path, runs: Path, mode: str) -> dict:
-    """Runs one benchmark into the report folder, or reuses the record of an earlier run of the same command
-    (so an interrupted report resumes where it stopped)."""
+def world_fingerprint() -> str:
+    """A hash of the embedded bases' and the judge's weights: a record or a trained run is reused only on the
+    world it was measured on."""
+    from svdiff.world import BASE_DIRS, JUDGE_DIR
+
+    h = hashlib.sha256()
+    for folder in (*BASE_DIRS.values(), JUDGE_DIR):
+        for f in sorted(folder.rglob("*.safetensors")):
+            h.update(f.relative_to(folder.parent).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def run_section(key: str, script: str, args: list[str], out: Path, runs: Path, mode: str, world: str) -> dict:
+    """Runs one benchmark into the report folder, or reuses the record of an earlier run of the same command on
+    the same world (so an interrupted report resumes where it stopped)."""
     args = [a.format(out=out, runs=runs) for a in args]
     if key == "compose":
         args += ["--out-dir", str(out / "compose")]
@@ -132,7 +146,7 @@ def run_section(key: str, script: str, args: list[str], out: Path, runs: Path, m
     record_path = out / "records" / f"{key}.json"
     if record_path.is_file() and json_path.is_file():
         record = json.loads(record_path.read_text())
-        if record["command"] == command:
+        if record["command"] == command and record.get("world") == world:
             print(f"[{key}] reusing the earlier run of: {command}", file=sys.stderr, flush=True)
             return record | {"result": json.loads(json_path.read_text())}
     print(f"[{key}] {command}", file=sys.stderr, flush=True)
@@ -140,7 +154,7 @@ def run_section(key: str, script: str, args: list[str], out: Path, runs: Path, m
     done = subprocess.run([sys.executable, str(HERE / script), *args], stdout=subprocess.DEVNULL, cwd=HERE.parent)
     if done.returncode:
         raise SystemExit(f"benchmark {key} failed (exit {done.returncode}): {command}")
-    record = {"command": command, "seconds": round(time.time() - began, 1), "mode": mode}
+    record = {"command": command, "seconds": round(time.time() - began, 1), "mode": mode, "world": world}
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record) + "\n")
     return record | {"result": json.loads(json_path.read_text())}
@@ -457,18 +471,21 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="fewer subjects, seeds and steps")
     mode.add_argument("--smoke", action="store_true", help="a few steps of everything: checks the pipeline runs")
     p.add_argument("--out", type=Path, default=Path("docs/results/report"))
-    p.add_argument("--runs", type=Path, default=None, help="trained runs (default: runs/bench[-quick|-smoke])")
+    p.add_argument(
+        "--runs", type=Path, default=None, help="trained runs (default: runs/bench[-quick|-smoke]/<world's hash>)"
+    )
     p.add_argument("--only", nargs="+", default=None, choices=[s[0] for s in SECTIONS], help="run only these")
     args = p.parse_args()
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
-    runs = args.runs or Path("runs") / ("bench" if mode == "full" else f"bench-{mode}")
+    world = world_fingerprint()
+    runs = args.runs or Path("runs") / ("bench" if mode == "full" else f"bench-{mode}") / world
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
 
     from common import machine
 
-    results = {"mode": mode, "machine": machine() | {"cpu_model": cpu_name()}, "sections": {}}
+    results = {"mode": mode, "world": world, "machine": machine() | {"cpu_model": cpu_name()}, "sections": {}}
     doc = [
         f"# svdiff evidence report ({mode} run)",
         f"Machine: {cpu_name()}, {results['machine']['cpu_count']} cores, torch {torch.__version__}, no GPU. "
@@ -480,7 +497,7 @@ def main() -> None:
     chosen = [s for s in SECTIONS if not args.only or s[0] in args.only]
     # The timings first, while the machine is least likely to be busy with anything else; then the training runs.
     for key, _, script, modes in sorted(chosen, key=lambda s: s[0] not in TIMINGS):
-        results["sections"][key] = run_section(key, script, modes[mode], args.out, runs, mode)
+        results["sections"][key] = run_section(key, script, modes[mode], args.out, runs, mode, world)
     for key, title, _, _ in chosen:
         record = results["sections"][key]
         render = globals()[f"render_{key}"]
