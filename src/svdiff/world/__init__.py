@@ -23,7 +23,10 @@ def default_base(name: str = "unet") -> Path:
         raise SvdiffError(f"unknown embedded base {name!r}; choose from {', '.join(BASE_DIRS)}")
     folder = BASE_DIRS[name]
     if not (folder / "model_index.json").is_file():
-        raise SvdiffError(f"the embedded {name} base is missing from {folder}; reinstall svdiff")
+        raise SvdiffError(
+            f"the embedded {name} base is not in this installation ({folder} has no model_index.json); "
+            f"`python -m svdiff.world.pretrain --family {'sd3' if name == 'flow' else 'sd'} --out DIR` makes one"
+        )
     return folder
 
 
