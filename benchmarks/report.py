@@ -302,12 +302,18 @@ def render_single_subject(r: dict) -> str:
                 + ")."
             )
             return "\n\n".join(text)
+        photos = sum(found["photos_similarity"] for found in r["subjects"].values()) / len(r["subjects"])
+        text.append(
+            "Similarity gained over the base: "
+            + ", ".join(f"{m} {g:+.3f}" for m, g in gains.items())
+            + f" (the bar: +0.3; a subject's photos are {photos:.3f} alike on average)."
+        )
         text.append(
             verdict(
-                sv["subject_similarity"] >= fu["subject_similarity"] - 0.05,
+                sv["subject_similarity"] >= 0.9 * fu["subject_similarity"],
                 "svdiff's subject fidelity is close to full fine-tuning's",
-                f"similarity {sv['subject_similarity']:.3f} vs {fu['subject_similarity']:.3f}; "
-                "'close' means within 0.05",
+                f"similarity {sv['subject_similarity']:.3f} vs {fu['subject_similarity']:.3f}, "
+                f"{sv['subject_similarity'] / fu['subject_similarity']:.2f}×; 'close' means at least 0.9×",
             )
         )
         text.append(
