@@ -1,5 +1,6 @@
 """Combining subjects after training, spectral shifts against full fine-tuning deltas: Eq. 4 (two subjects trained
-apart, added) and Eq. 5 (two subjects trained under one prompt, interpolated), judged and drawn.
+apart, added) and Eq. 5 (two subjects trained under one prompt, interpolated), judged and drawn; and style mixing of
+the two interpolated subjects' shift files.
 
     HF_HUB_OFFLINE=1 python benchmarks/combine.py [--seeds 8] [--steps 400]
         [--out docs/results/combine/combine.json]
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import SUBJECTS, QualityRun, embed, keep_half, train_subject
+from common import SUBJECTS, QualityRun, embed, keep_half, subject_card, train_subject
 
 METHODS = ("svdiff", "full")
 ADD = ("heart_sks", "star_zwx")
@@ -29,6 +30,7 @@ ADD_PROMPTS = (
 INTERPOLATE = ("heart_sks", "heart_xyz")  # the second trained as "sks heart" too
 INTERPOLATE_PROMPTS = ("a photo of sks heart", "a photo of sks heart on the right on a beige background")
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MIXED = {"A": INTERPOLATE[0], "C": INTERPOLATE[1]}  # style mixing's two files, by their run keys
 
 
 class FullDeltas:
@@ -71,6 +73,22 @@ def add_scores(judge, images, refs) -> dict:
             ok += sims[k] > sims[1 - k]
         sides += ok == 2
     return {"both_present": round(present / len(images), 4), "both_sides_own_subject": round(sides / len(images), 4)}
+
+
+def style_scores(judge, images, refs, geometry: str, appearance: str) -> dict:
+    """The share of pictures drawn in the appearance subject's color and in the geometry subject's, and the lean
+    toward heart_sks (similarity to its photos minus to heart_xyz's)."""
+    from svdiff.world.judge import read
+
+    colors = {k: subject_card(name)["subject"]["color"] for k, name in MIXED.items()}
+    found = [next((o["color"] for o in r["slots"].values() if o is not None), None) for r in read(judge, images)]
+    e = embed(judge, images)
+    lean = float((e @ refs["heart_sks"].T).mean() - (e @ refs["heart_xyz"].T).mean())
+    return {
+        "appearance_color": round(sum(c == colors[appearance] for c in found) / len(found), 4),
+        "geometry_color": round(sum(c == colors[geometry] for c in found) / len(found), 4),
+        "similarity_a_minus_b": round(lean, 4),
+    }
 
 
 def main() -> None:
@@ -145,6 +163,22 @@ def main() -> None:
             "span": round(values[-1] - values[0], 4),
         }
         print(method, results["add"][method], results["interpolate"][method], flush=True)
+
+    # Style mixing of the shift files, as `svdiff generate --style_mix` does it: the geometry layers from one
+    # heart's file, every other layer from the other's, both ways. Which subject's color each picture carries says
+    # which file decided the look; the lean says how far the picture sits from A toward B.
+    files = {"A": runs[("svdiff", "A")]["weights"], "C": runs[("svdiff", "C")]["weights"]}
+    results["style_mix"] = {}
+    for geometry, appearance in (("A", "C"), ("C", "A")):
+        apply_shifts(pipe, style_mix={"geometry": files[geometry], "appearance": files[appearance]})
+        images = draw(pipe, INTERPOLATE_PROMPTS)
+        clear("svdiff")
+        results["style_mix"][f"geometry {MIXED[geometry]}, appearance {MIXED[appearance]}"] = style_scores(
+            judge, images, refs, geometry, appearance
+        )
+        rows += images[: args.seeds]
+        labels.append(f"style mix: geometry {MIXED[geometry]}, appearance {MIXED[appearance]}")
+    print("style mix", results["style_mix"], flush=True)
 
     run.finish(
         {

@@ -402,6 +402,14 @@ def render_combine(r: dict) -> str:
                 "holding needs a monotone climb of more than 0.05",
             )
         )
+    mixes = r["results"].get("style_mix")
+    if mixes:
+        rows = [[k, m["appearance_color"], m["geometry_color"], m["similarity_a_minus_b"]] for k, m in mixes.items()]
+        text.append(
+            'Style mixing (A = heart_sks, B = heart_xyz trained as "sks heart"; `--style_mix geometry=… '
+            "appearance=…`):\n\n"
+            + table(["files", "appearance file's color", "geometry file's color", "A − B similarity"], rows)
+        )
     return "\n\n".join(text)
 
 
