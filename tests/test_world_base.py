@@ -29,7 +29,7 @@ def test_missing_base_is_a_one_line_error(monkeypatch, tmp_path):
     import svdiff.world as world
 
     monkeypatch.setitem(world.BASE_DIRS, "unet", tmp_path / "nowhere")
-    with pytest.raises(SvdiffError, match="embedded unet base is missing") as e:
+    with pytest.raises(SvdiffError, match="embedded unet base is not in this installation") as e:
         world.default_base()
     assert "\n" not in str(e.value)
     with pytest.raises(SvdiffError, match="unknown embedded base 'dit'; choose from unet, flow"):
