@@ -128,6 +128,7 @@ def test_a_flow_base_from_a_unet_base_loads_in_stock_diffusers_and_draws_as_svdi
         + ["--num_scenes", "8", "--steps", "2", "--batch_size", "2", "--checkpoint_every", "1", "--preview_every", "2"]
     )
     assert (tmp_path / "work" / "preview_000002.png").exists()
+    assert not any("_name_or_path" in json.loads(c.read_text()) for c in out.glob("*/config.json"))
     stock = DiffusionPipeline.from_pretrained(out)
     assert isinstance(stock, StableDiffusion3Pipeline)
     assert not any(p.any() for p in stock.text_encoder_3.parameters())

@@ -362,9 +362,15 @@ def train_denoiser(base, latents, masks, scenes, vae, args, work: Path):
 
 
 def assemble(base, vae, tokenizer_dir: Path, out: Path):
-    """A stock diffusers folder; each tokenizer keeps CLIP's vocab.json/merges.txt beside tokenizer.json."""
+    """A stock diffusers folder; each tokenizer keeps CLIP's vocab.json/merges.txt beside tokenizer.json. A
+    component taken from `--init_from` would record that folder as its `_name_or_path`: the folder stands alone,
+    so no config names another."""
     pipe = base.pipeline(vae.cpu(), {name: m.cpu() for name, m in base.modules.items()})
     pipe.save_pretrained(out, safe_serialization=True)
+    for path in sorted(out.glob("*/config.json")):
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     store_half(out)
     for folder in ("tokenizer", "tokenizer_2"):
         if (out / folder).is_dir():
