@@ -234,7 +234,7 @@ def test_int8_generations_match_fp16_within_2_of_255_on_the_embedded_base(tmp_pa
     components = components_of(pipe)
     for model in components.values():
         for p in svdiff.add_shifts(model, progress=False).values():
-            # the size of a trained subject's shifts: the pictures move far from the base's, not into noise
+            # shifts that move the pictures far from the base's without turning them into noise
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
     files = {
         d: save_shifts(tmp_path / f"{d}.safetensors", components, base_model="svdiff-tiny", preset="all", dtype=d)

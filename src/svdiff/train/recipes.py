@@ -39,5 +39,5 @@ def single_image(folder: str | Path, caption: str, **settings) -> TrainConfig:
     """§4.1's single-image editing: one (image, caption) pair, no identifier and no prior term, the paper's rates
     on every base (those the editing benchmark measures); center crops and no flips keep the image as it is."""
     data = dict(instance_data_dir=str(folder), instance_prompt=caption, center_crop=True)
-    rate = DEFAULT_LR[settings.get("method", "svdiff")]
+    rate = DEFAULT_LR[settings.get("method", TrainConfig.method)]
     return quiet(**(data | dict(learning_rate=rate) | settings))
