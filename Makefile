@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test test-fast demo bench bench-quick lint clean
+.PHONY: test test-fast demo demo-flow bench bench-quick lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-fast: lint
 # The main job on the embedded tiny base: personalize an example subject, then before/after pictures and figures.
 demo: $(STAMP)
 	$(BIN)/svdiff demo --output_dir demo-output
+
+# The same on the embedded flow-matching transformer (an SD3 pipeline).
+demo-flow: $(STAMP)
+	$(BIN)/svdiff demo --base embedded:flow --output_dir demo-output/flow
 
 # The evidence report: every benchmark, the paper's claims checked (bench-quick: fewer subjects, seeds and steps).
 bench: $(STAMP)

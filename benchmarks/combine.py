@@ -2,7 +2,7 @@
 apart, added) and Eq. 5 (two subjects trained under one prompt, interpolated), judged and drawn; and style mixing of
 the two interpolated subjects' shift files.
 
-    HF_HUB_OFFLINE=1 python benchmarks/combine.py [--seeds 8] [--steps 400]
+    HF_HUB_OFFLINE=1 python benchmarks/combine.py [--seeds 8] [--steps 400] [--base embedded:flow]
         [--out docs/results/combine/combine.json]
 
 svdiff adds or interpolates the shifts δ (`--shifts A --shifts B`, `--interpolate A B --alpha a`); full fine-tuning
@@ -37,17 +37,19 @@ class FullDeltas:
     """Weight deltas of fully fine-tuned runs, applied to the base as W_base + Σ scale·ΔW."""
 
     def __init__(self, pipe, summaries: dict):
+        from svdiff.models import SHIFTED_COMPONENTS
+
         self.pipe = pipe
+        folders = {key: Path(summary["weights"]).parent.parent for key, summary in summaries.items()}
+        first = next(iter(folders.values()), None)  # every run fine-tuned the same denoiser and text encoders
+        self.names = [n for n in SHIFTED_COMPONENTS if first is not None and (first / n).is_dir()]
         self.base = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()} for n in self.names}
         self.deltas = {}
-        for key, summary in summaries.items():
-            folder = Path(summary["weights"]).parent.parent
+        for key, folder in folders.items():
             self.deltas[key] = {}
             for n in self.names:
                 tuned = load_file(str(next((folder / n).glob("*.safetensors"))))
                 self.deltas[key][n] = {k: tuned[k] - self.base[n][k] for k in self.base[n]}
-
-    names = ("unet", "text_encoder")
 
     def set(self, scales: dict) -> None:
         for n in self.names:
@@ -108,7 +110,7 @@ def main() -> None:
     judge = run.judge
     refs = {n: embed(judge, load_image_folder(SUBJECTS / n)) for n in {*ADD, *INTERPOLATE}}
     runs = {
-        (m, key): train_subject(args.runs, name, m, args.steps, identifier=ident)
+        (m, key): train_subject(args.runs, name, m, args.steps, identifier=ident, base=args.base)
         for m in METHODS
         for key, name, ident in (("A", "heart_sks", None), ("B", "star_zwx", None), ("C", "heart_xyz", "sks"))
     }
@@ -119,7 +121,7 @@ def main() -> None:
             images += sample(pipe, prompt, num_images=args.seeds, guidance_scale=args.guidance_scale, progress=False)
         return images
 
-    pipe = load_pipeline(None)
+    pipe = load_pipeline(args.base)
     full = FullDeltas(pipe, {k: s for (m, k), s in runs.items() if m == "full"})
     results, rows, labels = {"add": {}, "interpolate": {}}, [], []
 
@@ -188,6 +190,7 @@ def main() -> None:
             "add_prompts": list(ADD_PROMPTS),
             "interpolate_prompts": list(INTERPOLATE_PROMPTS),
             "guidance_scale": args.guidance_scale,
+            "base": args.base,
             "results": results,
         },
         rows,

@@ -48,12 +48,15 @@ def emit(result: dict, out: str | None) -> None:
 
 
 class QualityRun:
-    """What every quality benchmark does around its own measurements: the flags of its outputs, the judge, a clock
-    from the start, and at the end the pictures as one PNG grid (at --picture, or beside --out) and the JSON with
-    the machine, the picture and the minutes it took."""
+    """What every quality benchmark does around its own measurements: the flags of its base and outputs, the judge,
+    a clock from the start, and at the end the pictures as one PNG grid (at --picture, or beside --out) and the JSON
+    with the machine, the picture and the minutes it took."""
 
     @staticmethod
     def add_flags(p: argparse.ArgumentParser, name: str) -> None:
+        p.add_argument(
+            "--base", default=None, help="embedded:flow or a shapes-world pipeline folder (default: the UNet)"
+        )
         p.add_argument("--out", default=f"docs/results/{name}/{name}.json")
         p.add_argument("--picture", default=None, help="PNG grid (default: beside --out)")
 
@@ -117,10 +120,12 @@ def embed(judge, images) -> torch.Tensor:
     return torch.stack([r["embedding"] for r in read(judge, images)])
 
 
-def train_subject(runs: Path, name: str, method: str, steps: int, identifier: str | None = None) -> dict:
-    """Personalizes one example subject with prior preservation (the demo's recipe) and returns the run's summary.
-    `identifier` trains it under another subject's word (for interpolation, the paper's protocol). Runs are kept
-    in `runs` and reused; delete a folder to retrain it."""
+def train_subject(
+    runs: Path, name: str, method: str, steps: int, identifier: str | None = None, base: str | None = None
+) -> dict:
+    """Personalizes one example subject on `base` (None: the embedded UNet) with prior preservation (the demo's
+    recipe) and returns the run's summary. `identifier` trains it under another subject's word (for interpolation,
+    the paper's protocol). Runs are kept in `runs` and reused; delete a folder to retrain it."""
     from svdiff.train import recipes, train
 
     c = subject_card(name)
@@ -136,6 +141,7 @@ def train_subject(runs: Path, name: str, method: str, steps: int, identifier: st
                 c["class_prompt"],
                 runs / f"class-{c['class_word']}",
                 method=method,
+                pretrained_model_name_or_path=base,
                 max_train_steps=steps,
                 output_dir=str(out),
                 progress=False,

@@ -2,7 +2,7 @@
 attribute (color, pattern, shape or place, five scenes each), by spectral shifts and by full fine-tuning, with and
 without DDIM inversion.
 
-    HF_HUB_OFFLINE=1 python benchmarks/edit.py [--scenes 20] [--steps 200] [--runs runs/edit]
+    HF_HUB_OFFLINE=1 python benchmarks/edit.py [--scenes 20] [--steps 200] [--runs runs/edit] [--base embedded:flow]
         [--out docs/results/edit/edit.json]
 
 The judge reads the edited picture where the object should now be: "success" when the asked attribute is right,
@@ -99,10 +99,12 @@ def main() -> None:
             out = args.runs / f"scene-{i:02d}" / method
             summary = out / "train_summary.json"
             if not summary.is_file():
-                fine_tune(image, source_prompt, out, method=method, max_train_steps=args.steps, progress=False)
+                fine_tune(
+                    image, source_prompt, out, base=args.base, method=method, max_train_steps=args.steps, progress=False
+                )
             trained = json.loads(summary.read_text())
             minutes[method] += trained["minutes"]
-            pipe = load_pipeline(None)
+            pipe = load_pipeline(args.base)
             apply_trained(pipe, trained["weights"], method)
             for inversion in (True, False):
                 edited = draw_edits(
@@ -144,6 +146,7 @@ def main() -> None:
         {
             "benchmark": "edit",
             "scenes": args.scenes,
+            "base": args.base,
             "fine_tune_steps": args.steps,
             "guidance_scale": args.guidance_scale,
             "num_inference_steps": args.num_inference_steps,

@@ -183,7 +183,7 @@ def unmix_scale(pipe, pair, phrase_pair, base, n: int = 32) -> dict:
             instance_data_dir="-",
             instance_prompt="-",
             pretrained_model_name_or_path=base,
-            resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+            resolution=family_of(pipe).native_resolution(),
             train_text_encoder=False,
             unmix_weight=1.0,
         )
@@ -329,7 +329,6 @@ def main() -> None:
     p.add_argument(
         "--with_prior_preservation", action="store_true", help="train every configuration with class images too"
     )
-    p.add_argument("--base", default=None, help="another diffusers base folder (default: the embedded one)")
     args = p.parse_args()
 
     from svdiff.data.images import load_image_folder

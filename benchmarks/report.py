@@ -119,18 +119,55 @@ SECTIONS = (
 )
 
 TIMINGS = {"world", "svd_engine", "train_methods", "compose"}
+# The benchmarks of what a base learns run on both embedded bases: the UNet (the default) and the flow transformer,
+# whose sections are keyed `<key>_flow`.
+ON_BOTH_BASES = ("world", "single_subject", "multi_subject", "edit", "combine")
+FLOW_ARGS = ["--base", "embedded:flow"]
 
 
-def world_fingerprint() -> str:
-    """A hash of the embedded bases' and the judge's weights: a record or a trained run is reused only on the
-    world it was measured on."""
+def world_fingerprint(base: str = "unet") -> str:
+    """A hash of an embedded base's and the judge's weights: a record or a trained run is reused only on the world
+    it was measured on."""
     from svdiff.world import BASE_DIRS, JUDGE_DIR
 
     h = hashlib.sha256()
-    for folder in (*BASE_DIRS.values(), JUDGE_DIR):
+    for folder in (BASE_DIRS[base], JUDGE_DIR):
         for f in sorted(folder.rglob("*.safetensors")):
             h.update(f.relative_to(folder.parent).as_posix().encode() + f.read_bytes())
     return h.hexdigest()[:12]
+
+
+def flow_base_shipped() -> bool:
+    from svdiff.errors import SvdiffError
+    from svdiff.world import default_base
+
+    try:
+        default_base("flow")
+    except SvdiffError:
+        return False
+    return True
+
+
+def sections(flow: bool) -> list[tuple]:
+    """SECTIONS, with each benchmark of ON_BOTH_BASES again on the flow base when `flow`, right after its UNet
+    run: (key, title, script, {mode: arguments}, base)."""
+    out = []
+    for key, title, script, modes in SECTIONS:
+        if flow and key == "train_methods":
+            modes = {mode: with_flow_arch(args) for mode, args in modes.items()}
+        out.append((key, title, script, modes, "unet"))
+        if flow and key in ON_BOTH_BASES:
+            flow_modes = {mode: args + FLOW_ARGS for mode, args in modes.items()}
+            out.append((f"{key}_flow", f"{title}, on the flow transformer", script, flow_modes, "flow"))
+    return out
+
+
+def with_flow_arch(args: list[str]) -> list[str]:
+    """train_methods' arguments with the flow base timed beside the embedded UNet (`tiny`, first of --archs)."""
+    if "--archs" not in args:
+        return ["--archs", "tiny", "flow", "sd15", *args]
+    i = args.index("--archs") + 2
+    return [*args[:i], "flow", *args[i:]]
 
 
 def run_section(key: str, script: str, args: list[str], out: Path, runs: Path, mode: str, world: str) -> dict:
@@ -205,9 +242,87 @@ def render_world(r: dict) -> str:
                 if "base_class_prompts" in r
                 else ""
             )
-            + f"16 images, 25 DDIM steps: {r['sampling_16_images_25_ddim_steps_seconds']:.2f} s.",
+            + (
+                "Prompts naming marks drawn with every named mark: {all_marks_correct:.2f} (outline {outline:.2f}, "
+                "emblem {emblem:.2f}, emblem color {emblem_color:.2f}). ".format(**r["base_mark_prompts"])
+                if "base_mark_prompts" in r
+                else ""
+            )
+            + f"16 images, 25 steps: {r['sampling_16_images_25_ddim_steps_seconds']:.2f} s.",
         ]
     )
+
+
+def render_both(sections: dict) -> str:
+    """The headline figures of the benchmarks run on both bases, in two columns."""
+
+    def pick(key: str, read) -> list:
+        found = [sections.get(k) for k in (key, f"{key}_flow")]
+        try:
+            return [None if f is None else read(f["result"]) for f in found]
+        except KeyError:
+            return [None, None]
+
+    def similarity(m):
+        return lambda r: r["summary"][m]["subject_similarity"]
+
+    rows = [
+        ["world: unseen single objects, shape / color"]
+        + pick("world", lambda r: "{shape:.2f} / {color:.2f}".format(**r["base_unseen_single_object"])),
+        ["world: left/right pairs both right"] + pick("world", lambda r: r["base_left_right_pairs"]["both_correct"]),
+        ["world: bare class prompts as their shape"] + pick("world", lambda r: r["base_class_prompts"]["shape"]),
+        ["world: mark prompts, every mark drawn"]
+        + pick("world", lambda r: r["base_mark_prompts"]["all_marks_correct"]),
+        ["world: 16 images, 25 steps (s)"] + pick("world", lambda r: r["sampling_16_images_25_ddim_steps_seconds"]),
+        *[[f"single subject: similarity, {m}"] + pick("single_subject", similarity(m)) for m in METHOD_ROWS],
+        ["single subject: svdiff / full similarity"]
+        + pick("single_subject", lambda r: similarity("svdiff")(r) / similarity("full")(r)),
+        ["single subject: class drift, svdiff / full"]
+        + pick(
+            "single_subject",
+            lambda r: "{:+.3f} / {:+.3f}".format(*(r["summary"][m]["class_drift"] for m in METHODS_TUNED)),
+        ),
+        ["single subject: file, svdiff / full"]
+        + pick(
+            "single_subject", lambda r: f"{mb(r['summary']['svdiff']['bytes'])} / {mb(r['summary']['full']['bytes'])}"
+        ),
+        ["single subject: full / svdiff file size"]
+        + pick("single_subject", lambda r: f"{r['summary']['full']['bytes'] / r['summary']['svdiff']['bytes']:,.0f}×"),
+        ["training step (ms): svdiff / LoRA / full"] + [step_times(sections, arch) for arch in ("tiny", "flow")],
+        ["Cut-Mix-Unmix: two hearts disentangled, gain (points)"]
+        + pick("multi_subject", lambda r: r["results"]["same class"]["cut_mix_gain_points"]),
+        ["editing: success, svdiff / full (with inversion)"]
+        + pick(
+            "edit",
+            lambda r: " / ".join(f"{r['results'][f'{m}, with inversion']['all']['success']}" for m in METHODS_TUNED),
+        ),
+        ["Eq. 5: svdiff interpolation span (monotone)"]
+        + pick(
+            "combine",
+            lambda r: "{:+.3f} ({})".format(
+                r["results"]["interpolate"]["svdiff"]["span"],
+                "yes" if r["results"]["interpolate"]["svdiff"]["monotone"] else "no",
+            ),
+        ),
+    ]
+    return (
+        "The same benchmarks, commands and judge on the two embedded bases: the UNet (Stable Diffusion) and the flow "
+        "transformer (SD3's MMDiT). Each figure's section below gives its command and detail.\n\n"
+        + table(["", "UNet base", "flow transformer"], rows)
+    )
+
+
+def step_times(sections: dict, arch: str) -> str | None:
+    """One base's median training step per method, from the training-step section (5c)."""
+    found = sections.get("train_methods")
+    step = {x["method"]: x["step_seconds"] for x in found["result"]["results"] if x["arch"] == arch} if found else {}
+    if not {"svdiff", "lora", "full"} <= step.keys():
+        return None
+    return " / ".join(f"{1000 * step[m]:.0f}" for m in ("svdiff", "lora", "full"))
+
+
+METHOD_ROWS = ("base", "svdiff", "full", "lora")
+METHODS_TUNED = ("svdiff", "full")
 
 
 def render_storage(r: dict) -> str:
@@ -492,15 +607,19 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=None, choices=[s[0] for s in SECTIONS], help="run only these")
     args = p.parse_args()
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
-    world = world_fingerprint()
-    runs = args.runs or Path("runs") / ("bench" if mode == "full" else f"bench-{mode}") / world
+    flow = flow_base_shipped()
+    worlds = {base: world_fingerprint(base) for base in (("unet", "flow") if flow else ("unet",))}
+    folder = Path("runs") / ("bench" if mode == "full" else f"bench-{mode}")
+    runs = {base: args.runs or folder / world for base, world in worlds.items()}
+    if args.runs and flow:
+        runs["flow"] = args.runs / "flow"
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
 
     from common import machine
 
-    results = {"mode": mode, "world": world, "machine": machine() | {"cpu_model": cpu_name()}, "sections": {}}
+    results = {"mode": mode, "world": worlds, "machine": machine() | {"cpu_model": cpu_name()}, "sections": {}}
     doc = [
         f"# svdiff evidence report ({mode} run)",
         f"Machine: {cpu_name()}, {results['machine']['cpu_count']} cores, torch {torch.__version__}, no GPU. "
@@ -509,17 +628,22 @@ def main() -> None:
     ]
     if mode != "full":
         doc.append(f"**A {mode} run: its figures come from few samples and short training, not the full protocol.**")
-    chosen = [s for s in SECTIONS if not args.only or s[0] in args.only]
+    every = sections(flow)
+    chosen = [s for s in every if not args.only or s[0].removesuffix("_flow") in args.only]
     # The timings first, while the machine is least likely to be busy with anything else; then the training runs.
-    for key, _, script, modes in sorted(chosen, key=lambda s: s[0] not in TIMINGS):
-        results["sections"][key] = run_section(key, script, modes[mode], args.out, runs, mode, world)
-    for key, title, _, _ in chosen:
+    for key, _, script, modes, base in sorted(chosen, key=lambda s: s[0].removesuffix("_flow") not in TIMINGS):
+        results["sections"][key] = run_section(key, script, modes[mode], args.out, runs[base], mode, worlds[base])
+    if flow and {"single_subject", "single_subject_flow"} <= results["sections"].keys():
+        doc += ["## Both bases side by side", render_both(results["sections"])]
+    for key, title, _, _, _ in chosen:
         record = results["sections"][key]
-        render = globals()[f"render_{key}"]
+        render = globals()[f"render_{key.removesuffix('_flow')}"]
         doc += [f"## {title}", f"`{record['command']}` ({record['seconds'] / 60:.1f} min)", render(record["result"])]
-    left_out = [title for key, title, _, _ in SECTIONS if key not in results["sections"]]
+    left_out = [title for key, title, _, _, _ in every if key not in results["sections"]]
     if left_out:
         doc.append("Not in this report (run without `--only` to add them): " + "; ".join(left_out) + ".")
+    if not flow:
+        doc.append("The flow base is not in this package, so its sections are left out.")
     results["minutes"] = round(sum(r["seconds"] for r in results["sections"].values()) / 60, 1)
     doc.append(f"Total: {results['minutes']} min of benchmarks.")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

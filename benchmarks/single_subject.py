@@ -3,7 +3,7 @@ same recipe (the demo's: prior preservation, 400 steps), the same prompts and th
 examples and new ones of identities held out of pretraining (`fresh_<i>`).
 
     HF_HUB_OFFLINE=1 python benchmarks/single_subject.py [--subjects 8] [--prompts 10] [--seeds 4] [--steps 400]
-        [--out docs/results/single_subject/single_subject.json]
+        [--base embedded:flow] [--out docs/results/single_subject/single_subject.json]
 
 Per subject and method, the judge reads every generation of the novel-context prompts (places, backgrounds and a
 second object the subject never appeared with):
@@ -104,10 +104,10 @@ def main() -> None:
         own = refs @ refs.T
         found = {"photos_similarity": round(float(own[~torch.eye(len(own), dtype=torch.bool)].mean()), 4)}
         for method in ("base", *args.methods):
-            pipe = load_pipeline(None)
+            pipe = load_pipeline(args.base)
             summary = None
             if method != "base":
-                summary = train_subject(args.runs, name, method, args.steps)
+                summary = train_subject(args.runs, name, method, args.steps, base=args.base)
                 apply_trained(pipe, summary["weights"], method)
             m = measure(pipe, judge, refs, prompts, class_prompts, args.seeds, args.guidance_scale)
             rows += m.pop("pictures")

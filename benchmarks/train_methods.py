@@ -1,12 +1,13 @@
 """Step time and peak memory of training with svdiff vs LoRA vs full fine-tuning, side by side in one run, on the
-embedded tiny base and on the SD 1.5 architecture (random weights) at small latents.
+embedded bases (tiny: the UNet, flow: the SD3 transformer) and on the SD 1.5 architecture (random weights) at small
+latents.
 
-    python benchmarks/train_methods.py [--archs tiny sd15] [--steps 5] [--tiny_steps 50] [--rounds 3]
+    python benchmarks/train_methods.py [--archs tiny flow sd15] [--steps 5] [--tiny_steps 50] [--rounds 3]
         [--sd15_resolution 256] [--step_path auto] [--out FILE]
 
 Each (architecture, method) runs in its own process, so peak memory (max RSS on the CPU, max allocated on a GPU)
 is its own. A step is what `svdiff train` does per step, minus the VAE and data loading (the same for every
-method): text encoder and UNet forward, the loss, backward, AdamW. Parameters are set up by the trainer's own
+method): text encoders and denoiser forward, the loss, backward, AdamW. Parameters are set up by the trainer's own
 `svdiff.train.methods.prepare` (svdiff: preset all with the text encoder; svdiff-attn: preset attn, the same
 attention projections LoRA adapts; LoRA rank 4 on the attention projections of both; full: every weight of both).
 svdiff steps run as `svdiff train --step_path` says (`--step_path layers`: per-call layers with one δ tensor per
@@ -31,24 +32,28 @@ METHODS = ("svdiff", "svdiff-attn", "lora", "full")
 EXTRA_METHODS = ("svdiff-layers",)  # svdiff on per-call layers with per-target δ, without the merged wiring
 
 
-def components(arch: str, device: str):
-    from svdiff.models import build_architecture, load_components
+EMBEDDED = {"tiny": None, "flow": "embedded:flow"}  # the embedded bases: the UNet (the default) and the flow one
 
-    if arch == "tiny":
-        parts = load_components(None, device=device)
-        return parts["unet"], parts["text_encoder"]
-    parts = build_architecture(arch, device=device)
-    return parts["unet"], parts["text_encoder"]
+
+def pipeline(arch: str, device: str):
+    """A pipeline of `arch`: an embedded base, or a built-in architecture's random-weight denoiser and text
+    encoder inside the embedded UNet base's pipeline (its tokenizer, VAE and scheduler, which a step here does not
+    use beyond tokenizing)."""
+    from svdiff.models import build_architecture
+    from svdiff.sample import load_pipeline
+
+    pipe = load_pipeline(EMBEDDED.get(arch), device=device)
+    if arch in EMBEDDED:
+        return pipe
+    return type(pipe)(**(pipe.components | build_architecture(arch, device=device)))
 
 
 def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, device: str, step_path: str) -> dict:
-    from svdiff.families import StableDiffusion
+    from svdiff.families import family_of
     from svdiff.train import TrainConfig, resolve
     from svdiff.train.methods import prepare
     from svdiff.train.step import build_optimizer
 
-    unet, text_encoder = components(arch, device)
-    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     preset = "attn" if method == "svdiff-attn" else "all"
     if method == "svdiff-layers":
         step_path = "layers"
@@ -57,30 +62,31 @@ def run_one(arch: str, method: str, steps: int, resolution: int, batch: int, dev
             method=method.split("-")[0], preset=preset, instance_data_dir="-", instance_prompt="-", progress=False
         )
     )
+    family = family_of(pipeline(arch, device), config)
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    modules = family.components(train_text_encoder=True)
     began = time.perf_counter()
-    trainable = prepare(config, {"unet": unet, "text_encoder": text_encoder}, StableDiffusion.lora_targets)
-    unet.train()
-    text_encoder.train()
+    trainable = prepare(config, modules, family.lora_targets)
+    for m in modules.values():
+        m.train()
     paths = None
     if trainable.method == "svdiff" and step_path != "layers":
         wirings = trainable.merge_steps(step_path)
     setup_s = time.perf_counter() - began
     optimizer = build_optimizer(config, trainable.groups)
-    g = torch.Generator().manual_seed(0)
-    latent = resolution // (8 if arch != "tiny" else 4)
-    x = torch.randn(batch, unet.config.in_channels, latent, latent, generator=g).to(device)
-    noise = torch.randn(x.shape, generator=g).to(device)
-    ids = torch.randint(
-        0, text_encoder.config.vocab_size, (batch, text_encoder.config.max_position_embeddings), generator=g
-    ).to(device)
-    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    latent = resolution // (4 if arch in EMBEDDED else 8)
+    x = torch.randn(batch, family.model.config.in_channels, latent, latent, generator=gens[0]).to(device)
+    noise = torch.randn(x.shape, generator=gens[0]).to(device)
+    prompts = ["a photo of sks heart on the left and a blue circle on the right"] * batch
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps + 1):  # the first step warms up
         began = time.perf_counter()
-        pred = unet(x, t, text_encoder(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        noisy, timesteps, target, _ = family.noise.corrupt(x, noise, gens)
+        pred = family.predict(noisy, timesteps, family.encode(prompts))
+        loss = torch.nn.functional.mse_loss(pred, target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -114,7 +120,7 @@ def one_process(args, arch: str, method: str) -> dict:
         arch,
         method,
         "--steps",
-        str(args.tiny_steps if arch == "tiny" else args.steps),
+        str(args.tiny_steps if arch in EMBEDDED else args.steps),
         "--batch",
         str(args.batch),
         "--tiny_resolution",
@@ -136,11 +142,11 @@ def one_process(args, arch: str, method: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--archs", nargs="+", default=["tiny", "sd15"])
+    p.add_argument("--archs", nargs="+", default=["tiny", "sd15"], help="tiny, flow or a built-in architecture")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA_METHODS)
     p.add_argument("--step_path", default="auto", choices=("auto", "merged", "per-call", "layers"))
     p.add_argument("--steps", type=int, default=5, help="timed steps on SD 1.5")
-    p.add_argument("--tiny_steps", type=int, default=50, help="timed steps on the embedded base (milliseconds each)")
+    p.add_argument("--tiny_steps", type=int, default=50, help="timed steps on the embedded bases (milliseconds each)")
     p.add_argument("--rounds", type=int, default=3, help="every method runs once per round; medians are reported")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tiny_resolution", type=int, default=64)
@@ -151,7 +157,7 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         arch, method = args.one
-        resolution = args.tiny_resolution if arch == "tiny" else args.sd15_resolution
+        resolution = args.tiny_resolution if arch in EMBEDDED else args.sd15_resolution
         print(json.dumps(run_one(arch, method, args.steps, resolution, args.batch, args.device, args.step_path)))
         return
     runs = []

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from svdiff import default_base
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -23,18 +25,12 @@ def test_smoke_report(tmp_path):
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     sections = results["sections"]
-    assert set(sections) == {
-        "world",
-        "storage",
-        "single_subject",
-        "multi_subject",
-        "edit",
-        "combine",
-        "svd_engine",
-        "step_flops",
-        "train_methods",
-        "compose",
-    }
+    on_both = {"world", "single_subject", "multi_subject", "edit", "combine"}
+    expected = on_both | {"storage", "svd_engine", "step_flops", "train_methods", "compose"}
+    if (default_base("flow") / "model_index.json").is_file():  # the flow base's sections beside the UNet's
+        expected |= {f"{key}_flow" for key in on_both}
+        assert "## Both bases side by side" in report
+    assert set(sections) == expected
     for section in sections.values():
         assert f"`{section['command']}`" in report
     assert "smoke run" in report
