@@ -121,17 +121,24 @@ def embed(judge, images) -> torch.Tensor:
 
 
 def train_subject(
-    runs: Path, name: str, method: str, steps: int, identifier: str | None = None, base: str | None = None
+    runs: Path,
+    name: str,
+    method: str,
+    steps: int,
+    identifier: str | None = None,
+    base: str | None = None,
+    learning_rate: float | None = None,
 ) -> dict:
     """Personalizes one example subject on `base` (None: the embedded UNet) with prior preservation (the demo's
-    recipe) and returns the run's summary. `identifier` trains it under another subject's word (for interpolation,
-    the paper's protocol). Runs are kept in `runs` and reused; delete a folder to retrain it."""
+    recipe) at the method's default rate or `learning_rate`, and returns the run's summary. `identifier` trains it
+    under another subject's word (for interpolation, the paper's protocol). Runs are kept in `runs` and reused;
+    delete a folder to retrain it."""
     from svdiff.train import recipes, train
 
     c = subject_card(name)
     prompt = c["instance_prompt"] if identifier is None else c["instance_prompt"].replace(c["identifier"], identifier)
     out = runs / f"{name}-as-{identifier}" if identifier else runs / name
-    out = out / f"{method}-{steps}-steps"
+    out = out / (f"{method}-{steps}-steps" + (f"-lr-{learning_rate:g}" if learning_rate else ""))
     summary = out / "train_summary.json"
     if not summary.is_file():
         train(
@@ -142,6 +149,7 @@ def train_subject(
                 runs / f"class-{c['class_word']}",
                 method=method,
                 pretrained_model_name_or_path=base,
+                learning_rate=learning_rate,
                 max_train_steps=steps,
                 output_dir=str(out),
                 progress=False,

@@ -3,7 +3,7 @@ same recipe (the demo's: prior preservation, 400 steps), the same prompts and th
 examples and new ones of identities held out of pretraining (`fresh_<i>`).
 
     HF_HUB_OFFLINE=1 python benchmarks/single_subject.py [--subjects 8] [--prompts 10] [--seeds 4] [--steps 400]
-        [--base embedded:flow] [--out docs/results/single_subject/single_subject.json]
+        [--base embedded:flow] [--learning_rate R] [--out docs/results/single_subject/single_subject.json]
 
 Per subject and method, the judge reads every generation of the novel-context prompts (places, backgrounds and a
 second object the subject never appeared with):
@@ -83,6 +83,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--learning_rate", type=float, default=None, help="for every method in --methods (default: each method's own)"
+    )
     p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--runs", type=Path, default=Path("runs/single_subject"))
     QualityRun.add_flags(p, "single_subject")
@@ -107,7 +110,9 @@ def main() -> None:
             pipe = load_pipeline(args.base)
             summary = None
             if method != "base":
-                summary = train_subject(args.runs, name, method, args.steps, base=args.base)
+                summary = train_subject(
+                    args.runs, name, method, args.steps, base=args.base, learning_rate=args.learning_rate
+                )
                 apply_trained(pipe, summary["weights"], method)
             m = measure(pipe, judge, refs, prompts, class_prompts, args.seeds, args.guidance_scale)
             rows += m.pop("pictures")
@@ -136,6 +141,7 @@ def main() -> None:
         {
             "benchmark": "single_subject",
             "steps": args.steps,
+            "learning_rate": args.learning_rate,
             "seeds": args.seeds,
             "prompts": list(CONTEXTS[: args.prompts]),
             "class_prompts": list(CLASS_CONTEXTS),
