@@ -57,6 +57,27 @@ SECTIONS = (
         },
     ),
     (
+        "layer_groups",
+        "2b. Which layers carry a subject",
+        "layer_groups.py",
+        {
+            "full": ["--runs", "{runs}/subjects"],
+            "quick": [
+                "--runs",
+                "{runs}/subjects",
+                "--subjects",
+                "2",
+                "--prompts",
+                "2",
+                "--seeds",
+                "2",
+                "--steps",
+                "200",
+            ],
+            "smoke": ["--runs", "{runs}/subjects", "--subjects", "1", "--prompts", "1", "--seeds", "1", "--steps", "2"],
+        },
+    ),
+    (
         "multi_subject",
         "3a. Multi-subject: Cut-Mix-Unmix",
         "multi_subject.py",
@@ -121,7 +142,7 @@ SECTIONS = (
 TIMINGS = {"world", "svd_engine", "train_methods", "compose"}
 # The benchmarks of what a base learns run on both embedded bases: the UNet (the default) and the flow transformer,
 # whose sections are keyed `<key>_flow`.
-ON_BOTH_BASES = ("world", "single_subject", "multi_subject", "edit", "combine")
+ON_BOTH_BASES = ("world", "single_subject", "layer_groups", "multi_subject", "edit", "combine")
 FLOW_ARGS = ["--base", "embedded:flow"]
 
 
@@ -288,6 +309,11 @@ def render_both(sections: dict) -> str:
         ),
         ["single subject: full / svdiff file size"]
         + pick("single_subject", lambda r: f"{r['summary']['full']['bytes'] / r['summary']['svdiff']['bytes']:,.0f}×"),
+        ["single subject: the text encoders' shifts alone, share of the gain"]
+        + pick(
+            "layer_groups",
+            lambda r: next(x["recovered"] for g, x in r["results"].items() if g.startswith("text encoder")),
+        ),
         ["training step (ms): svdiff / LoRA / full"] + [step_times(sections, arch) for arch in ("tiny", "flow")],
         ["Cut-Mix-Unmix: two hearts disentangled, gain (points)"]
         + pick("multi_subject", lambda r: r["results"]["same class"]["cut_mix_gain_points"]),
@@ -441,6 +467,19 @@ def render_single_subject(r: dict) -> str:
             )
         )
     return "\n\n".join(text)
+
+
+def render_layer_groups(r: dict) -> str:
+    rows = [[g, x["similarity"], x.get("recovered"), x.get("energy"), x.get("values")] for g, x in r["results"].items()]
+    return "\n\n".join(
+        [
+            f"{len(r['subjects'])} subjects' svdiff files (section 2's) applied one group of layers at a time; "
+            f"{len(r['prompts'])} novel-context prompts × {r['seeds']} seeds. *Recovered*: the share of the "
+            "subject's similarity gain over the base that the group alone brings back; *energy*: its share of Σδ².",
+            table(["layers", "similarity", "recovered", "energy", "values"], rows),
+            f"![layer groups]({Path(r['picture']).name})",
+        ]
+    )
 
 
 def render_multi_subject(r: dict) -> str:

@@ -25,7 +25,7 @@ def test_smoke_report(tmp_path):
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     sections = results["sections"]
-    on_both = {"world", "single_subject", "multi_subject", "edit", "combine"}
+    on_both = {"world", "single_subject", "layer_groups", "multi_subject", "edit", "combine"}
     expected = on_both | {"storage", "svd_engine", "step_flops", "train_methods", "compose"}
     if (default_base("flow") / "model_index.json").is_file():  # the flow base's sections beside the UNet's
         expected |= {f"{key}_flow" for key in on_both}
