@@ -6,9 +6,9 @@ svdiff's size, speed and memory against LoRA and full fine-tuning. `make bench` 
 Writes `report.md` (tables, pictures, each section's command and a plain verdict on the paper's claim) and
 `results.json` (every benchmark's JSON) into --out, beside the benchmarks' own JSON and PNG files. On a 2-core
 CPU the committed report's sections took 123.6 minutes on the UNet base (single subject 32.5 of them, training 24
-runs; multi-subject 40.6, 19 runs; editing 16.8, 24 runs); --quick (fewer subjects, seeds and steps) took 11.8 minutes from an empty
---runs; --smoke (a few steps of everything, for CI, about three minutes) proves only that the pipeline of
-benchmarks runs. Trained runs are kept in --runs and reused, and a
+runs; multi-subject 40.6, 19 runs; editing 16.8, 24 runs); --quick (fewer subjects, seeds and steps) took 11.8
+minutes from an empty --runs; --smoke (a few steps of everything, for CI, about three minutes) proves only that the
+pipeline of benchmarks runs. Trained runs are kept in --runs and reused, and a
 benchmark already run with the same command on the same world (a hash of the embedded bases' and the judge's
 weights) is not run again (its record is in --out/records/), so an interrupted report resumes; delete them to
 start afresh.
