@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from svdiff import default_base
+from svdiff.world import BASE_DIRS
 
 ROOT = Path(__file__).parents[1]
 
@@ -27,7 +27,7 @@ def test_smoke_report(tmp_path):
     sections = results["sections"]
     on_both = {"world", "single_subject", "layer_groups", "multi_subject", "edit", "combine"}
     expected = on_both | {"storage", "svd_engine", "step_flops", "train_methods", "compose"}
-    if (default_base("flow") / "model_index.json").is_file():  # the flow base's sections beside the UNet's
+    if (BASE_DIRS["flow"] / "model_index.json").is_file():  # the flow base's sections beside the UNet's
         expected |= {f"{key}_flow" for key in on_both}
         assert "## Both bases side by side" in report
     assert set(sections) == expected
