@@ -15,14 +15,13 @@ Groups overlap (the attention projections are also in the early or late blocks);
 """
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
 
-from svdiff.world import GUIDANCE_SCALE
-
 from common import QualityRun, embed, subject_card, subject_dir, train_subject
-from single_subject import CONTEXTS, NAMES
+from single_subject import CONTEXTS, NAMES, add_subject_flags
 
 # Groups of `<component>.<parameter>` keys, as regexes, per family of the base.
 GROUPS = {
@@ -36,7 +35,6 @@ GROUPS = {
         "down blocks": r"^unet\.down_blocks\.",
         "mid block": r"^unet\.mid_block\.",
         "up blocks": r"^unet\.up_blocks\.",
-        "style mixing's geometry layers": r"^unet\.(down_blocks\.2\.attentions\.1|mid_block\.attentions\.0)\.",
     },
     "StableDiffusion3": {
         "text encoders": r"^text_encoder(_2)?\.",
@@ -45,33 +43,28 @@ GROUPS = {
         "feed-forward, image side": r"^transformer\..*\.ff\.",
         "feed-forward, text side": r"^transformer\..*\.ff_context\.",
         "adaLN modulation": r"^transformer\..*\.norm1(_context)?\.linear",
-        "first half of the blocks": None,  # filled in from the transformer's depth
-        "second half of the blocks": None,
         "outside the blocks (embedders, final layer)": r"^transformer\.(?!transformer_blocks\.)",
     },
 }
 
 
 def groups_of(pipe) -> dict[str, str]:
+    """The family's GROUPS, and the layers style mixing gives the geometry file (on a transformer the first half of
+    its blocks, so there also the blocks after those)."""
     from svdiff.families import family_of
 
-    family = type(family_of(pipe)).__name__
-    groups = dict(GROUPS[family])
-    if family == "StableDiffusion3":
-        n = len(pipe.transformer.transformer_blocks)
-        first, second = range(n // 2), range(n // 2, n)
-        groups["first half of the blocks"] = rf"^transformer\.transformer_blocks\.({'|'.join(map(str, first))})\."
-        groups["second half of the blocks"] = rf"^transformer\.transformer_blocks\.({'|'.join(map(str, second))})\."
+    family = family_of(pipe)
+    geometry = family.geometry_layers()
+    groups = GROUPS[type(family).__name__] | {"style mixing's geometry layers": "|".join(geometry)}
+    if family.denoiser == "transformer":
+        blocks = [rf"^transformer\.transformer_blocks\.{i}\." for i in range(len(pipe.transformer.transformer_blocks))]
+        groups["blocks after the geometry layers"] = "|".join(b for b in blocks if b not in geometry)
     return groups
 
 
-def energy(weights: Path, pattern: str | None) -> tuple[float, int]:
-    """The share of Σδ² in the keys `pattern` matches (all: None), and how many values those keys hold."""
-    import re
-
-    from svdiff.format import read_shift_file
-
-    tensors = read_shift_file(weights).tensors
+def energy(tensors: dict[str, torch.Tensor], pattern: str | None) -> tuple[float, int]:
+    """The share of Σδ² of a shift file's `tensors` in the keys `pattern` matches (all: None), and how many values
+    those keys hold."""
     total = sum(float(t.float().square().sum()) for t in tensors.values())
     chosen = [t for k, t in tensors.items() if pattern is None or re.search(pattern, k)]
     return sum(float(t.float().square().sum()) for t in chosen) / total, sum(t.numel() for t in chosen)
@@ -79,17 +72,13 @@ def energy(weights: Path, pattern: str | None) -> tuple[float, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--subjects", type=int, default=len(NAMES), help=f"how many of {', '.join(NAMES)}")
-    p.add_argument("--prompts", type=int, default=4, help=f"how many novel-context prompts (at most {len(CONTEXTS)})")
-    p.add_argument("--seeds", type=int, default=4)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
-    p.add_argument("--runs", type=Path, default=Path("runs/single_subject"))
+    add_subject_flags(p, prompts=4)
     QualityRun.add_flags(p, "layer_groups")
     args = p.parse_args()
 
     from svdiff.adapters import fuse, load_shifts, unfuse, unload_shifts
     from svdiff.data.images import load_image_folder
+    from svdiff.format import read_shift_file
     from svdiff.sample import load_pipeline, sample
 
     run = QualityRun(args)
@@ -112,6 +101,7 @@ def main() -> None:
         subject = f"{c['identifier']} {c['class_word']}"
         refs = embed(run.judge, load_image_folder(subject_dir(name)))
         weights = Path(train_subject(args.runs, name, "svdiff", args.steps, base=args.base)["weights"])
+        tensors = read_shift_file(weights).tensors
         base.append(similarity(subject, refs, keep=i == 0))
         for group, pattern in groups.items():
             load_shifts(pipe, weights, "subject", include=None if pattern is None else [pattern], progress=False)
@@ -119,7 +109,7 @@ def main() -> None:
             found[group].append(similarity(subject, refs, keep=i == 0))
             unfuse(pipe)
             unload_shifts(pipe)
-            share, values[group] = energy(weights, pattern)
+            share, values[group] = energy(tensors, pattern)
             shares[group].append(share)
         print(name, round(base[-1], 3), {g: round(v[-1], 3) for g, v in found.items()}, flush=True)
     labels = [f"{NAMES[0]}: the base", *(f"{NAMES[0]}: {g}" for g in groups)]

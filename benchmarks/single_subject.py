@@ -72,22 +72,30 @@ def measure(pipe, judge, refs: torch.Tensor, prompts, class_prompts, seeds: int,
     }
 
 
+def add_subject_flags(p: argparse.ArgumentParser, prompts: int) -> None:
+    """The flags of the benchmarks of one subject at a time (this one and layer_groups.py, which shares its runs):
+    which subjects, how many prompts and seeds, the training steps, guidance and the runs' folder."""
+    p.add_argument("--subjects", type=int, default=len(NAMES), help=f"how many of {', '.join(NAMES)}")
+    p.add_argument(
+        "--prompts", type=int, default=prompts, help=f"how many novel-context prompts (at most {len(CONTEXTS)})"
+    )
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
+    p.add_argument("--runs", type=Path, default=Path("runs/single_subject"))
+
+
 def mean(rows: list[dict], key: str) -> float:
     return round(sum(r[key] for r in rows) / len(rows), 4)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--subjects", type=int, default=len(NAMES), help=f"how many of {', '.join(NAMES)}")
-    p.add_argument("--prompts", type=int, default=10, help=f"how many novel-context prompts (at most {len(CONTEXTS)})")
-    p.add_argument("--seeds", type=int, default=4)
-    p.add_argument("--steps", type=int, default=400)
+    add_subject_flags(p, prompts=10)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument(
         "--learning_rate", type=float, default=None, help="for every method in --methods (default: each method's own)"
     )
-    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
-    p.add_argument("--runs", type=Path, default=Path("runs/single_subject"))
     QualityRun.add_flags(p, "single_subject")
     args = p.parse_args()
 
