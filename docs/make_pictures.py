@@ -117,11 +117,11 @@ def main() -> None:
     ]
     sheet(rows, OUT / "style_mix.png")
 
-    demo = Path("demo-output")
-    if (demo / "before_after.png").is_file():
-        shutil.copy(demo / "before_after.png", OUT / "demo_before_after.png")
-        shutil.copy(demo / "demo_summary.json", OUT / "demo_summary.json")
-        print(json.dumps(json.loads((demo / "demo_summary.json").read_text()), indent=2))
+    for demo, name in ((Path("demo-output"), "demo"), (Path("demo-output/flow"), "demo_flow")):  # make demo, demo-flow
+        if (demo / "before_after.png").is_file():
+            shutil.copy(demo / "before_after.png", OUT / f"{name}_before_after.png")
+            shutil.copy(demo / "demo_summary.json", OUT / f"{name}_summary.json")
+            print(json.dumps(json.loads((demo / "demo_summary.json").read_text()), indent=2))
 
 
 if __name__ == "__main__":

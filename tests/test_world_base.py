@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from svdiff.errors import SvdiffError
-from svdiff.world import BASE_DIR, default_base
+from svdiff.world import BASE_DIR, BASE_DIRS, default_base
 from svdiff.world.render import caption, random_scene, world_words
 from svdiff.world.tokenizer import IDENTIFIERS
 
@@ -38,7 +38,8 @@ def test_missing_base_is_a_one_line_error(monkeypatch, tmp_path):
 
 def test_embedded_bases_by_name(tmp_path, monkeypatch):
     import svdiff.world as world
-    from svdiff.models import default_guidance, is_embedded_base, resolve_base
+    from svdiff.models import default_guidance, embedded_name, is_embedded_base, resolve_base
+    from svdiff.train.config import default_learning_rate
 
     assert resolve_base("embedded:unet") == resolve_base(None) == world.BASE_DIRS["unet"]
     (tmp_path / "model_index.json").write_text("{}")
@@ -46,6 +47,10 @@ def test_embedded_bases_by_name(tmp_path, monkeypatch):
     assert resolve_base("embedded:flow") == tmp_path
     assert is_embedded_base("embedded:flow") and is_embedded_base(str(tmp_path)) and not is_embedded_base("sd15")
     assert default_guidance("embedded:flow") == world.GUIDANCE_SCALE
+    # each embedded base has its own rates, by name or by folder; real bases the paper's and DreamBooth's
+    assert embedded_name(str(tmp_path)) == "flow" and embedded_name(None) == "unet" and embedded_name("sd15") is None
+    assert default_learning_rate("full", str(tmp_path)) == default_learning_rate("full", "embedded:flow") == 1e-4
+    assert default_learning_rate("full", None) == 5e-5 and default_learning_rate("full", "sd15") == 5e-6
 
 
 @needs_base
@@ -117,3 +122,43 @@ def test_the_embedded_base_is_the_default():
     shipped = UNet2DConditionModel.from_pretrained(default_base(), subfolder="unet")
     for (k, v), (k2, v2) in zip(unet.state_dict().items(), shipped.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
+
+
+needs_flow_base = pytest.mark.skipif(
+    not (BASE_DIRS["flow"] / "model_index.json").is_file(), reason="the flow base is not shipped in this checkout"
+)
+
+
+@needs_flow_base
+def test_the_flow_base_is_a_stock_sd3_folder_in_fp16_under_15_mb():
+    import json
+
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from safetensors import safe_open
+
+    folder = default_base("flow")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert isinstance(pipe.transformer, SD3Transformer2DModel)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert pipe.vae.config.shift_factor is not None  # SD3's latents are centred as well as scaled
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 15 * 2**20
+    for weights in folder.glob("*/*.safetensors"):
+        with safe_open(weights, "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, weights
+    for config in folder.glob("*/*config.json"):
+        assert "_name_or_path" not in json.loads(config.read_text()), config
+    run = json.loads((folder / "pretrain_run.json").read_text())
+    assert run["minutes"] > 0 and all(p["command"].startswith("python -m svdiff.world.pretrain") for p in run["phases"])
+
+
+@needs_flow_base
+def test_the_flow_base_draws_reproducibly_by_name():
+    from svdiff.sample import load_pipeline, sample
+
+    pipe = load_pipeline("embedded:flow", device="cpu")
+    a, b = (
+        sample(pipe, "a photo of a red star", num_images=1, num_inference_steps=3, progress=False) for _ in range(2)
+    )
+    assert a[0].size == (64, 64) and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))

@@ -144,10 +144,17 @@ def resolve_base(base: str | Path | None) -> str | Path:
     return base
 
 
+def embedded_name(base: str | Path | None) -> str | None:
+    """Which embedded base `base` names or is the folder of ("unet", "flow"); None for any other base."""
+    if base is None:
+        return "unet"
+    if str(base).startswith(EMBEDDED):
+        return str(base)[len(EMBEDDED) :]
+    return next((name for name, folder in world.BASE_DIRS.items() if Path(base).resolve() == folder.resolve()), None)
+
+
 def is_embedded_base(base: str | Path | None) -> bool:
-    if base is None or str(base).startswith(EMBEDDED):
-        return True
-    return any(Path(base).resolve() == folder.resolve() for folder in world.BASE_DIRS.values())
+    return embedded_name(base) is not None
 
 
 def default_guidance(base: str | Path | None) -> float:

@@ -27,22 +27,26 @@ from ..checks import MAX_INFERENCE_STEPS, MAX_SEED, check_range
 from ..errors import SvdiffError
 from ..families.noise import WEIGHTING_SCHEMES
 from ..flags import flag
-from ..models import default_cut_mix_scale, default_guidance, is_embedded_base
+from ..models import default_cut_mix_scale, default_guidance, embedded_name
 from ..spectral.targets import preset_rule
 
 METHODS = ("svdiff", "lora", "full")
 # Per method, when --learning_rate is not given. On real bases: the paper's 1e-3 for spectral shifts, the
-# DreamBooth scripts' defaults for LoRA and for full fine-tuning. On the embedded bases, rates at which the demo's
-# 400 steps take an example subject from the base's judge similarity (0.33) to above 0.7, as LoRA's default does
-# (0.80); at the real-base rates spectral shifts and full fine-tuning stop at 0.48
-# (docs/experiments/2026-12-07-embedded-rates.md).
+# DreamBooth scripts' defaults for LoRA and for full fine-tuning. On each embedded base, per method the highest
+# rate of those probed at which the demo's 400 steps learn an example subject without drawing the bare class
+# prompt as another class; at the real-base rates spectral shifts and full fine-tuning stop at about half the
+# similarity (docs/experiments/2026-12-07-embedded-rates.md).
 DEFAULT_LR = {"svdiff": 1e-3, "lora": 5e-4, "full": 5e-6}
-EMBEDDED_LR = {"svdiff": 1e-2, "lora": 5e-4, "full": 5e-5}
+EMBEDDED_LR = {
+    "unet": {"svdiff": 1e-2, "lora": 5e-4, "full": 5e-5},
+    "flow": {"svdiff": 1e-2, "lora": 1e-3, "full": 1e-4},
+}
 
 
 def default_learning_rate(method: str, base: str | Path | None) -> float:
     """The learning rate of `method` when none is given, on `base`."""
-    return (EMBEDDED_LR if is_embedded_base(base) else DEFAULT_LR)[method]
+    name = embedded_name(base)
+    return (DEFAULT_LR if name is None else EMBEDDED_LR[name])[method]
 
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")

@@ -9,8 +9,8 @@ from ..errors import SvdiffError
 # The embedded bases by name: `embedded:<name>` wherever a base is asked for, `default_base(name)` in Python.
 BASE_DIRS = {"unet": Path(__file__).parent / "base", "flow": Path(__file__).parent / "flow_base"}
 BASE_DIR = BASE_DIRS["unet"]
-# The classifier-free guidance the embedded base draws its prompts best at (`python benchmarks/world_quality.py
-# --guidance_scale G` measures it at another).
+# The classifier-free guidance both embedded bases draw their prompts best at (`python benchmarks/world_quality.py
+# --guidance_scale G` measures a base at another; at 5 the flow base draws fewer shapes right, docs/world.md).
 GUIDANCE_SCALE = 3.0
 # the judge's weights (the module `judge.py` beside it is its code)
 JUDGE_DIR = Path(__file__).parent / "judge_model"

@@ -371,6 +371,10 @@ def assemble(base, vae, tokenizer_dir: Path, out: Path):
         config = json.loads(path.read_text())
         if config.pop("_name_or_path", None) is not None:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # transformers 5 names its fast tokenizer class TokenizersBackend; PreTrainedTokenizerFast is the same class
+    # there and the name transformers 4 (and the tools built on it) load
+    for path in [out / "model_index.json", *out.glob("*/tokenizer_config.json")]:
+        path.write_text(path.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
     store_half(out)
     for folder in ("tokenizer", "tokenizer_2"):
         if (out / folder).is_dir():
