@@ -22,7 +22,7 @@ from svdiff.train import TrainConfig, TrainingStep, resolve
 from svdiff.train.methods import prepare
 from svdiff.train.step import build_optimizer
 from tiny_families import FAMILIES, RESOLUTION, save_family_pipeline
-from tiny_models import SUBJECT, cli_args
+from tiny_models import SUBJECT, cli_args, lora_layers_loaded
 
 PROMPT = "a photo of sks heart"
 
@@ -410,6 +410,18 @@ def test_the_baselines_train_on_flux_and_draw_through_apply_trained(pipelines, m
     before = draw(pipe)
     apply_trained(pipe, summary["weights"], method)
     assert not np.array_equal(draw(pipe), before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lora_baseline_file_loads_whole_in_its_pipeline(pipelines, family, tmp_path):
+    from svdiff.sample import apply_trained
+
+    argv = cli_args(pipelines[family], tmp_path, "--resolution", str(RESOLUTION), "--max_train_steps", "1")
+    assert main([*argv, "--method", "lora"]) == 0
+    pipe = load_pipeline(pipelines[family])
+    apply_trained(pipe, tmp_path / "pytorch_lora_weights.safetensors", "lora")
+    held, carried = lora_layers_loaded(pipe, tmp_path / "pytorch_lora_weights.safetensors")
+    assert held == carried and any(layer.startswith(("unet.", "transformer.")) for layer in held)
 
 
 def test_a_mixed_batch_on_flux_draws_each_sample_as_its_shift_set_alone(pipelines, tmp_path):

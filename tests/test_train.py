@@ -16,7 +16,7 @@ from svdiff.cli import main
 from svdiff.errors import SvdiffError
 from svdiff.format import WEIGHTS_NAME, read_shift_file
 from svdiff.train import train
-from tiny_models import PROMPT, SUBJECT, cli_args, quick, save_tiny_pipeline
+from tiny_models import PROMPT, SUBJECT, cli_args, lora_layers_loaded, quick, save_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,8 @@ def test_baselines_train_and_load(base, tmp_path, method, file):
     if method == "lora":
         pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
         pipe.load_lora_weights(tmp_path)
+        held, carried = lora_layers_loaded(pipe, tmp_path / file)
+        assert held == carried
     else:
         UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
     assert "--method" not in (tmp_path / "README.md").read_text()

@@ -165,3 +165,19 @@ def cli_args(base, out, *extra, data=SUBJECT) -> list[str]:
         "--no-progress",
         *extra,
     ]
+
+
+def lora_layers_loaded(pipe, file) -> tuple[set[str], set[str]]:
+    """The layers a LoRA file holds and the layers of `pipe` that carry a LoRA adapter after loading it, both as
+    `<component>.<module path>`: equal when the pipeline's loader read the whole file."""
+    from safetensors.torch import load_file
+
+    held = {key.split(".lora_")[0] for key in load_file(file)}
+    carried = {
+        f"{name}.{path}"
+        for name in ("unet", "transformer", "text_encoder", "text_encoder_2")
+        if getattr(pipe, name, None) is not None
+        for path, module in getattr(pipe, name).named_modules()
+        if getattr(module, "lora_A", None)
+    }
+    return held, carried

@@ -135,12 +135,12 @@ def save_result(trainable: Trainable, output_dir: Path, args, extra: dict, pipel
             extra=extra,
         )
     if trainable.method == "lora":
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        # PEFT's own key layout (`….lora_A.weight`), which every family's `load_lora_weights` reads whole; the
+        # older diffusers layout (`….lora.down.weight`) is not read back by SD3's loader for its attention.
         layers = {
-            f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-            for name, model in trainable.components.items()
+            f"{name}_lora_layers": get_peft_model_state_dict(model) for name, model in trainable.components.items()
         }
         pipeline_class.save_lora_weights(output_dir, **layers, safe_serialization=True)
         return output_dir / "pytorch_lora_weights.safetensors"
