@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import SUBJECTS, QualityRun, embed, keep_half, subject_card, train_subject
+from common import SUBJECTS, QualityRun, add_class_images_flag, embed, keep_half, subject_card, train_subject
 
 METHODS = ("svdiff", "full")
 ADD = ("heart_sks", "star_zwx")
@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--runs", type=Path, default=Path("runs/subjects"))
+    add_class_images_flag(p)
     QualityRun.add_flags(p, "combine")
     args = p.parse_args()
 
@@ -110,7 +111,9 @@ def main() -> None:
     judge = run.judge
     refs = {n: embed(judge, load_image_folder(SUBJECTS / n)) for n in {*ADD, *INTERPOLATE}}
     runs = {
-        (m, key): train_subject(args.runs, name, m, args.steps, identifier=ident, base=args.base)
+        (m, key): train_subject(
+            args.runs, name, m, args.steps, identifier=ident, base=args.base, class_images=args.class_images
+        )
         for m in METHODS
         for key, name, ident in (("A", "heart_sks", None), ("B", "star_zwx", None), ("C", "heart_xyz", "sks"))
     }

@@ -120,6 +120,16 @@ def embed(judge, images) -> torch.Tensor:
     return torch.stack([r["embedding"] for r in read(judge, images)])
 
 
+CLASS_IMAGES = 50  # the demo's prior preservation
+
+
+def add_class_images_flag(p: argparse.ArgumentParser) -> None:
+    """--class_images of the benchmarks that train subjects with train_subject: a smoke run takes a few."""
+    p.add_argument(
+        "--class_images", type=int, default=CLASS_IMAGES, help="class images generated per class for the prior"
+    )
+
+
 def train_subject(
     runs: Path,
     name: str,
@@ -128,6 +138,7 @@ def train_subject(
     identifier: str | None = None,
     base: str | None = None,
     learning_rate: float | None = None,
+    class_images: int = CLASS_IMAGES,
 ) -> dict:
     """Personalizes one example subject on `base` (None: the embedded UNet) with prior preservation (the demo's
     recipe) at the method's default rate or `learning_rate`, and returns the run's summary. `identifier` trains it
@@ -138,7 +149,11 @@ def train_subject(
     c = subject_card(name)
     prompt = c["instance_prompt"] if identifier is None else c["instance_prompt"].replace(c["identifier"], identifier)
     out = runs / f"{name}-as-{identifier}" if identifier else runs / name
-    out = out / (f"{method}-{steps}-steps" + (f"-lr-{learning_rate:g}" if learning_rate else ""))
+    out = out / (
+        f"{method}-{steps}-steps"
+        + (f"-lr-{learning_rate:g}" if learning_rate else "")
+        + (f"-{class_images}-class-images" if class_images != CLASS_IMAGES else "")
+    )
     summary = out / "train_summary.json"
     if not summary.is_file():
         train(
@@ -151,6 +166,7 @@ def train_subject(
                 pretrained_model_name_or_path=base,
                 learning_rate=learning_rate,
                 max_train_steps=steps,
+                num_class_images=class_images,
                 output_dir=str(out),
                 progress=False,
             )

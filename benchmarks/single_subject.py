@@ -23,7 +23,7 @@ import torch
 
 from svdiff.world import GUIDANCE_SCALE
 
-from common import QualityRun, embed, files_bytes, subject_card, subject_dir, train_subject
+from common import QualityRun, add_class_images_flag, embed, files_bytes, subject_card, subject_dir, train_subject
 
 NAMES = ("heart_sks", "heart_xyz", "star_zwx", "square_vyx", "circle_qlo", "triangle_sks", "fresh_0", "fresh_1")
 METHODS = ("svdiff", "full", "lora")
@@ -74,7 +74,7 @@ def measure(pipe, judge, refs: torch.Tensor, prompts, class_prompts, seeds: int,
 
 def add_subject_flags(p: argparse.ArgumentParser, prompts: int) -> None:
     """The flags of the benchmarks of one subject at a time (this one and layer_groups.py, which shares its runs):
-    which subjects, how many prompts and seeds, the training steps, guidance and the runs' folder."""
+    which subjects, how many prompts and seeds, the training steps, guidance, the runs' folder and its class images."""
     p.add_argument("--subjects", type=int, default=len(NAMES), help=f"how many of {', '.join(NAMES)}")
     p.add_argument(
         "--prompts", type=int, default=prompts, help=f"how many novel-context prompts (at most {len(CONTEXTS)})"
@@ -83,6 +83,7 @@ def add_subject_flags(p: argparse.ArgumentParser, prompts: int) -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--runs", type=Path, default=Path("runs/single_subject"))
+    add_class_images_flag(p)
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -105,6 +106,7 @@ def main() -> None:
     run = QualityRun(args)
     judge = run.judge
     per_subject, rows, labels = {}, [], []
+    training = {"base": args.base, "learning_rate": args.learning_rate, "class_images": args.class_images}
     for name in NAMES[: args.subjects]:
         c = subject_card(name)
         subject = f"{c['identifier']} {c['class_word']}"
@@ -118,9 +120,7 @@ def main() -> None:
             pipe = load_pipeline(args.base)
             summary = None
             if method != "base":
-                summary = train_subject(
-                    args.runs, name, method, args.steps, base=args.base, learning_rate=args.learning_rate
-                )
+                summary = train_subject(args.runs, name, method, args.steps, **training)
                 apply_trained(pipe, summary["weights"], method)
             m = measure(pipe, judge, refs, prompts, class_prompts, args.seeds, args.guidance_scale)
             rows += m.pop("pictures")
