@@ -321,7 +321,7 @@ def render_both(sections: dict) -> str:
         ),
         ["training step (ms): svdiff / LoRA / full"] + [step_times(sections, arch) for arch in ("tiny", "flow")],
         ["Cut-Mix-Unmix: two hearts disentangled, gain (points)"]
-        + pick("multi_subject", lambda r: r["results"]["same class"]["cut_mix_gain_points"]),
+        + pick("multi_subject", lambda r: f"{r['results']['same class']['cut_mix_gain_points']:+.1f}"),
         ["editing: success, svdiff / full (with inversion)"]
         + pick(
             "edit",
