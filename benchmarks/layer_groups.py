@@ -100,11 +100,8 @@ def main() -> None:
         c = subject_card(name)
         subject = f"{c['identifier']} {c['class_word']}"
         refs = embed(run.judge, load_image_folder(subject_dir(name)))
-        weights = Path(
-            train_subject(args.runs, name, "svdiff", args.steps, base=args.base, class_images=args.class_images)[
-                "weights"
-            ]
-        )
+        trained = train_subject(args.runs, name, "svdiff", args.steps, base=args.base, class_images=args.class_images)
+        weights = Path(trained["weights"])
         tensors = read_shift_file(weights).tensors
         base.append(similarity(subject, refs, keep=i == 0))
         for group, pattern in groups.items():

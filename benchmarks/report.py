@@ -147,7 +147,7 @@ ON_BOTH_BASES = ("world", "single_subject", "layer_groups", "multi_subject", "ed
 FLOW_ARGS = ["--base", "embedded:flow"]
 # Cut-Mix-Unmix's full protocol trains each of its 6 runs under 3 training seeds: 18 runs of 800 steps, 45 minutes
 # of the transformer on 2 cores. On the flow base one training seed of each, so that the report fits a working day.
-FLOW_FULL_ONLY = {"multi_subject": ["--train_seeds", "1"]}
+FLOW_FULL_ARGS = {"multi_subject": ["--train_seeds", "1"]}
 
 
 def world_fingerprint(base: str = "unet") -> str:
@@ -183,7 +183,7 @@ def sections(flow: bool) -> list[tuple]:
         out.append((key, title, script, modes, "unet"))
         if flow and key in ON_BOTH_BASES:
             flow_modes = {mode: args + FLOW_ARGS for mode, args in modes.items()}
-            flow_modes["full"] += FLOW_FULL_ONLY.get(key, [])
+            flow_modes["full"] += FLOW_FULL_ARGS.get(key, [])
             out.append((f"{key}_flow", f"{title}, on the flow transformer", script, flow_modes, "flow"))
     return out
 
